@@ -1,0 +1,125 @@
+"""Per-token layout of an anchor-segmented token stream (SPEC section 2).
+
+A :class:`Layout` holds, for every token of a [B, T] batch, its true absolute position, its segment id,
+whether it is an anchor and whether it is a real token (not padding). The attention kernels evaluate
+the AnSAN mask rule from two layouts (queries and keys), so keys can be a compacted cache followed by
+new tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+AnchorIds = Union[int, Sequence[int], torch.Tensor]
+
+
+class LayoutStart(NamedTuple):
+    """Where a chunk starts: the next absolute position and the next segment id of every row."""
+
+    position: torch.Tensor  # int64 [B]
+    segment: torch.Tensor  # int64 [B]
+
+
+@dataclass(frozen=True)
+class Layout:
+    positions: torch.Tensor  # int64 [B, T], true absolute positions (0 for padding)
+    segments: torch.Tensor  # int32 [B, T], number of anchors strictly before the token
+    is_anchor: torch.Tensor  # bool [B, T]
+    valid: torch.Tensor  # bool [B, T], False for padding
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.positions.shape
+
+    def next_start(self) -> LayoutStart:
+        """The start of the chunk that follows this one (see ``token_layout(start=...)``)."""
+        if self.shape[1] == 0:
+            raise ValueError("next_start() of an empty layout is undefined; keep the previous start")
+        # The first token of a row always carries the row's start position and segment (padding
+        # included), so the next start is that plus the real tokens and anchors of this chunk.
+        next_pos = self.positions[:, 0] + self.valid.sum(dim=1)
+        next_seg = self.segments[:, 0].to(torch.int64) + self.is_anchor.sum(dim=1)
+        return LayoutStart(next_pos, next_seg)
+
+    def to(self, device: Union[str, torch.device]) -> "Layout":
+        return Layout(*(t.to(device) for t in self.as_tuple()))
+
+    def as_tuple(self):
+        return (self.positions, self.segments, self.is_anchor, self.valid)
+
+    def __getitem__(self, index) -> "Layout":
+        """Index rows and/or tokens, e.g. ``layout[:, 3:7]`` or ``layout[[0, 2]]``."""
+        return Layout(*(t[index] for t in self.as_tuple()))
+
+    @staticmethod
+    def cat(layouts: Iterable["Layout"], dim: int = 1) -> "Layout":
+        layouts = list(layouts)
+        return Layout(*(torch.cat(parts, dim=dim) for parts in zip(*(l.as_tuple() for l in layouts))))
+
+
+def anchor_tensor(anchor_ids: AnchorIds, device=None) -> torch.Tensor:
+    """Anchor ids as a 1-D int64 tensor (accepts an int, a sequence of ints or a tensor)."""
+    if isinstance(anchor_ids, torch.Tensor):
+        ids = anchor_ids.reshape(-1).to(device=device, dtype=torch.int64)
+    elif isinstance(anchor_ids, int):
+        ids = torch.tensor([anchor_ids], dtype=torch.int64, device=device)
+    else:
+        ids = torch.tensor(list(anchor_ids), dtype=torch.int64, device=device)
+    return ids
+
+
+def token_layout(
+    input_ids: torch.Tensor,
+    anchor_ids: AnchorIds,
+    attention_mask: Optional[torch.Tensor] = None,
+    start: Optional[Union[LayoutStart, tuple]] = None,
+) -> Layout:
+    """Layout of a [B, T] batch of token ids.
+
+    ``attention_mask`` (1 = token, 0 = padding; left or right padding, or holes) makes positions
+    padding-aware: the n-th real token of a row has position ``start.position + n``. ``start`` carries
+    the state of earlier chunks of the same rows (``Layout.next_start()``), so a text cut into chunks
+    gets exactly the layout of the text in one piece.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a 2-D [batch, tokens] tensor, got {_describe(input_ids)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    B, T = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=device)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        valid = attention_mask.to(device=device) != 0
+    start_pos, start_seg = _start_tensors(start, B, device)
+
+    is_anchor = torch.isin(input_ids, anchor_tensor(anchor_ids, device)) & valid
+    anchors_int = is_anchor.to(torch.int64)
+    segments = start_seg[:, None] + torch.cumsum(anchors_int, dim=1) - anchors_int
+    positions = start_pos[:, None] + torch.cumsum(valid.to(torch.int64), dim=1) - 1
+    # Padding gets the row's start position: harmless (it is invisible) and keeps next_start() simple.
+    positions = torch.where(valid, positions, start_pos[:, None])
+    return Layout(positions, segments.to(torch.int32), is_anchor, valid)
+
+
+def _start_tensors(start, batch: int, device):
+    if start is None:
+        zeros = torch.zeros(batch, dtype=torch.int64, device=device)
+        return zeros, zeros
+    pos, seg = start
+    pos = torch.as_tensor(pos, dtype=torch.int64, device=device).expand(batch).contiguous()
+    seg = torch.as_tensor(seg, dtype=torch.int64, device=device).expand(batch).contiguous()
+    return pos, seg
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return f"{type(x).__name__}"

@@ -1,0 +1,103 @@
+"""Python face of the torch.ops.anllm operators: public wrappers, fake (meta) kernels and autograd."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.anllm)
+from .layout import Layout
+
+_ops = torch.ops.anllm
+
+
+def _layout_args(layout: Layout, side: str):
+    if not isinstance(layout, Layout):
+        raise TypeError(f"{side}_layout must be an anllm_ext.Layout (see token_layout), got {type(layout).__name__}")
+    return layout.as_tuple()
+
+
+def anchor_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_layout: Layout,
+    k_layout: Layout,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of q [B,Hq,Tq,D] over k/v [B,Hkv,Tk,D] under the AnSAN mask of the two layouts.
+
+    Grouped-query attention when Hq is a multiple of Hkv (K/V are never repeated). Queries that see no
+    key (padding) return zeros. Differentiable in q, k and v.
+    """
+    return anchor_attention_with_lse(q, k, v, q_layout, k_layout, scale)[0]
+
+
+def anchor_attention_with_lse(q, k, v, q_layout: Layout, k_layout: Layout, scale: Optional[float] = None):
+    """Like :func:`anchor_attention`, also returning the fp32 log-sum-exp of the scores [B,Hq,Tq]."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = (t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _ops.anchor_attention_fwd(
+        q, k, v, *_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), float(scale)
+    )
+
+
+@torch.library.register_fake("anllm::anchor_attention_fwd")
+def _anchor_attention_fwd_fake(q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid, scale):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
+    B, Hq, Tq, D = q.shape
+    return q.new_empty(B, Hq, Tq, D), q.new_empty(B, Hq, Tq, dtype=torch.float32)
+
+
+@torch.library.register_fake("anllm::anchor_attention_bwd")
+def _anchor_attention_bwd_fake(dout, q, k, v, lse, delta, *layouts_and_scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, *layouts, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *layouts)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, *layouts = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    dq, dk, dv = _ops.anchor_attention_bwd(dout.contiguous(), q, k, v, lse, delta, *layouts, ctx.scale)
+    return (dq, dk, dv) + (None,) * len(layouts) + (None,)
+
+
+torch.library.register_autograd(
+    "anllm::anchor_attention_fwd", _attention_backward, setup_context=_attention_setup_context
+)
+
+
+def compact_kv_(
+    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], keep: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Compact per-layer K/V caches [B,H,Cap,D] in place, all layers in one call.
+
+    For each row b the slots j < lengths[b] with keep[b, j] move to the front, order preserved; rows
+    are independent. Returns the new lengths (int64 [B]). Slots past a row's new length are stale.
+    """
+    return _ops.compact_(list(keys) + list(values), keep, lengths)
+
+
+def compact_slots_(tensors: Sequence[torch.Tensor], keep: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The same compaction for per-slot tensors [B,Cap] (e.g. a cache's positions, segments, flags)."""
+    return _ops.compact_(list(tensors), keep, lengths)
+
+
+@torch.library.register_fake("anllm::compact_")
+def _compact_fake(tensors, keep, lengths):
+    return lengths.new_empty(lengths.shape)

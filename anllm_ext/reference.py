@@ -1,0 +1,74 @@
+"""Plain-PyTorch oracle for the kernels. Vectorised, dense, simple; used by the tests, never by the fast path."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .layout import Layout
+
+
+def ansan_mask(q_layout: Layout, k_layout: Layout) -> torch.Tensor:
+    """Dense AnSAN mask (SPEC section 3): bool [B, Tq, Tk], True where query i may attend to key j.
+
+    allowed(i, j) = V(i) and V(j) and pos(j) <= pos(i) and (seg(j) == seg(i) or (A(j) and not A(i)))
+    """
+    qp, qs, qa, qv = (t[:, :, None] for t in q_layout.as_tuple())
+    kp, ks, ka, kv = (t[:, None, :] for t in k_layout.as_tuple())
+    return qv & kv & (kp <= qp) & ((ks == qs) | (ka & ~qa))
+
+
+def anchor_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_layout: Layout,
+    k_layout: Layout,
+    scale: Optional[float] = None,
+    compute_dtype: Optional[torch.dtype] = torch.float32,
+    return_lse: bool = False,
+):
+    """Dense masked attention. q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; fully masked rows give zeros.
+
+    ``compute_dtype=None`` computes in the inputs' dtype (the "plain PyTorch at the kernel's dtype"
+    baseline of the error rule); the default computes in fp32 (the accuracy reference).
+    """
+    out_dtype = q.dtype
+    if compute_dtype is not None:
+        q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = ansan_mask(q_layout, k_layout)[:, None]  # [B,1,Tq,Tk]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
+    out = torch.matmul(probs, v).to(out_dtype)
+    return (out, lse) if return_lse else out
+
+
+def compact_ref(
+    tensors: Sequence[torch.Tensor], keep: torch.Tensor, lengths: torch.Tensor, slot_dim: int = 2
+) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Out-of-place compaction by index gather, as the authors' code does.
+
+    Returns copies of ``tensors`` whose first new_lengths[b] slots (along ``slot_dim``) of row b are the
+    kept slots in order; the remaining slots are left as they were.
+    """
+    cap = keep.shape[1]
+    in_range = torch.arange(cap, device=keep.device)[None, :] < lengths[:, None]
+    kept = keep & in_range
+    new_lengths = kept.sum(dim=1)
+    results = []
+    for t in tensors:
+        out = t.clone()
+        for b in range(t.shape[0]):
+            idx = kept[b].nonzero().squeeze(1)
+            dst = out[b].narrow(slot_dim - 1, 0, idx.numel())
+            dst.copy_(t[b].index_select(slot_dim - 1, idx))
+        results.append(out)
+    return results, new_lengths

@@ -1,0 +1,469 @@
+// Anchor attention on the CPU, forward and backward.
+//
+// The AnSAN mask is never materialised. For a tile of queries the visible keys are
+//   (a) keys of the queries' own segments: a few contiguous key ranges ("own" blocks), and
+//   (b) earlier anchors: a per-row list of anchor keys gathered once per call ("anchor" blocks).
+// Every block is a small GEMM (cpublas) followed by the exact mask predicate on the block, with an
+// online softmax across blocks. Pairs with equal segments are handled only in (a) and pairs with
+// different segments only in (b), so the union is exactly the SPEC rule for any key order; sorted keys
+// (what token_layout and the caches produce) make (a) and (b) tight, so cost follows visible pairs.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_gemm.h"
+
+namespace anllm {
+namespace {
+
+
+constexpr int64_t kQueryTile = 32;  // queries per work item
+constexpr int64_t kKeyBlock = 128;  // keys per GEMM block
+constexpr int64_t kSummaryChunk = 64;  // keys per chunk summary used to find own-segment ranges
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Raw views of one row of a layout.
+struct RowLayout {
+  const int64_t* pos;
+  const int32_t* seg;
+  const bool* anchor;
+  const bool* valid;
+};
+
+RowLayout row_layout(const LayoutTensors& l, int64_t b) {
+  const int64_t T = l.pos.size(1);
+  return {l.pos.data_ptr<int64_t>() + b * T, l.seg.data_ptr<int32_t>() + b * T,
+          l.anchor.data_ptr<bool>() + b * T, l.valid.data_ptr<bool>() + b * T};
+}
+
+LayoutTensors contiguous_layout(const at::Tensor& pos, const at::Tensor& seg, const at::Tensor& anc,
+                                const at::Tensor& val) {
+  return {pos.contiguous(), seg.contiguous(), anc.contiguous(), val.contiguous()};
+}
+
+// Per-row structure of the keys, built once per call.
+struct KeyIndex {
+  struct Chunk {
+    int32_t seg_min, seg_max;
+    int64_t pos_min;
+    bool any_valid;
+  };
+  std::vector<std::vector<Chunk>> chunks;      // [B][ceil(Tk / kSummaryChunk)]
+  std::vector<std::vector<int64_t>> anchors;   // [B][n_anchors]: key index of each valid anchor
+  std::vector<std::vector<int64_t>> anchor_pos;
+  std::vector<std::vector<int32_t>> anchor_seg;
+  int64_t max_anchors = 0;
+};
+
+KeyIndex build_key_index(const LayoutTensors& kl, int64_t B, int64_t Tk) {
+  KeyIndex ix;
+  ix.chunks.resize(B);
+  ix.anchors.resize(B);
+  ix.anchor_pos.resize(B);
+  ix.anchor_seg.resize(B);
+  for (int64_t b = 0; b < B; ++b) {
+    RowLayout r = row_layout(kl, b);
+    const int64_t n_chunks = (Tk + kSummaryChunk - 1) / kSummaryChunk;
+    ix.chunks[b].resize(n_chunks);
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      KeyIndex::Chunk ch{std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::min(),
+                         std::numeric_limits<int64_t>::max(), false};
+      for (int64_t j = c * kSummaryChunk; j < std::min(Tk, (c + 1) * kSummaryChunk); ++j) {
+        if (!r.valid[j]) continue;
+        ch.any_valid = true;
+        ch.seg_min = std::min(ch.seg_min, r.seg[j]);
+        ch.seg_max = std::max(ch.seg_max, r.seg[j]);
+        ch.pos_min = std::min(ch.pos_min, r.pos[j]);
+        if (r.anchor[j]) {
+          ix.anchors[b].push_back(j);
+          ix.anchor_pos[b].push_back(r.pos[j]);
+          ix.anchor_seg[b].push_back(r.seg[j]);
+        }
+      }
+      ix.chunks[b][c] = ch;
+    }
+    ix.max_anchors = std::max<int64_t>(ix.max_anchors, ix.anchors[b].size());
+  }
+  return ix;
+}
+
+// What a tile of queries needs to know to pick its key blocks.
+struct QueryTile {
+  int64_t begin, count;
+  int32_t seg_min, seg_max;
+  int64_t pos_max;
+  bool any_valid, any_non_anchor;
+};
+
+QueryTile summarize_queries(const RowLayout& r, int64_t begin, int64_t count) {
+  QueryTile t{begin, count, std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::min(),
+              std::numeric_limits<int64_t>::min(), false, false};
+  for (int64_t i = begin; i < begin + count; ++i) {
+    if (!r.valid[i]) continue;
+    t.any_valid = true;
+    t.any_non_anchor |= !r.anchor[i];
+    t.seg_min = std::min(t.seg_min, r.seg[i]);
+    t.seg_max = std::max(t.seg_max, r.seg[i]);
+    t.pos_max = std::max(t.pos_max, r.pos[i]);
+  }
+  return t;
+}
+
+// Key ranges [begin, end) that may hold keys of the tile's own segments: chunks whose segment range
+// overlaps the tile's, merged, then trimmed at both ends of keys that cannot qualify.
+std::vector<std::pair<int64_t, int64_t>> own_segment_ranges(const KeyIndex& ix, const RowLayout& kr,
+                                                            int64_t b, int64_t Tk,
+                                                            const QueryTile& qt) {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  const auto& chunks = ix.chunks[b];
+  for (int64_t c = 0; c < (int64_t)chunks.size(); ++c) {
+    const auto& ch = chunks[c];
+    if (!ch.any_valid || ch.seg_max < qt.seg_min || ch.seg_min > qt.seg_max || ch.pos_min > qt.pos_max)
+      continue;
+    const int64_t lo = c * kSummaryChunk, hi = std::min(Tk, lo + kSummaryChunk);
+    if (!ranges.empty() && ranges.back().second == lo)
+      ranges.back().second = hi;
+    else
+      ranges.emplace_back(lo, hi);
+  }
+  auto useless = [&](int64_t j) {
+    return !kr.valid[j] || kr.seg[j] < qt.seg_min || kr.seg[j] > qt.seg_max || kr.pos[j] > qt.pos_max;
+  };
+  std::vector<std::pair<int64_t, int64_t>> trimmed;
+  for (auto [lo, hi] : ranges) {
+    while (lo < hi && useless(lo)) ++lo;
+    while (hi > lo && useless(hi - 1)) --hi;
+    if (lo < hi) trimmed.emplace_back(lo, hi);
+  }
+  return trimmed;
+}
+
+// Number of leading anchors of a row worth visiting for a tile: trailing anchors after the tile's last
+// position are dropped (the list is in key order, so for sorted keys this is an exact prefix).
+int64_t anchor_prefix(const KeyIndex& ix, int64_t b, const QueryTile& qt) {
+  const auto& pos = ix.anchor_pos[b];
+  int64_t n = pos.size();
+  while (n > 0 && pos[n - 1] > qt.pos_max) --n;
+  return n;
+}
+
+// x[j] = exp(x[j] - m) for j < n; returns the sum. Masked entries hold -inf and become 0.
+float exp_and_sum(float* x, int64_t n, float m) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec vm(m);
+  Vec vsum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(x + j) - vm).exp_u20();
+    e.store(x + j);
+    vsum = vsum + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - m);
+    sum += x[j];
+  }
+  return sum;
+}
+
+// Keys of one block as the GEMMs see them: rows `stride` floats apart, plus a mask predicate.
+struct KeyBlock {
+  const float* k;
+  const float* v;
+  int64_t stride;  // between consecutive keys of the block
+  int64_t n;
+  // Layout of the block's keys (pointers already offset to the block's first key).
+  const int64_t* pos;
+  const int32_t* seg;
+  const bool* valid;  // nullptr: all valid (anchor blocks)
+  bool anchors;       // true: gathered anchor keys, visible across segments; false: own segment
+};
+
+// allowed(i, j) restricted to one kind of block; see the file comment.
+inline bool block_allows(const KeyBlock& blk, int64_t j, int64_t qpos, int32_t qseg, bool qanchor) {
+  if (blk.pos[j] > qpos) return false;
+  if (blk.anchors) return !qanchor && blk.seg[j] != qseg;
+  return blk.valid[j] && blk.seg[j] == qseg;
+}
+
+// S[i, j] = scale * q_i . k_j over the block, masked to -inf; S row stride = ld_s.
+void scores_block(const float* q, int64_t ldq, const KeyBlock& blk, int64_t nq, int64_t D, float scale,
+                  const RowLayout& qr, int64_t q0, float* S, int64_t ld_s) {
+  gemm(Trans::T, Trans::N, blk.n, nq, D, scale, blk.k,
+                blk.stride, q, ldq, 0.f, S, ld_s);
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t qi = q0 + i;
+    float* s = S + i * ld_s;
+    if (!qr.valid[qi]) {
+      std::fill(s, s + blk.n, kNegInf);
+      continue;
+    }
+    for (int64_t j = 0; j < blk.n; ++j)
+      if (!block_allows(blk, j, qr.pos[qi], qr.seg[qi], qr.anchor[qi])) s[j] = kNegInf;
+  }
+}
+
+// Calls fn(KeyBlock) for every key block a query tile must visit, own-segment ranges first.
+template <typename Fn>
+void for_each_block(const KeyIndex& ix, const RowLayout& kr, int64_t b, int64_t Tk,
+                    const QueryTile& qt, const float* k_row, const float* v_row, int64_t k_stride,
+                    const float* ak, const float* av, int64_t D, Fn&& fn) {
+  for (auto [lo, hi] : own_segment_ranges(ix, kr, b, Tk, qt)) {
+    for (int64_t j0 = lo; j0 < hi; j0 += kKeyBlock) {
+      const int64_t n = std::min(kKeyBlock, hi - j0);
+      fn(KeyBlock{k_row + j0 * k_stride, v_row + j0 * k_stride, k_stride, n, kr.pos + j0,
+                  kr.seg + j0, kr.valid + j0, false},
+         j0);
+    }
+  }
+  if (!qt.any_non_anchor) return;
+  const int64_t na = anchor_prefix(ix, b, qt);
+  for (int64_t j0 = 0; j0 < na; j0 += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, na - j0);
+    fn(KeyBlock{ak + j0 * D, av + j0 * D, D, n, ix.anchor_pos[b].data() + j0,
+                ix.anchor_seg[b].data() + j0, nullptr, true},
+       -1 - j0);  // negative offsets name gathered anchor rows
+  }
+}
+
+// Gathers the valid anchor keys/values of every (b, hkv) into contiguous fp32 buffers
+// [B, Hkv, max_anchors, D] so anchor blocks are plain GEMM operands.
+std::pair<at::Tensor, at::Tensor> gather_anchors(const KeyIndex& ix, const at::Tensor& k,
+                                                 const at::Tensor& v) {
+  const int64_t B = k.size(0), H = k.size(1), D = k.size(3);
+  auto ak = at::empty({B, H, std::max<int64_t>(ix.max_anchors, 1), D}, k.options());
+  auto av = at::empty_like(ak);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* ks = k.data_ptr<float>() + b * k.stride(0) + h * k.stride(1);
+      const float* vs = v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1);
+      float* kd = ak.data_ptr<float>() + (b * H + h) * ak.size(2) * D;
+      float* vd = av.data_ptr<float>() + (b * H + h) * ak.size(2) * D;
+      const auto& idx = ix.anchors[b];
+      for (size_t a = 0; a < idx.size(); ++a) {
+        std::copy_n(ks + idx[a] * k.stride(2), D, kd + a * D);
+        std::copy_n(vs + idx[a] * v.stride(2), D, vd + a * D);
+      }
+    }
+  });
+  return {ak, av};
+}
+
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+// fp32 copies (or views) of k and v with identical strides: key blocks step through both with one stride.
+std::pair<at::Tensor, at::Tensor> float_kv(const at::Tensor& k, const at::Tensor& v) {
+  at::Tensor kf = as_float(k), vf = as_float(v);
+  if (kf.strides() != vf.strides()) return {kf.contiguous(), vf.contiguous()};
+  return {kf, vf};
+}
+
+std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& q_pos,
+    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& k_valid, double scale_d) {
+  const LayoutTensors ql = contiguous_layout(q_pos, q_seg, q_anchor, q_valid);
+  const LayoutTensors kl = contiguous_layout(k_pos, k_seg, k_anchor, k_valid);
+  const AttentionShape s = check_attention_inputs(q_in, k_in, v_in, ql, kl);
+  const at::Tensor q = as_float(q_in);
+  const auto [k, v] = float_kv(k_in, v_in);
+  const float scale = static_cast<float>(scale_d);
+  const int64_t D = s.D, group = s.Hq / s.Hkv;
+
+  auto out = at::zeros({s.B, s.Hq, s.Tq, D}, q.options());
+  auto lse = at::full({s.B, s.Hq, s.Tq}, kNegInf, q.options());
+  if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0) return {out.to(q_in.scalar_type()), lse};
+
+  const KeyIndex ix = build_key_index(kl, s.B, s.Tk);
+  auto [ak, av] = gather_anchors(ix, k, v);
+  const int64_t n_qtiles = (s.Tq + kQueryTile - 1) / kQueryTile;
+
+  at::parallel_for(0, s.B * s.Hq * n_qtiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(kQueryTile * kKeyBlock), acc(kQueryTile * D), m(kQueryTile), l(kQueryTile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (s.Hq * n_qtiles), h = (item / n_qtiles) % s.Hq;
+      const int64_t t = item % n_qtiles, hk = h / group;
+      const RowLayout qr = row_layout(ql, b), kr = row_layout(kl, b);
+      const QueryTile qt = summarize_queries(qr, t * kQueryTile, std::min(kQueryTile, s.Tq - t * kQueryTile));
+      if (!qt.any_valid) continue;
+      const int64_t nq = qt.count;
+      const float* qp = q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1) + qt.begin * q.stride(2);
+      const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
+      const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
+      const float* akp = ak.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
+      const float* avp = av.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+
+      auto visit = [&](const KeyBlock& blk_in, int64_t) {
+        KeyBlock blk = blk_in;
+        scores_block(qp, q.stride(2), blk, nq, D, scale, qr, qt.begin, S.data(), kKeyBlock);
+        for (int64_t i = 0; i < nq; ++i) {
+          float* srow = S.data() + i * kKeyBlock;
+          float bmax = kNegInf;
+          for (int64_t j = 0; j < blk.n; ++j) bmax = std::max(bmax, srow[j]);
+          const float m_new = std::max(m[i], bmax);
+          if (m_new == kNegInf) {  // nothing visible yet for this query
+            std::fill(srow, srow + blk.n, 0.f);
+            continue;
+          }
+          const float alpha = std::exp(m[i] - m_new);  // 0 when m[i] == -inf
+          l[i] = l[i] * alpha + exp_and_sum(srow, blk.n, m_new);
+          m[i] = m_new;
+          if (alpha != 1.f) {
+            float* a = acc.data() + i * D;
+            for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+          }
+        }
+        // acc[nq x D] += P[nq x n] . V[n x D]
+        gemm(Trans::N, Trans::N, D, nq, blk.n, 1.f,
+                      blk.v, blk.stride, S.data(), kKeyBlock, 1.f, acc.data(), D);
+      };
+      for_each_block(ix, kr, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, visit);
+
+      float* op = out.data_ptr<float>() + ((b * s.Hq + h) * s.Tq + qt.begin) * D;
+      float* lp = lse.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
+      for (int64_t i = 0; i < nq; ++i) {
+        if (l[i] == 0.f) continue;  // fully masked: zeros and lse = -inf
+        const float inv = 1.f / l[i];
+        for (int64_t d = 0; d < D; ++d) op[i * D + d] = acc[i * D + d] * inv;
+        lp[i] = m[i] + std::log(l[i]);
+      }
+    }
+  });
+  return {out.to(q_in.scalar_type()), lse};
+}
+
+// Backward. delta = rowsum(dout * out) - dlse (computed by the caller, fp32 [B, Hq, Tq]).
+// Work items are (b, hkv): each owns dk/dv of its key head and dq of the query heads of its group,
+// so no two threads write the same gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& lse_in, const at::Tensor& delta_in, const at::Tensor& q_pos,
+    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& k_valid, double scale_d) {
+  const LayoutTensors ql = contiguous_layout(q_pos, q_seg, q_anchor, q_valid);
+  const LayoutTensors kl = contiguous_layout(k_pos, k_seg, k_anchor, k_valid);
+  const AttentionShape s = check_attention_inputs(q_in, k_in, v_in, ql, kl);
+  ANLLM_CHECK_SHAPE(dout_in, s.B, s.Hq, s.Tq, s.D);
+  ANLLM_CHECK_SHAPE(lse_in, s.B, s.Hq, s.Tq);
+  ANLLM_CHECK_SHAPE(delta_in, s.B, s.Hq, s.Tq);
+  ANLLM_CHECK_DTYPE(lse_in, at::kFloat);
+  ANLLM_CHECK_DTYPE(delta_in, at::kFloat);
+  const at::Tensor q = as_float(q_in);
+  const auto [k, v] = float_kv(k_in, v_in);
+  const at::Tensor dout = as_float(dout_in).contiguous();
+  const at::Tensor lse = lse_in.contiguous(), delta = delta_in.contiguous();
+  const float scale = static_cast<float>(scale_d);
+  const int64_t D = s.D, group = s.Hq / s.Hkv;
+
+  auto dq = at::zeros({s.B, s.Hq, s.Tq, D}, q.options());
+  auto dk = at::zeros({s.B, s.Hkv, s.Tk, D}, q.options());
+  auto dv = at::zeros({s.B, s.Hkv, s.Tk, D}, q.options());
+  auto cast_back = [&]() {
+    return std::make_tuple(dq.to(q_in.scalar_type()), dk.to(q_in.scalar_type()),
+                           dv.to(q_in.scalar_type()));
+  };
+  if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0) return cast_back();
+
+  const KeyIndex ix = build_key_index(kl, s.B, s.Tk);
+  auto [ak, av] = gather_anchors(ix, k, v);
+  const int64_t n_qtiles = (s.Tq + kQueryTile - 1) / kQueryTile;
+  const int64_t amax = ak.size(2);
+
+  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(kQueryTile * kKeyBlock), dP(kQueryTile * kKeyBlock);
+    std::vector<float> dak(amax * D), dav(amax * D);  // gradients of the gathered anchors
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / s.Hkv, hk = item % s.Hkv;
+      const RowLayout qr = row_layout(ql, b), kr = row_layout(kl, b);
+      const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
+      const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
+      const float* akp = ak.data_ptr<float>() + (b * s.Hkv + hk) * amax * D;
+      const float* avp = av.data_ptr<float>() + (b * s.Hkv + hk) * amax * D;
+      float* dkp = dk.data_ptr<float>() + (b * s.Hkv + hk) * s.Tk * D;
+      float* dvp = dv.data_ptr<float>() + (b * s.Hkv + hk) * s.Tk * D;
+      std::fill(dak.begin(), dak.end(), 0.f);
+      std::fill(dav.begin(), dav.end(), 0.f);
+
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t t = 0; t < n_qtiles; ++t) {
+          const QueryTile qt =
+              summarize_queries(qr, t * kQueryTile, std::min(kQueryTile, s.Tq - t * kQueryTile));
+          if (!qt.any_valid) continue;
+          const int64_t nq = qt.count;
+          const float* qp = q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1) + qt.begin * q.stride(2);
+          const float* dop = dout.data_ptr<float>() + ((b * s.Hq + h) * s.Tq + qt.begin) * D;
+          float* dqp = dq.data_ptr<float>() + ((b * s.Hq + h) * s.Tq + qt.begin) * D;
+          const float* lp = lse.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
+          const float* dlp = delta.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
+
+          auto visit = [&](const KeyBlock& blk, int64_t offset) {
+            // offset >= 0: own-segment block at key `offset`; < 0: anchor rows starting at -1 - offset.
+            float* dk_blk = offset >= 0 ? dkp + offset * D : dak.data() + (-1 - offset) * D;
+            float* dv_blk = offset >= 0 ? dvp + offset * D : dav.data() + (-1 - offset) * D;
+            scores_block(qp, q.stride(2), blk, nq, D, scale, qr, qt.begin, P.data(), kKeyBlock);
+            for (int64_t i = 0; i < nq; ++i) {
+              float* prow = P.data() + i * kKeyBlock;
+              if (lp[i] == kNegInf) {  // fully masked row: no gradient flows
+                std::fill(prow, prow + blk.n, 0.f);
+                continue;
+              }
+              exp_and_sum(prow, blk.n, lp[i]);
+            }
+            // dV[n x D] += P^T . dO
+            gemm(Trans::N, Trans::T, D, blk.n, nq, 1.f,
+                          dop, D, P.data(), kKeyBlock, 1.f, dv_blk, D);
+            // dP[nq x n] = dO . V^T
+            gemm(Trans::T, Trans::N, blk.n, nq, D, 1.f,
+                          blk.v, blk.stride, dop, D, 0.f, dP.data(), kKeyBlock);
+            // dS = P * (dP - delta), stored in P
+            for (int64_t i = 0; i < nq; ++i) {
+              float* prow = P.data() + i * kKeyBlock;
+              const float* dprow = dP.data() + i * kKeyBlock;
+              for (int64_t j = 0; j < blk.n; ++j) prow[j] *= dprow[j] - dlp[i];
+            }
+            // dQ[nq x D] += scale * dS . K
+            gemm(Trans::N, Trans::N, D, nq, blk.n, scale,
+                          blk.k, blk.stride, P.data(), kKeyBlock, 1.f, dqp, D);
+            // dK[n x D] += scale * dS^T . Q
+            gemm(Trans::N, Trans::T, D, blk.n, nq, scale,
+                          qp, q.stride(2), P.data(), kKeyBlock, 1.f, dk_blk, D);
+          };
+          for_each_block(ix, kr, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, visit);
+        }
+      }
+      // Scatter the anchors' gradients back to their key slots.
+      const auto& idx = ix.anchors[b];
+      for (size_t a = 0; a < idx.size(); ++a) {
+        for (int64_t d = 0; d < D; ++d) {
+          dkp[idx[a] * D + d] += dak[a * D + d];
+          dvp[idx[a] * D + d] += dav[a * D + d];
+        }
+      }
+    }
+  });
+  return cast_back();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anllm, CPU, m) {
+  m.impl("anchor_attention_fwd", &anchor_attention_fwd_cpu);
+  m.impl("anchor_attention_bwd", &anchor_attention_bwd_cpu);
+}
+
+}  // namespace anllm

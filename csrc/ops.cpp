@@ -1,0 +1,31 @@
+// Operator schemas of the torch.ops.anllm namespace. Device implementations live in one file per
+// concern (anchor_attention_cpu.cpp, compact_cpu.cpp, cuda/*.cu); fake kernels and autograd are
+// registered from Python (anllm_ext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing anllm_ext._C registers the ops; the module itself has no Python functions.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(anllm, m) {
+  // Attention under the AnSAN mask evaluated from per-token layouts of queries and keys.
+  // q [B,Hq,Tq,D]; k, v [B,Hkv,Tk,D]; layouts [B,T] (positions int64, segments int32, bool flags).
+  // Returns out [B,Hq,Tq,D] and the fp32 log-sum-exp of each query's scores [B,Hq,Tq] (-inf when the
+  // query sees nothing, in which case out is zero).
+  m.def(
+      "anchor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor q_seg, "
+      "Tensor q_anchor, Tensor q_valid, Tensor k_pos, Tensor k_seg, Tensor k_anchor, "
+      "Tensor k_valid, float scale) -> (Tensor, Tensor)");
+  // Gradients of anchor_attention_fwd. delta = rowsum(dout * out) - dlse, fp32 [B,Hq,Tq].
+  m.def(
+      "anchor_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
+      "Tensor q_pos, Tensor q_seg, Tensor q_anchor, Tensor q_valid, Tensor k_pos, Tensor k_seg, "
+      "Tensor k_anchor, Tensor k_valid, float scale) -> (Tensor, Tensor, Tensor)");
+  // In place: moves the kept slots among the first lengths[b] of every row of every tensor to the
+  // front, order preserved. tensors: [B,H,Cap,D] caches or [B,Cap] per-slot tensors; keep bool [B,Cap];
+  // lengths int64 [B]. Returns the new lengths.
+  m.def("compact_(Tensor(a!)[] tensors, Tensor keep, Tensor lengths) -> Tensor");
+}
