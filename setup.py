@@ -6,7 +6,7 @@ torch has CUDA and a CUDA toolkit is found, even on a machine without a GPU.
 Environment switches:
   ANLLM_FORCE_CPU=1        build the CPU kernels only
   ANLLM_CUDA_ARCHS="8.0;9.0"  CUDA architectures (default 8.0;9.0; TORCH_CUDA_ARCH_LIST also works)
-  ANLLM_CPU_FLAGS="..."    extra host compiler flags (default: -mavx2 -mfma where the build CPU has them)
+  ANLLM_CPU_FLAGS="..."    host compiler flags replacing the default (AVX2+FMA where the build CPU has them)
   MAX_JOBS=N               parallel compile jobs (honoured by torch's ninja build)
 Install with `pip install --no-build-isolation .` so the extension is built against the torch you run.
 """
@@ -55,7 +55,10 @@ def _cpu_flags():
             info = f.read()
     except OSError:
         return []
-    return ["-mavx2", "-mfma"] if (" avx2" in info and " fma" in info) else []
+    if " avx2" in info and " fma" in info and " f16c" in info:
+        # Also select ATen's AVX2 Vectorized<> specialisations (vectorised exp etc.) in our kernels.
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
 
 
 def _build_extension():

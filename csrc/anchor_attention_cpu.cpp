@@ -24,7 +24,9 @@ namespace anllm {
 namespace {
 
 
-constexpr int64_t kQueryTile = 32;  // queries per work item
+// Queries per tile. Larger tiles make better GEMMs but visit more keys that only some queries see.
+constexpr int64_t kQueryTileFwd = 64;
+constexpr int64_t kQueryTileBwd = 64;
 constexpr int64_t kKeyBlock = 128;  // keys per GEMM block
 constexpr int64_t kSummaryChunk = 64;  // keys per chunk summary used to find own-segment ranges
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -48,42 +50,56 @@ LayoutTensors contiguous_layout(const at::Tensor& pos, const at::Tensor& seg, co
   return {pos.contiguous(), seg.contiguous(), anc.contiguous(), val.contiguous()};
 }
 
-// Per-row structure of the keys, built once per call.
+// Per-row structure of the keys, built once per call. Positions and segments are copied to int32
+// arrays (validity folded into the position: an invalid key gets INT32_MAX, which no query position
+// reaches) so the mask predicate is a branch-free loop over two int32 arrays that vectorises.
 struct KeyIndex {
   struct Chunk {
-    int32_t seg_min, seg_max;
-    int64_t pos_min;
+    int32_t seg_min, seg_max, pos_min;
     bool any_valid;
   };
   std::vector<std::vector<Chunk>> chunks;      // [B][ceil(Tk / kSummaryChunk)]
+  std::vector<std::vector<int32_t>> pos, seg;  // [B][Tk]
   std::vector<std::vector<int64_t>> anchors;   // [B][n_anchors]: key index of each valid anchor
-  std::vector<std::vector<int64_t>> anchor_pos;
-  std::vector<std::vector<int32_t>> anchor_seg;
+  std::vector<std::vector<int32_t>> anchor_pos, anchor_seg;
   int64_t max_anchors = 0;
 };
 
+constexpr int32_t kInvalidPos = std::numeric_limits<int32_t>::max();
+
+int32_t checked_pos32(int64_t p) {
+  ANLLM_CHECK(p >= 0 && p < kInvalidPos, "positions must be in [0, 2^31 - 1), got ", p);
+  return static_cast<int32_t>(p);
+}
+
 KeyIndex build_key_index(const LayoutTensors& kl, int64_t B, int64_t Tk) {
   KeyIndex ix;
+  for (auto* v : {&ix.pos, &ix.seg, &ix.anchor_pos, &ix.anchor_seg}) v->resize(B);
   ix.chunks.resize(B);
   ix.anchors.resize(B);
-  ix.anchor_pos.resize(B);
-  ix.anchor_seg.resize(B);
   for (int64_t b = 0; b < B; ++b) {
     RowLayout r = row_layout(kl, b);
+    ix.pos[b].resize(Tk);
+    ix.seg[b].assign(r.seg, r.seg + Tk);
     const int64_t n_chunks = (Tk + kSummaryChunk - 1) / kSummaryChunk;
     ix.chunks[b].resize(n_chunks);
     for (int64_t c = 0; c < n_chunks; ++c) {
       KeyIndex::Chunk ch{std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::min(),
-                         std::numeric_limits<int64_t>::max(), false};
+                         kInvalidPos, false};
       for (int64_t j = c * kSummaryChunk; j < std::min(Tk, (c + 1) * kSummaryChunk); ++j) {
-        if (!r.valid[j]) continue;
+        if (!r.valid[j]) {
+          ix.pos[b][j] = kInvalidPos;
+          continue;
+        }
+        const int32_t p = checked_pos32(r.pos[j]);
+        ix.pos[b][j] = p;
         ch.any_valid = true;
         ch.seg_min = std::min(ch.seg_min, r.seg[j]);
         ch.seg_max = std::max(ch.seg_max, r.seg[j]);
-        ch.pos_min = std::min(ch.pos_min, r.pos[j]);
+        ch.pos_min = std::min(ch.pos_min, p);
         if (r.anchor[j]) {
           ix.anchors[b].push_back(j);
-          ix.anchor_pos[b].push_back(r.pos[j]);
+          ix.anchor_pos[b].push_back(p);
           ix.anchor_seg[b].push_back(r.seg[j]);
         }
       }
@@ -97,29 +113,27 @@ KeyIndex build_key_index(const LayoutTensors& kl, int64_t B, int64_t Tk) {
 // What a tile of queries needs to know to pick its key blocks.
 struct QueryTile {
   int64_t begin, count;
-  int32_t seg_min, seg_max;
-  int64_t pos_max;
+  int32_t seg_min, seg_max, pos_max;
   bool any_valid, any_non_anchor;
 };
 
 QueryTile summarize_queries(const RowLayout& r, int64_t begin, int64_t count) {
   QueryTile t{begin, count, std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::min(),
-              std::numeric_limits<int64_t>::min(), false, false};
+              std::numeric_limits<int32_t>::min(), false, false};
   for (int64_t i = begin; i < begin + count; ++i) {
     if (!r.valid[i]) continue;
     t.any_valid = true;
     t.any_non_anchor |= !r.anchor[i];
     t.seg_min = std::min(t.seg_min, r.seg[i]);
     t.seg_max = std::max(t.seg_max, r.seg[i]);
-    t.pos_max = std::max(t.pos_max, r.pos[i]);
+    t.pos_max = std::max(t.pos_max, checked_pos32(r.pos[i]));
   }
   return t;
 }
 
 // Key ranges [begin, end) that may hold keys of the tile's own segments: chunks whose segment range
 // overlaps the tile's, merged, then trimmed at both ends of keys that cannot qualify.
-std::vector<std::pair<int64_t, int64_t>> own_segment_ranges(const KeyIndex& ix, const RowLayout& kr,
-                                                            int64_t b, int64_t Tk,
+std::vector<std::pair<int64_t, int64_t>> own_segment_ranges(const KeyIndex& ix, int64_t b, int64_t Tk,
                                                             const QueryTile& qt) {
   std::vector<std::pair<int64_t, int64_t>> ranges;
   const auto& chunks = ix.chunks[b];
@@ -133,8 +147,10 @@ std::vector<std::pair<int64_t, int64_t>> own_segment_ranges(const KeyIndex& ix, 
     else
       ranges.emplace_back(lo, hi);
   }
-  auto useless = [&](int64_t j) {
-    return !kr.valid[j] || kr.seg[j] < qt.seg_min || kr.seg[j] > qt.seg_max || kr.pos[j] > qt.pos_max;
+  const int32_t* kpos = ix.pos[b].data();
+  const int32_t* kseg = ix.seg[b].data();
+  auto useless = [&](int64_t j) {  // invalid keys have kpos == INT32_MAX > pos_max
+    return kseg[j] < qt.seg_min || kseg[j] > qt.seg_max || kpos[j] > qt.pos_max;
   };
   std::vector<std::pair<int64_t, int64_t>> trimmed;
   for (auto [lo, hi] : ranges) {
@@ -173,53 +189,68 @@ float exp_and_sum(float* x, int64_t n, float m) {
   return sum;
 }
 
-// Keys of one block as the GEMMs see them: rows `stride` floats apart, plus a mask predicate.
+float row_max(const float* x, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  int64_t j = 0;
+  float mx = kNegInf;
+  if (n >= Vec::size()) {
+    Vec vmax(kNegInf);
+    for (; j + Vec::size() <= n; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + j));
+    mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
+  }
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
+// Keys of one block as the GEMMs see them: rows `stride` floats apart, plus their layout.
 struct KeyBlock {
   const float* k;
   const float* v;
   int64_t stride;  // between consecutive keys of the block
   int64_t n;
-  // Layout of the block's keys (pointers already offset to the block's first key).
-  const int64_t* pos;
+  const int32_t* pos;  // INT32_MAX for invalid keys
   const int32_t* seg;
-  const bool* valid;  // nullptr: all valid (anchor blocks)
-  bool anchors;       // true: gathered anchor keys, visible across segments; false: own segment
+  bool anchors;  // true: gathered anchor keys (seen across segments); false: own-segment keys
 };
 
-// allowed(i, j) restricted to one kind of block; see the file comment.
-inline bool block_allows(const KeyBlock& blk, int64_t j, int64_t qpos, int32_t qseg, bool qanchor) {
-  if (blk.pos[j] > qpos) return false;
-  if (blk.anchors) return !qanchor && blk.seg[j] != qseg;
-  return blk.valid[j] && blk.seg[j] == qseg;
+// Applies allowed(i, j) restricted to one kind of block (see the file comment) to a row of scores.
+inline void mask_row(const KeyBlock& blk, float* s, bool q_valid, int32_t qpos, int32_t qseg,
+                     bool q_anchor) {
+  const int64_t n = blk.n;
+  if (!q_valid || (blk.anchors && q_anchor)) {
+    std::fill(s, s + n, kNegInf);
+    return;
+  }
+  const int32_t* pos = blk.pos;
+  const int32_t* seg = blk.seg;
+  if (blk.anchors) {
+    for (int64_t j = 0; j < n; ++j) s[j] = (pos[j] <= qpos) & (seg[j] != qseg) ? s[j] : kNegInf;
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] = (pos[j] <= qpos) & (seg[j] == qseg) ? s[j] : kNegInf;
+  }
 }
 
 // S[i, j] = scale * q_i . k_j over the block, masked to -inf; S row stride = ld_s.
 void scores_block(const float* q, int64_t ldq, const KeyBlock& blk, int64_t nq, int64_t D, float scale,
                   const RowLayout& qr, int64_t q0, float* S, int64_t ld_s) {
-  gemm(Trans::T, Trans::N, blk.n, nq, D, scale, blk.k,
-                blk.stride, q, ldq, 0.f, S, ld_s);
+  gemm(Trans::T, Trans::N, blk.n, nq, D, scale, blk.k, blk.stride, q, ldq, 0.f, S, ld_s);
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t qi = q0 + i;
-    float* s = S + i * ld_s;
-    if (!qr.valid[qi]) {
-      std::fill(s, s + blk.n, kNegInf);
-      continue;
-    }
-    for (int64_t j = 0; j < blk.n; ++j)
-      if (!block_allows(blk, j, qr.pos[qi], qr.seg[qi], qr.anchor[qi])) s[j] = kNegInf;
+    mask_row(blk, S + i * ld_s, qr.valid[qi], qr.valid[qi] ? static_cast<int32_t>(qr.pos[qi]) : 0,
+             qr.seg[qi], qr.anchor[qi]);
   }
 }
 
 // Calls fn(KeyBlock) for every key block a query tile must visit, own-segment ranges first.
 template <typename Fn>
-void for_each_block(const KeyIndex& ix, const RowLayout& kr, int64_t b, int64_t Tk,
+void for_each_block(const KeyIndex& ix, int64_t b, int64_t Tk,
                     const QueryTile& qt, const float* k_row, const float* v_row, int64_t k_stride,
                     const float* ak, const float* av, int64_t D, Fn&& fn) {
-  for (auto [lo, hi] : own_segment_ranges(ix, kr, b, Tk, qt)) {
+  for (auto [lo, hi] : own_segment_ranges(ix, b, Tk, qt)) {
     for (int64_t j0 = lo; j0 < hi; j0 += kKeyBlock) {
       const int64_t n = std::min(kKeyBlock, hi - j0);
-      fn(KeyBlock{k_row + j0 * k_stride, v_row + j0 * k_stride, k_stride, n, kr.pos + j0,
-                  kr.seg + j0, kr.valid + j0, false},
+      fn(KeyBlock{k_row + j0 * k_stride, v_row + j0 * k_stride, k_stride, n, ix.pos[b].data() + j0,
+                  ix.seg[b].data() + j0, false},
          j0);
     }
   }
@@ -228,7 +259,7 @@ void for_each_block(const KeyIndex& ix, const RowLayout& kr, int64_t b, int64_t 
   for (int64_t j0 = 0; j0 < na; j0 += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, na - j0);
     fn(KeyBlock{ak + j0 * D, av + j0 * D, D, n, ix.anchor_pos[b].data() + j0,
-                ix.anchor_seg[b].data() + j0, nullptr, true},
+                ix.anchor_seg[b].data() + j0, true},
        -1 - j0);  // negative offsets name gathered anchor rows
   }
 }
@@ -287,15 +318,15 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
 
   const KeyIndex ix = build_key_index(kl, s.B, s.Tk);
   auto [ak, av] = gather_anchors(ix, k, v);
-  const int64_t n_qtiles = (s.Tq + kQueryTile - 1) / kQueryTile;
+  const int64_t n_qtiles = (s.Tq + kQueryTileFwd - 1) / kQueryTileFwd;
 
   at::parallel_for(0, s.B * s.Hq * n_qtiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(kQueryTile * kKeyBlock), acc(kQueryTile * D), m(kQueryTile), l(kQueryTile);
+    std::vector<float> S(kQueryTileFwd * kKeyBlock), acc(kQueryTileFwd * D), m(kQueryTileFwd), l(kQueryTileFwd);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (s.Hq * n_qtiles), h = (item / n_qtiles) % s.Hq;
       const int64_t t = item % n_qtiles, hk = h / group;
-      const RowLayout qr = row_layout(ql, b), kr = row_layout(kl, b);
-      const QueryTile qt = summarize_queries(qr, t * kQueryTile, std::min(kQueryTile, s.Tq - t * kQueryTile));
+      const RowLayout qr = row_layout(ql, b);
+      const QueryTile qt = summarize_queries(qr, t * kQueryTileFwd, std::min(kQueryTileFwd, s.Tq - t * kQueryTileFwd));
       if (!qt.any_valid) continue;
       const int64_t nq = qt.count;
       const float* qp = q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1) + qt.begin * q.stride(2);
@@ -312,8 +343,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
         scores_block(qp, q.stride(2), blk, nq, D, scale, qr, qt.begin, S.data(), kKeyBlock);
         for (int64_t i = 0; i < nq; ++i) {
           float* srow = S.data() + i * kKeyBlock;
-          float bmax = kNegInf;
-          for (int64_t j = 0; j < blk.n; ++j) bmax = std::max(bmax, srow[j]);
+          const float bmax = row_max(srow, blk.n);
           const float m_new = std::max(m[i], bmax);
           if (m_new == kNegInf) {  // nothing visible yet for this query
             std::fill(srow, srow + blk.n, 0.f);
@@ -331,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
         gemm(Trans::N, Trans::N, D, nq, blk.n, 1.f,
                       blk.v, blk.stride, S.data(), kKeyBlock, 1.f, acc.data(), D);
       };
-      for_each_block(ix, kr, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, visit);
+      for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, visit);
 
       float* op = out.data_ptr<float>() + ((b * s.Hq + h) * s.Tq + qt.begin) * D;
       float* lp = lse.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
@@ -370,39 +400,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
   const float scale = static_cast<float>(scale_d);
   const int64_t D = s.D, group = s.Hq / s.Hkv;
 
+  const int64_t n_qtiles = (s.Tq + kQueryTileBwd - 1) / kQueryTileBwd;
+  // Work items are (b, hkv, split): a split owns a range of query tiles of every head of the group,
+  // so dq rows are written by one item only; dk/dv go to one fp32 partial per split, summed at the
+  // end. Splits exist only to keep all threads busy when B * Hkv is small.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::max<int64_t>(
+      1, std::min<int64_t>(n_qtiles, (4 * threads + s.B * s.Hkv - 1) / (s.B * s.Hkv)));
   auto dq = at::zeros({s.B, s.Hq, s.Tq, D}, q.options());
-  auto dk = at::zeros({s.B, s.Hkv, s.Tk, D}, q.options());
-  auto dv = at::zeros({s.B, s.Hkv, s.Tk, D}, q.options());
+  auto dk_parts = at::zeros({splits, s.B, s.Hkv, s.Tk, D}, q.options());
+  auto dv_parts = at::zeros({splits, s.B, s.Hkv, s.Tk, D}, q.options());
   auto cast_back = [&]() {
-    return std::make_tuple(dq.to(q_in.scalar_type()), dk.to(q_in.scalar_type()),
-                           dv.to(q_in.scalar_type()));
+    return std::make_tuple(dq.to(q_in.scalar_type()), dk_parts.sum(0).to(q_in.scalar_type()),
+                           dv_parts.sum(0).to(q_in.scalar_type()));
   };
   if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0) return cast_back();
 
   const KeyIndex ix = build_key_index(kl, s.B, s.Tk);
   auto [ak, av] = gather_anchors(ix, k, v);
-  const int64_t n_qtiles = (s.Tq + kQueryTile - 1) / kQueryTile;
   const int64_t amax = ak.size(2);
+  const int64_t tiles_per_split = (n_qtiles + splits - 1) / splits;
 
-  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> P(kQueryTile * kKeyBlock), dP(kQueryTile * kKeyBlock);
+  at::parallel_for(0, s.B * s.Hkv * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(kQueryTileBwd * kKeyBlock), dP(kQueryTileBwd * kKeyBlock);
     std::vector<float> dak(amax * D), dav(amax * D);  // gradients of the gathered anchors
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / s.Hkv, hk = item % s.Hkv;
-      const RowLayout qr = row_layout(ql, b), kr = row_layout(kl, b);
+      const int64_t split = item % splits, b = item / (splits * s.Hkv), hk = (item / splits) % s.Hkv;
+      const int64_t t_begin = split * tiles_per_split;
+      const int64_t t_end = std::min(n_qtiles, t_begin + tiles_per_split);
+      const RowLayout qr = row_layout(ql, b);
       const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
       const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
       const float* akp = ak.data_ptr<float>() + (b * s.Hkv + hk) * amax * D;
       const float* avp = av.data_ptr<float>() + (b * s.Hkv + hk) * amax * D;
-      float* dkp = dk.data_ptr<float>() + (b * s.Hkv + hk) * s.Tk * D;
-      float* dvp = dv.data_ptr<float>() + (b * s.Hkv + hk) * s.Tk * D;
+      const int64_t part_offset = ((split * s.B + b) * s.Hkv + hk) * s.Tk * D;
+      float* dkp = dk_parts.data_ptr<float>() + part_offset;
+      float* dvp = dv_parts.data_ptr<float>() + part_offset;
       std::fill(dak.begin(), dak.end(), 0.f);
       std::fill(dav.begin(), dav.end(), 0.f);
 
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t t = 0; t < n_qtiles; ++t) {
+        for (int64_t t = t_begin; t < t_end; ++t) {
           const QueryTile qt =
-              summarize_queries(qr, t * kQueryTile, std::min(kQueryTile, s.Tq - t * kQueryTile));
+              summarize_queries(qr, t * kQueryTileBwd, std::min(kQueryTileBwd, s.Tq - t * kQueryTileBwd));
           if (!qt.any_valid) continue;
           const int64_t nq = qt.count;
           const float* qp = q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1) + qt.begin * q.stride(2);
@@ -443,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
             gemm(Trans::N, Trans::T, D, blk.n, nq, scale,
                           qp, q.stride(2), P.data(), kKeyBlock, 1.f, dk_blk, D);
           };
-          for_each_block(ix, kr, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, visit);
+          for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, visit);
         }
       }
       // Scatter the anchors' gradients back to their key slots.

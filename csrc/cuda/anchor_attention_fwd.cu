@@ -1,0 +1,493 @@
+// Anchor attention forward on CUDA (fp32 accumulation; fp32, fp16, bf16 inputs; D <= 256).
+//
+// A block owns up to BQ "rows": BQ consecutive queries of one head, or, for decode-like calls where
+// group * Tq <= BQ, all Tq queries of all query heads of one key/value head (K/V read once per group,
+// no repeat). The key tiles it visits are
+//   (a) own-segment tiles: BK-key slices of the candidate chunks [c_lo, c_hi) found by binary search
+//       on the key index's monotone arrays, chunks whose summary cannot match are skipped, and
+//   (b) anchor tiles: BK entries of the row's gathered anchor list, trimmed to positions <= the
+//       tile's last query position,
+// with the exact pair predicate (pair_allowed) applied to every score and an online softmax. When the
+// grid would be small (decode: few queries, long cache) the tile sequence is split across `nsplit`
+// blocks whose partial (max, sum, acc) are merged by log-sum-exp in a second kernel.
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace anllm {
+namespace cuda {
+namespace {
+
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sh, q_st;
+  int64_t k_sb, k_sh, k_st;
+  int64_t v_sb, v_sh, v_st;
+  void* out;       // [B, Hq, Tq, D] contiguous
+  float* lse;      // [B, Hq, Tq]
+  float* part_acc; // [nsplit, B*Hq*Tq, D]  (nsplit > 1)
+  float* part_m;   // [nsplit, B*Hq*Tq]
+  float* part_l;   // [nsplit, B*Hq*Tq]
+  LayoutView ql, kl;
+  SideView ks;
+  AnchorView ka;
+  int64_t B, Hq, Hkv, Tq, Tk;
+  int D, group;
+  int rows_h, rows_q;  // a block's rows: rows_h heads x rows_q queries
+  int64_t n_hgroups, n_qtiles;
+  int nsplit;
+  float scale;
+};
+
+template <typename T, int DMAX, int BQ, int BK>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
+  static_assert(BQ % kTY == 0 && BK % kTX == 0 && DMAX % kTX == 0 && kChunk % BK == 0, "tiles");
+  static_assert(BQ <= 32 && BK <= 64, "tiles");
+  constexpr int RI = BQ / kTY, CJ = BK / kTX, DJ = DMAX / kTX;
+  constexpr int QS = DMAX + 1, KS = DMAX + 1, VS = DMAX;
+  constexpr int SUB = kChunk / BK;
+  extern __shared__ float smem[];
+  float* Qs = smem;              // [BQ][QS], pre-scaled
+  float* Ks = Qs + BQ * QS;      // [BK][KS]
+  float* Vs = Ks + BK * KS;      // [BK][VS]
+  float* Ss = Vs + BK * VS;      // [BQ][BK]
+
+  __shared__ int64_t r_pos[BQ];
+  __shared__ int32_t r_seg[BQ];
+  __shared__ bool r_valid[BQ], r_anchor[BQ];
+  __shared__ float r_m[BQ], r_l[BQ], r_alpha[BQ];
+  __shared__ int64_t k_row[BK];  // key index in the row, -1: no key (masked, zero K/V)
+  __shared__ int64_t k_pos[BK];
+  __shared__ int32_t k_seg[BK];
+  __shared__ int64_t t_c_lo, t_n_own, t_n_anc, t_n_av, t_pmax;
+  __shared__ int32_t t_smin, t_smax;
+
+  const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
+  int64_t item = blockIdx.x;
+  const int split = static_cast<int>(item % p.nsplit);
+  item /= p.nsplit;
+  const int64_t qt = item % p.n_qtiles;
+  item /= p.n_qtiles;
+  const int64_t hg = item % p.n_hgroups;
+  const int64_t b = item / p.n_hgroups;
+  const int64_t h0 = hg * p.rows_h;
+  const int64_t hk = h0 / p.group;
+  const int n_rows = p.rows_h * p.rows_q;
+
+  // Row r -> (head, query); false when the row is outside the problem.
+  auto row_of = [&](int r, int64_t& h, int64_t& qi) {
+    h = h0 + r / p.rows_q;
+    qi = qt * p.rows_q + r % p.rows_q;
+    return r < n_rows && qi < p.Tq;
+  };
+
+  if (tid < BQ) {
+    int64_t h, qi;
+    const bool in = row_of(tid, h, qi);
+    const int64_t li = b * p.Tq + (in ? qi : 0);
+    r_valid[tid] = in && p.ql.valid[li];
+    r_anchor[tid] = in && p.ql.anchor[li];
+    r_pos[tid] = in ? p.ql.pos[li] : 0;
+    r_seg[tid] = in ? p.ql.seg[li] : 0;
+    r_m[tid] = -INFINITY;
+    r_l[tid] = 0.f;
+    r_alpha[tid] = 1.f;
+  }
+  __syncthreads();
+
+  // Query tile (pre-multiplied by the scale); rows without a valid query are zero.
+  {
+    const T* q = static_cast<const T*>(p.q);
+    for (int e = tid; e < BQ * DMAX; e += kThreads) {
+      const int r = e / DMAX, d = e % DMAX;
+      float x = 0.f;
+      if (d < p.D && r_valid[r]) {
+        int64_t h, qi;
+        row_of(r, h, qi);
+        x = to_float(q[b * p.q_sb + h * p.q_sh + qi * p.q_st + d]) * p.scale;
+      }
+      Qs[r * QS + d] = x;
+    }
+  }
+
+  // Tile summary and the key tiles to visit (warp 0; BQ <= 32).
+  if (tid < 32) {
+    const bool v = tid < BQ && r_valid[tid];
+    int32_t smin = v ? r_seg[tid] : kI32Max, smax = v ? r_seg[tid] : kI32Min;
+    int64_t pmax = v ? r_pos[tid] : kI64Min;
+    const unsigned any_valid = __ballot_sync(kFull, v);
+    const unsigned any_na = __ballot_sync(kFull, v && !r_anchor[tid]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      smin = min(smin, __shfl_xor_sync(kFull, smin, o));
+      smax = max(smax, __shfl_xor_sync(kFull, smax, o));
+      pmax = max(pmax, __shfl_xor_sync(kFull, pmax, o));
+    }
+    if (tid == 0) {
+      int64_t c_lo = 0, n_own = 0, n_anc = 0, n_av = 0;
+      if (any_valid) {
+        const int64_t nC = p.ks.nC;
+        c_lo = lower_bound_dev(p.ks.pm_seg_max + b * nC, nC, smin);
+        const int64_t c_hi = count_le_dev(p.ks.sm_seg_min + b * nC, nC, smax);
+        n_own = c_hi > c_lo ? (c_hi - c_lo) * SUB : 0;
+        if (any_na) {
+          n_av = count_le_dev(p.ka.smin_pos + b * p.ka.cap, static_cast<int64_t>(p.ka.count[b]), pmax);
+          n_anc = (n_av + BK - 1) / BK;
+        }
+      }
+      t_c_lo = c_lo;
+      t_n_own = n_own;
+      t_n_anc = n_anc;
+      t_n_av = n_av;
+      t_pmax = pmax;
+      t_smin = smin;
+      t_smax = smax;
+    }
+  }
+  __syncthreads();
+
+  const int64_t n_own = t_n_own, n_tiles = n_own + t_n_anc;
+  const int64_t per = (n_tiles + p.nsplit - 1) / p.nsplit;
+  const int64_t t_begin = split * per;
+  const int64_t t_end = min(n_tiles, t_begin + per);
+  const int64_t cb = b * p.ks.nC;
+
+  float o[RI][DJ];
+#pragma unroll
+  for (int i = 0; i < RI; ++i)
+#pragma unroll
+    for (int j = 0; j < DJ; ++j) o[i][j] = 0.f;
+
+  const T* kg = static_cast<const T*>(p.k);
+  const T* vg = static_cast<const T*>(p.v);
+  const int64_t k_base = b * p.k_sb + hk * p.k_sh;
+  const int64_t v_base = b * p.v_sb + hk * p.v_sh;
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const bool own = t < n_own;
+    int64_t key0 = 0, a0 = 0;
+    if (own) {
+      const int64_t c = t_c_lo + t / SUB;
+      // Uniform across the block: every thread reads the same summary.
+      if (!(p.ks.flags[cb + c] & kAnyValid) || p.ks.seg_max[cb + c] < t_smin ||
+          p.ks.seg_min[cb + c] > t_smax || p.ks.pos_min[cb + c] > t_pmax)
+        continue;
+      key0 = c * kChunk + (t % SUB) * BK;
+    } else {
+      a0 = (t - n_own) * BK;
+    }
+    __syncthreads();  // the previous tile is done with the shared buffers
+    if (tid < BK) {
+      int64_t j = -1, kp = 0;
+      int32_t ksg = 0;
+      if (own) {
+        const int64_t jj = key0 + tid;
+        if (jj < p.Tk && p.kl.valid[b * p.Tk + jj]) {
+          j = jj;
+          kp = p.kl.pos[b * p.Tk + jj];
+          ksg = p.kl.seg[b * p.Tk + jj];
+        }
+      } else {
+        const int64_t a = a0 + tid;
+        if (a < t_n_av) {
+          j = p.ka.idx[b * p.ka.cap + a];
+          kp = p.ka.pos[b * p.ka.cap + a];
+          ksg = p.ka.seg[b * p.ka.cap + a];
+        }
+      }
+      k_row[tid] = j;
+      k_pos[tid] = kp;
+      k_seg[tid] = ksg;
+    }
+    __syncthreads();
+    for (int e = tid; e < BK * DMAX; e += kThreads) {
+      const int c = e / DMAX, d = e % DMAX;
+      const int64_t j = k_row[c];
+      float kx = 0.f, vx = 0.f;
+      if (j >= 0 && d < p.D) {
+        kx = to_float(kg[k_base + j * p.k_st + d]);
+        vx = to_float(vg[v_base + j * p.v_st + d]);
+      }
+      Ks[c * KS + d] = kx;
+      Vs[c * VS + d] = vx;
+    }
+    __syncthreads();
+
+    // Scores of the thread's RI x CJ micro tile.
+    {
+      float s[RI][CJ];
+#pragma unroll
+      for (int i = 0; i < RI; ++i)
+#pragma unroll
+        for (int j = 0; j < CJ; ++j) s[i][j] = 0.f;
+#pragma unroll 4
+      for (int d = 0; d < DMAX; ++d) {
+        float qv[RI], kv[CJ];
+#pragma unroll
+        for (int i = 0; i < RI; ++i) qv[i] = Qs[(ty + i * kTY) * QS + d];
+#pragma unroll
+        for (int j = 0; j < CJ; ++j) kv[j] = Ks[(tx + j * kTX) * KS + d];
+#pragma unroll
+        for (int i = 0; i < RI; ++i)
+#pragma unroll
+          for (int j = 0; j < CJ; ++j) s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
+      }
+#pragma unroll
+      for (int i = 0; i < RI; ++i) {
+        const int r = ty + i * kTY;
+#pragma unroll
+        for (int j = 0; j < CJ; ++j) {
+          const int c = tx + j * kTX;
+          const bool ok = pair_allowed(!own, r_valid[r], r_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0,
+                                       k_pos[c], k_seg[c]);
+          Ss[r * BK + c] = ok ? s[i][j] : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();
+
+    // Online softmax, one warp per row.
+    {
+      const int warp = tid / 32, lane = tid % 32;
+      for (int r = warp; r < BQ; r += kThreads / 32) {
+        float x[(BK + 31) / 32];
+        float mx = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < (BK + 31) / 32; ++u) {
+          const int c = lane + u * 32;
+          x[u] = c < BK ? Ss[r * BK + c] : -INFINITY;
+          mx = fmaxf(mx, x[u]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, off));
+        const float m_old = r_m[r];
+        const float m_new = fmaxf(m_old, mx);
+        float alpha = 1.f, sum = 0.f;
+        if (m_new != -INFINITY) {
+          alpha = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
+#pragma unroll
+          for (int u = 0; u < (BK + 31) / 32; ++u) {
+            x[u] = x[u] == -INFINITY ? 0.f : __expf(x[u] - m_new);
+            sum += x[u];
+          }
+        } else {
+#pragma unroll
+          for (int u = 0; u < (BK + 31) / 32; ++u) x[u] = 0.f;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
+#pragma unroll
+        for (int u = 0; u < (BK + 31) / 32; ++u) {
+          const int c = lane + u * 32;
+          if (c < BK) Ss[r * BK + c] = x[u];
+        }
+        __syncwarp();
+        if (lane == 0) {
+          r_l[r] = r_l[r] * alpha + sum;
+          r_m[r] = m_new;
+          r_alpha[r] = alpha;
+        }
+      }
+    }
+    __syncthreads();
+
+    // o = o * alpha + P V
+#pragma unroll
+    for (int i = 0; i < RI; ++i) {
+      const float a = r_alpha[ty + i * kTY];
+#pragma unroll
+      for (int j = 0; j < DJ; ++j) o[i][j] *= a;
+    }
+#pragma unroll 4
+    for (int c = 0; c < BK; ++c) {
+      float pv[RI], vv[DJ];
+#pragma unroll
+      for (int i = 0; i < RI; ++i) pv[i] = Ss[(ty + i * kTY) * BK + c];
+#pragma unroll
+      for (int j = 0; j < DJ; ++j) vv[j] = Vs[c * VS + tx + j * kTX];
+#pragma unroll
+      for (int i = 0; i < RI; ++i)
+#pragma unroll
+        for (int j = 0; j < DJ; ++j) o[i][j] = fmaf(pv[i], vv[j], o[i][j]);
+    }
+  }
+  __syncthreads();
+
+  // Results: every row of the block is written (zeros / -inf when nothing was visible).
+  const int64_t rows_total = p.B * p.Hq * p.Tq;
+#pragma unroll
+  for (int i = 0; i < RI; ++i) {
+    const int r = ty + i * kTY;
+    int64_t h, qi;
+    if (!row_of(r, h, qi)) continue;
+    const int64_t row = (b * p.Hq + h) * p.Tq + qi;
+    const float l = r_l[r];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int j = 0; j < DJ; ++j) {
+      const int d = tx + j * kTX;
+      if (d >= p.D) continue;
+      if (p.nsplit == 1)
+        static_cast<T*>(p.out)[row * p.D + d] = from_float<T>(o[i][j] * inv);
+      else
+        p.part_acc[(split * rows_total + row) * p.D + d] = o[i][j];
+    }
+  }
+  if (tid < BQ) {
+    int64_t h, qi;
+    if (row_of(tid, h, qi)) {
+      const int64_t row = (b * p.Hq + h) * p.Tq + qi;
+      const float l = r_l[tid];
+      if (p.nsplit == 1) {
+        p.lse[row] = l > 0.f ? r_m[tid] + __logf(l) : -INFINITY;
+      } else {
+        p.part_m[split * rows_total + row] = l > 0.f ? r_m[tid] : -INFINITY;
+        p.part_l[split * rows_total + row] = l;
+      }
+    }
+  }
+}
+
+// Merges the nsplit partial results of every row by log-sum-exp. One block per row.
+template <typename T>
+__global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ part_acc,
+                                                      const float* __restrict__ part_m,
+                                                      const float* __restrict__ part_l, T* out,
+                                                      float* lse, int64_t rows, int D, int nsplit) {
+  const int64_t row = blockIdx.x;
+  float M = -INFINITY;
+  for (int s = 0; s < nsplit; ++s) M = fmaxf(M, part_m[s * rows + row]);
+  if (M == -INFINITY) {
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out[row * D + d] = from_float<T>(0.f);
+    if (threadIdx.x == 0) lse[row] = -INFINITY;
+    return;
+  }
+  float L = 0.f;
+  for (int s = 0; s < nsplit; ++s) {
+    const float m = part_m[s * rows + row];
+    if (m != -INFINITY) L += part_l[s * rows + row] * __expf(m - M);
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < nsplit; ++s) {
+      const float m = part_m[s * rows + row];
+      if (m != -INFINITY) acc += part_acc[(s * rows + row) * D + d] * __expf(m - M);
+    }
+    out[row * D + d] = from_float<T>(acc * inv);
+  }
+  if (threadIdx.x == 0) lse[row] = L > 0.f ? M + __logf(L) : -INFINITY;
+}
+
+template <typename T, int DMAX>
+void launch_fwd(FwdParams p, const at::Tensor& q, at::Tensor& out, at::Tensor& lse) {
+  constexpr int BQ = FwdTraits<DMAX>::BQ, BK = FwdTraits<DMAX>::BK;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (static_cast<int64_t>(p.group) * p.Tq <= BQ) {  // decode-like: all heads of a group per block
+    p.rows_h = p.group;
+    p.rows_q = static_cast<int>(p.Tq);
+    p.n_hgroups = p.Hkv;
+    p.n_qtiles = 1;
+  } else {
+    p.rows_h = 1;
+    p.rows_q = BQ;
+    p.n_hgroups = p.Hq;
+    p.n_qtiles = (p.Tq + BQ - 1) / BQ;
+  }
+  const int64_t blocks = p.B * p.n_hgroups * p.n_qtiles;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t nsplit = 1;
+  if (blocks < 2 * sms) {
+    const int64_t key_tiles = (p.Tk + BK - 1) / BK;
+    nsplit = std::min<int64_t>({(2 * sms + blocks - 1) / blocks, std::max<int64_t>(1, key_tiles / 4), 64});
+  }
+  p.nsplit = static_cast<int>(nsplit);
+  ANLLM_CHECK(blocks * nsplit < std::numeric_limits<int32_t>::max(), "problem too large for one grid");
+  at::Tensor part_acc, part_ml;
+  const int64_t rows = p.B * p.Hq * p.Tq;
+  if (nsplit > 1) {
+    part_acc = at::empty({nsplit, rows, p.D}, q.options().dtype(at::kFloat));
+    part_ml = at::empty({2, nsplit, rows}, q.options().dtype(at::kFloat));
+    p.part_acc = part_acc.data_ptr<float>();
+    p.part_m = part_ml.data_ptr<float>();
+    p.part_l = p.part_m + nsplit * rows;
+  }
+  const size_t smem = sizeof(float) * (BQ * (DMAX + 1) + BK * (DMAX + 1) + BK * DMAX + BQ * BK);
+  auto kernel = fwd_kernel<T, DMAX, BQ, BK>;
+  allow_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(blocks * nsplit), kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (nsplit > 1) {
+    ANLLM_CHECK(rows < std::numeric_limits<int32_t>::max(), "too many query rows");
+    combine_kernel<T><<<static_cast<unsigned>(rows), 128, 0, stream>>>(
+        p.part_acc, p.part_m, p.part_l, static_cast<T*>(p.out), p.lse, rows, p.D, p.nsplit);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void launch_fwd_dim(const FwdParams& p, const at::Tensor& q, at::Tensor& out, at::Tensor& lse) {
+  switch (padded_head_dim(p.D)) {
+    case 64: return launch_fwd<T, 64>(p, q, out, lse);
+    case 128: return launch_fwd<T, 128>(p, q, out, lse);
+    default: return launch_fwd<T, 256>(p, q, out, lse);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
+    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& k_valid, double scale) {
+  c10::cuda::OptionalCUDAGuard guard(q.device());
+  const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_anchor.contiguous(), q_valid.contiguous()};
+  const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_anchor.contiguous(), k_valid.contiguous()};
+  const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
+  ANLLM_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  auto out = at::empty({s.B, s.Hq, s.Tq, s.D}, q.options());
+  auto lse = at::empty({s.B, s.Hq, s.Tq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (s.Tk == 0 || out.numel() == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  SideIndex kside;
+  AnchorIndex anchors;
+  build_side_index(kl, kside, &anchors);
+
+  FwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_st = q.stride(2);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.ql = layout_view(ql);
+  p.kl = layout_view(kl);
+  p.ks = kside.view();
+  p.ka = anchors.view();
+  p.B = s.B; p.Hq = s.Hq; p.Hkv = s.Hkv; p.Tq = s.Tq; p.Tk = s.Tk;
+  p.D = static_cast<int>(s.D);
+  p.group = static_cast<int>(s.Hq / s.Hkv);
+  p.scale = static_cast<float>(scale);
+  p.nsplit = 1;
+  switch (q.scalar_type()) {
+    case at::kFloat: launch_fwd_dim<float>(p, q, out, lse); break;
+    case at::kHalf: launch_fwd_dim<at::Half>(p, q, out, lse); break;
+    case at::kBFloat16: launch_fwd_dim<at::BFloat16>(p, q, out, lse); break;
+    default: ANLLM_CHECK(false, "unsupported dtype ", q.scalar_type());
+  }
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anllm, CUDA, m) { m.impl("anchor_attention_fwd", &anchor_attention_fwd_cuda); }
+
+}  // namespace cuda
+}  // namespace anllm
