@@ -1,0 +1,57 @@
+"""Builders of random but realistic test inputs shared by the op tests."""
+import torch
+
+import anllm_ext
+
+ANCHOR = 1  # token id used as the anchor in synthetic streams
+VOCAB = 50
+
+
+def token_stream(B, T, pattern="random", padding="none", device="cpu", anchor_every=8, generator=None):
+    """Random ids [B, T] with anchors placed by `pattern`, plus an attention mask with `padding`.
+
+    pattern: random | at_zero | consecutive | all | none | periodic
+    padding: none | left | right | mixed (rows padded differently, left and right)
+    """
+    ids = torch.randint(2, VOCAB, (B, T), generator=generator)
+    if pattern == "random":
+        ids[torch.rand(B, T, generator=generator) < 1.0 / anchor_every] = ANCHOR
+    elif pattern == "at_zero":
+        ids[:, 0] = ANCHOR
+        ids[:, anchor_every::anchor_every] = ANCHOR
+    elif pattern == "consecutive":
+        for start in range(T // 3, T, max(T // 3, 1)):
+            ids[:, start:start + 3] = ANCHOR
+    elif pattern == "all":
+        ids[:] = ANCHOR
+    elif pattern == "periodic":
+        ids[:, anchor_every - 1::anchor_every] = ANCHOR
+    elif pattern != "none":
+        raise ValueError(pattern)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        n_pad = (b * 7 + 3) % max(T // 2, 1) if T > 1 else 0
+        if padding == "left" or (padding == "mixed" and b % 2 == 0):
+            mask[b, :n_pad] = 0
+        elif padding == "right" or (padding == "mixed" and b % 2 == 1):
+            mask[b, T - n_pad:] = 0
+    return ids.to(device), mask.to(device)
+
+
+def qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float32, device="cpu", requires_grad=False):
+    q = torch.randn(B, Hq, Tq, D, device=device).to(dtype)
+    k = torch.randn(B, Hkv, Tk, D, device=device).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, device=device).to(dtype)
+    if requires_grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v
+
+
+def layout(ids, mask, start=None):
+    return anllm_ext.token_layout(ids, [ANCHOR], mask, start=start)
+
+
+def kept_slots(lay):
+    """Slots an anchor cache keeps after seeing `lay`: valid and (anchor or in the row's open segment)."""
+    open_seg = lay.next_start().segment[:, None]
+    return lay.valid & (lay.is_anchor | (lay.segments.to(torch.int64) == open_seg))

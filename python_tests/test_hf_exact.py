@@ -1,0 +1,269 @@
+"""transformers integration on tiny random Llama / Mistral / Qwen2 / Qwen3 models (fp32, CPU).
+
+Core property: anchor-cached inference (chunked prefill + token-by-token decoding with real-time
+compaction) gives the logits of one masked pass over the whole text, and the patched single pass
+equals transformers' eager attention given the dense AnSAN mask (forward and gradients).
+"""
+import copy
+
+import pytest
+import torch
+
+import anllm_ext
+from anllm_ext import AnchorCache, patch, prefill, unpatch
+from anllm_ext.layout import token_layout
+from anllm_ext.reference import ansan_mask
+
+ANCHOR = 7
+VOCAB = 64
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa", eos_token_id=None,
+        bos_token_id=None, pad_token_id=0,
+    )
+    common.update(overrides)
+    if family == "llama":
+        cfg, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
+    elif family == "mistral":
+        cfg, cls = tf.MistralConfig(**{"sliding_window": None, **common}), tf.MistralForCausalLM
+    elif family == "qwen2":
+        cfg, cls = tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg, cls = tf.Qwen3Config(head_dim=16, **common), tf.Qwen3ForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    # bigger random weights than the init gives, so attention is far from uniform and errors show
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+def stream(B, T, seed=0, anchor_p=0.15, left_pad=()):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    ids[ids == ANCHOR] = ANCHOR + 1
+    ids[torch.rand(B, T, generator=g) < anchor_p] = ANCHOR
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, n in enumerate(left_pad):
+        mask[b, :n] = 0
+        ids[b, :n] = 0
+    return ids, mask
+
+
+def single_pass_logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def cached_logits(model, ids, mask, n_prompt, chunk):
+    """Chunked prefill of ids[:, :n_prompt], then one token at a time; all logits."""
+    cache, lp = prefill(model, ids[:, :n_prompt], None if mask is None else mask[:, :n_prompt],
+                        chunk_size=chunk, return_logits=True)
+    outs = [lp]
+    with torch.no_grad():
+        for t in range(n_prompt, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=None if mask is None else mask[:, : t + 1],
+                        cache=cache, use_cache=True)
+            outs.append(out.logits)
+    return torch.cat(outs, dim=1), cache
+
+
+def assert_close_valid(a, b, mask, atol=2e-5, rtol=1e-5):
+    if mask is not None:
+        keep = mask.bool()
+        a, b = a[keep], b[keep]
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_cached_equals_single_pass(family, chunk):
+    model = patch(tiny_model(family), ANCHOR)
+    ids, mask = stream(1, 48, seed=1)
+    ref = single_pass_logits(model, ids, mask)
+    got, cache = cached_logits(model, ids, mask, n_prompt=36, chunk=chunk)
+    assert_close_valid(got, ref, mask)
+    # the cache really dropped closed segments
+    assert cache.lengths()[0] < 48
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cached_batch_mixed_left_padding(family):
+    model = patch(tiny_model(family), ANCHOR)
+    ids, mask = stream(3, 40, seed=2, left_pad=(0, 5, 11))
+    ref = single_pass_logits(model, ids, mask)
+    got, cache = cached_logits(model, ids, mask, n_prompt=30, chunk=7)
+    assert_close_valid(got, ref, mask)
+    # padding never enters the kept cache
+    for row in range(3):
+        assert bool(cache.kept_layout(row).valid.all())
+
+
+def test_batch_rows_equal_rows_alone():
+    model = patch(tiny_model("llama"), ANCHOR)
+    ids, mask = stream(3, 40, seed=3, left_pad=(4, 0, 9))
+    batched, _ = cached_logits(model, ids, mask, n_prompt=28, chunk=6)
+    for b in range(3):
+        n = int((mask[b] == 0).sum())
+        alone, _ = cached_logits(model, ids[b : b + 1, n:], None, n_prompt=28 - n, chunk=6)
+        torch.testing.assert_close(batched[b, n:], alone[0], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_pass_equals_eager_dense_mask_with_grads(family):
+    model = patch(tiny_model(family), ANCHOR)
+    eager = copy.deepcopy(model)
+    unpatch(eager)
+    eager.set_attn_implementation("eager")
+    ids, mask = stream(2, 33, seed=4, left_pad=(0, 6))
+    layout = token_layout(ids, ANCHOR, mask)
+    allowed = ansan_mask(layout, layout)[:, None]  # [B,1,T,T]
+    additive = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    w = torch.randn(2, 33, VOCAB)
+    keep = mask.bool()
+
+    model.train()  # dropout is 0 in these configs; training mode must work
+    out_p = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    (out_p * w)[keep].sum().backward()
+    out_e = eager(input_ids=ids, attention_mask=additive, position_ids=layout.positions, use_cache=False).logits
+    (out_e * w)[keep].sum().backward()
+
+    assert_close_valid(out_p.detach(), out_e.detach(), mask, atol=2e-5, rtol=1e-5)
+    grads_e = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads_e[name].grad, atol=2e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_padding_outputs_are_finite():
+    model = patch(tiny_model("llama"), ANCHOR)
+    ids, mask = stream(2, 20, seed=5, left_pad=(0, 8))
+    out = single_pass_logits(model, ids, mask)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_no_anchor_input_equals_unpatched(family):
+    model = tiny_model(family)
+    ids, _ = stream(2, 30, seed=6, anchor_p=0.0)
+    assert not bool((ids == ANCHOR).any())
+    ref = single_pass_logits(model, ids)
+    gen_ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    patch(model, ANCHOR)
+    got = single_pass_logits(model, ids)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    gen = anllm_ext.generate(model, ids, max_new_tokens=6, prefill_chunk=8, pad_token_id=0)
+    if not bool((gen[:, 30:] == ANCHOR).any()):  # same tokens as long as no anchor is generated
+        assert torch.equal(gen, gen_ref)
+    unpatch(model)
+    torch.testing.assert_close(single_pass_logits(model, ids), ref, atol=0, rtol=0)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_greedy_generation_equals_repeated_single_passes(family):
+    model = patch(tiny_model(family, seed=3), ANCHOR)
+    ids, mask = stream(2, 26, seed=7, left_pad=(0, 4))
+    n_new = 12
+    out, cache = anllm_ext.generate(model, ids, mask, prefill_chunk=6, max_new_tokens=n_new,
+                                    return_cache=True, pad_token_id=0)
+    seq, msk = ids.clone(), mask.clone()
+    for _ in range(n_new):
+        nxt = single_pass_logits(model, seq, msk)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+        msk = torch.cat([msk, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, seq)
+    assert cache.stats()["tokens_seen"] == 26 + n_new - 1
+
+
+def test_generated_anchor_triggers_compaction():
+    model = patch(tiny_model("llama", seed=3), ANCHOR)
+    ids, _ = stream(1, 20, seed=8, anchor_p=0.0)
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class OnlyAnchor(LogitsProcessor):  # every generated token is an anchor
+        def __call__(self, input_ids, scores):
+            out = torch.full_like(scores, float("-inf"))
+            out[:, ANCHOR] = 0.0
+            return out
+
+    out, cache = anllm_ext.generate(model, ids, prefill_chunk=8, max_new_tokens=5, return_cache=True, pad_token_id=0,
+                                    logits_processor=LogitsProcessorList([OnlyAnchor()]))
+    assert bool((out[0, 20:] == ANCHOR).all())
+    # the prompt (no anchors) is one segment that the first generated anchor closed
+    lay = cache.kept_layout(0)
+    assert bool(lay.is_anchor.all()), lay
+    assert cache.lengths() == [4]  # 5 generated anchors, the last not yet fed back
+
+
+def test_sampling_and_beam_search_run():
+    model = patch(tiny_model("llama"), ANCHOR)
+    ids, mask = stream(2, 18, seed=9, left_pad=(0, 3))
+    torch.manual_seed(0)
+    s = anllm_ext.generate(model, ids, mask, max_new_tokens=5, do_sample=True, top_k=10, prefill_chunk=8, pad_token_id=0)
+    assert s.shape == (2, 23)
+    b = anllm_ext.generate(model, ids, mask, max_new_tokens=5, num_beams=3, prefill_chunk=8, pad_token_id=0)
+    assert b.shape == (2, 23)
+    # beam search with the anchor cache equals beam search with a full cache (patched, exact mask)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(b, ref)
+
+
+def test_dynamic_cache_on_patched_model_is_exact():
+    model = patch(tiny_model("llama"), ANCHOR)
+    ids, mask = stream(2, 30, seed=10, left_pad=(3, 0))
+    ref = single_pass_logits(model, ids, mask)
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :20], attention_mask=mask[:, :20], use_cache=True)
+        steps = [out.logits]
+        cache = out.cache
+        for t in range(20, 30):
+            o = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+            steps.append(o.logits)
+    assert_close_valid(torch.cat(steps, 1), ref, mask)
+
+
+def test_peak_bounded_by_anchors_open_segment_and_chunk():
+    model = patch(tiny_model("llama"), ANCHOR)
+    ids, _ = stream(1, 300, seed=11, anchor_p=0.1)
+    cache, _ = prefill(model, ids, chunk_size=32)
+    lay = token_layout(ids, ANCHOR)
+    n_anchor = int(lay.is_anchor.sum())
+    open_seg = int((lay.segments[0] == lay.segments[0, -1]).sum()) - int(lay.is_anchor[0, -1])
+    assert cache.lengths() == [n_anchor + max(open_seg, 0)] or cache.lengths() == [n_anchor + open_seg]
+    assert cache.peak_slots <= n_anchor + 32 + 64  # anchors + a chunk + a generous open segment
+
+
+def test_errors_are_clear():
+    model = tiny_model("llama", attention_dropout=0.1)
+    patch(model, ANCHOR)
+    ids, _ = stream(1, 12, seed=12)
+    model.train()
+    with pytest.raises(NotImplementedError, match="dropout"):
+        model(input_ids=ids, use_cache=False)
+    model.eval()
+    # an AnchorCache used without the patch
+    unpatch(model)
+    with pytest.raises(RuntimeError, match="patched"):
+        with torch.no_grad():
+            model(input_ids=ids, cache=AnchorCache(model.config), use_cache=True)
+    # a 4-D mask on a patched model
+    patch(model, ANCHOR)
+    with pytest.raises(ValueError, match="2-D"):
+        model(input_ids=ids, attention_mask=torch.zeros(1, 1, 12, 12), use_cache=False)
+    # sliding-window attention beyond the window
+    m2 = patch(tiny_model("mistral", sliding_window=8), ANCHOR)
+    with pytest.raises(NotImplementedError, match="sliding"):
+        m2(input_ids=ids, use_cache=False)
+    # assisted decoding
+    with pytest.raises(NotImplementedError):
+        AnchorCache(model.config).crop(-1)
