@@ -1,14 +1,7 @@
 // Operator schemas of the torch.ops.anllm namespace. Device implementations live in one file per
 // concern (anchor_attention_cpu.cpp, compact_cpu.cpp, cuda/*.cu); fake kernels and autograd are
 // registered from Python (anllm_ext/ops.py).
-#include <Python.h>
 #include <torch/library.h>
-
-// Importing anllm_ext._C registers the ops; the module itself has no Python functions.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(anllm, m) {
   // Attention under the AnSAN mask evaluated from per-token layouts of queries and keys.
