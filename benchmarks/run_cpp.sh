@@ -18,6 +18,7 @@ print(torch.utils.cmake_prefix_path, site, "|".join(ns["_cpu_flags"]()) or "-")
 PY
 )
 CPU_FLAGS=${CPU_FLAGS//|/ }; [ "$CPU_FLAGS" = "-" ] && CPU_FLAGS=""
+mkdir -p "$BUILD"
 CUDA_ARGS=()
 if [ -d /usr/local/cuda ] && "$PYTHON" -c 'import torch,sys; sys.exit(torch.version.cuda is None)'; then
   # A CUDA build of torch makes its CMake config look for the toolkit (see ../shared/ENV.md).
@@ -26,7 +27,7 @@ if [ -d /usr/local/cuda ] && "$PYTHON" -c 'import torch,sys; sys.exit(torch.vers
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # else it probes for a GPU (none here)
   [ -n "$NVRTC" ] && CUDA_ARGS+=(-DCUDA_nvrtc_LIBRARY="$NVRTC")
 fi
-cmake -S . -B "$BUILD" -DCMAKE_PREFIX_PATH="$PREFIX" -DANLLM_CPU_FLAGS="$CPU_FLAGS" "${CUDA_ARGS[@]}" >"$BUILD.cmake.log" 2>&1 \
-  || { cat "$BUILD.cmake.log"; exit 1; }
+cmake -S . -B "$BUILD" -DCMAKE_PREFIX_PATH="$PREFIX" -DANLLM_CPU_FLAGS="$CPU_FLAGS" "${CUDA_ARGS[@]}" >"$BUILD/cmake-configure.log" 2>&1 \
+  || { cat "$BUILD/cmake-configure.log"; exit 1; }
 cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
 "$BUILD/bench_ops" "$@"
