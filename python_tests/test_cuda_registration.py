@@ -1,0 +1,58 @@
+"""The CUDA kernels are registered for every op whenever the extension was compiled with CUDA.
+
+Runs on CPU-only machines: registration needs no GPU. Whether the extension was compiled with CUDA is
+read from the shared library itself (it links libc10_cuda only when csrc/cuda/*.cu were built), so the
+test cannot pass vacuously because registration failed. Set ANLLM_EXPECT_CUDA=1 to turn a CPU-only
+build into a failure instead of a skip (e.g. in a CI job that builds with the CUDA toolkit).
+"""
+import os
+
+import pytest
+import torch
+
+import anllm_ext
+from anllm_ext import _C
+
+OPS = ("anchor_attention_fwd", "anchor_attention_bwd", "compact_")
+
+
+def _built_with_cuda() -> bool:
+    with open(_C.__file__, "rb") as f:
+        return b"libc10_cuda.so" in f.read()
+
+
+def test_cpu_kernels_registered():
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"anllm::{op}", "CPU"), op
+
+
+def test_cuda_kernels_registered():
+    if not _built_with_cuda():
+        if os.environ.get("ANLLM_EXPECT_CUDA", "") == "1":
+            pytest.fail("ANLLM_EXPECT_CUDA=1 but anllm_ext._C was built without CUDA kernels")
+        pytest.skip("anllm_ext._C was built CPU-only (no CUDA toolkit, CPU torch or ANLLM_FORCE_CPU=1)")
+    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"anllm::{op}", "CUDA")]
+    assert not missing, f"CUDA kernels missing for {missing}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_smoke():
+    """Minimal end-to-end call of each op on the GPU (the full suites cover semantics)."""
+    ids = torch.tensor([[1, 5, 9, 2, 5, 3, 4, 9, 6]], device="cuda")
+    lay = anllm_ext.token_layout(ids, 9)
+    q = torch.randn(1, 4, 9, 64, device="cuda", requires_grad=True)
+    k = torch.randn(1, 2, 9, 64, device="cuda", requires_grad=True)
+    v = torch.randn(1, 2, 9, 64, device="cuda", requires_grad=True)
+    out = anllm_ext.anchor_attention(q, k, v, lay, lay)
+    ref = anllm_ext.reference.anchor_attention_ref(q, k, v, lay, lay)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    out.sum().backward()
+    kc = torch.arange(2 * 3 * 10 * 8, dtype=torch.float32, device="cuda").reshape(2, 3, 10, 8)
+    keep = torch.rand(2, 10, device="cuda") < 0.5
+    lengths = torch.tensor([10, 7], device="cuda")
+    (want,), want_len = anllm_ext.reference.compact_ref([kc], keep, lengths)
+    new_len = anllm_ext.compact_kv_([kc], [], keep, lengths)
+    assert torch.equal(new_len, want_len)
+    for b in range(2):
+        n = int(want_len[b])
+        assert torch.equal(kc[b, :, :n], want[b, :, :n])
