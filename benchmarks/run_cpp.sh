@@ -9,7 +9,6 @@ BUILD=${BUILD_DIR:-benchmarks/build}
 read -r PREFIX SITE CPU_FLAGS < <("$PYTHON" - <<'PY'
 import importlib.util, os, sys, torch
 sys.argv = ["setup.py"]  # import setup.py's flag logic without running setup()
-spec = importlib.util.spec_from_file_location("anllm_setup_flags", "setup.py")
 src = open("setup.py").read().split("\nsetup(")[0]
 ns = {"__file__": os.path.abspath("setup.py")}
 exec(compile(src, "setup.py", "exec"), ns)

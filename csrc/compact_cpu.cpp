@@ -14,6 +14,15 @@
 namespace anllm {
 namespace {
 
+constexpr size_t kPrefetchRuns = 24;
+
+inline void prefetch_bytes(const char* p, int64_t n, bool for_write) {
+  if (for_write)
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 1, 3);
+  else
+    for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 at::Tensor compact_cpu(at::TensorList tensors, const at::Tensor& keep_in, const at::Tensor& lengths_in) {
   const CompactProblem p = check_compact_inputs(tensors, keep_in, lengths_in);
   const at::Tensor keep = keep_in.contiguous();
@@ -55,8 +64,18 @@ at::Tensor compact_cpu(at::TensorList tensors, const at::Tensor& keep_in, const 
       char* base = static_cast<char*>(tensors[ti].data_ptr()) +
                    (b * sv.batch_stride + h * sv.head_stride) * sv.elem_size;
       const int64_t slot_bytes = sv.slot_elems * sv.elem_size;
-      for (const Run& r : runs[b])
-        std::memmove(base + r.dst * slot_bytes, base + r.src * slot_bytes, r.count * slot_bytes);
+      const std::vector<Run>& rs = runs[b];
+      for (size_t i = 0; i < rs.size(); ++i) {
+        // Kept slots are scattered over a cache far larger than the CPU caches, so each run is a
+        // few cache misses; prefetching runs ahead keeps many of them in flight at once.
+        if (i + kPrefetchRuns < rs.size()) {
+          const Run& ahead = rs[i + kPrefetchRuns];
+          const int64_t n = std::min<int64_t>(ahead.count * slot_bytes, 1024);
+          prefetch_bytes(base + ahead.src * slot_bytes, n, false);
+          prefetch_bytes(base + ahead.dst * slot_bytes, n, true);
+        }
+        std::memmove(base + rs[i].dst * slot_bytes, base + rs[i].src * slot_bytes, rs[i].count * slot_bytes);
+      }
     }
   });
   return new_lengths;
