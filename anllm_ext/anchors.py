@@ -86,7 +86,7 @@ def add_ac_token(tokenizer, model=None, init: str = "period", token: str = AC_TO
         ac_id = existing
         added = False
     else:
-        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_additional_special_tokens=False)
+        tokenizer.add_tokens([token], special_tokens=True)  # same call in transformers 4.x and 5.x
         ac_id = tokenizer.convert_tokens_to_ids(token)
         added = True
     if model is not None and (added or model.get_input_embeddings().weight.shape[0] <= ac_id):

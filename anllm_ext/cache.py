@@ -132,7 +132,7 @@ class AnchorCache(Cache):
             with the anchor layout; for tests and comparisons).
     """
 
-    def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.5, compact: bool = True):
+    def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.25, compact: bool = True):
         if growth <= 1.0:
             raise ValueError("growth must be > 1")
         self.initial_capacity = int(initial_capacity)
