@@ -593,12 +593,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cuda(
   ANLLM_CHECK_SHAPE(delta_in, s.B, s.Hq, s.Tq);
   ANLLM_CHECK_DTYPE(lse_in, at::kFloat);
   ANLLM_CHECK_DTYPE(delta_in, at::kFloat);
-  ANLLM_CHECK(dout_in.scalar_type() == q.scalar_type(), "dout must have the dtype of q, got ",
-              dout_in.scalar_type());
   ANLLM_CHECK_SAME_DEVICE(dout_in, q);
   ANLLM_CHECK_SAME_DEVICE(lse_in, q);
   ANLLM_CHECK_SAME_DEVICE(delta_in, q);
-  const at::Tensor dout = dout_in.contiguous(), lse = lse_in.contiguous(), delta = delta_in.contiguous();
+  // Like the CPU kernel, any floating dout is accepted (read in the dtype of q).
+  const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous(), lse = lse_in.contiguous(), delta = delta_in.contiguous();
 
   auto dq = at::empty({s.B, s.Hq, s.Tq, s.D}, q.options());
   auto dk32 = at::zeros({s.B, s.Hkv, s.Tk, s.D}, q.options().dtype(at::kFloat));
