@@ -583,11 +583,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cuda(
     const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
     const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
     const at::Tensor& k_valid, double scale) {
-  c10::cuda::OptionalCUDAGuard guard(q.device());
   const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_anchor.contiguous(), q_valid.contiguous()};
   const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_anchor.contiguous(), k_valid.contiguous()};
   const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
   ANLLM_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  // Validation first (host only), so mixed-device inputs get the clear error, then the guard.
+  c10::cuda::OptionalCUDAGuard guard(q.device());
   ANLLM_CHECK_SHAPE(dout_in, s.B, s.Hq, s.Tq, s.D);
   ANLLM_CHECK_SHAPE(lse_in, s.B, s.Hq, s.Tq);
   ANLLM_CHECK_SHAPE(delta_in, s.B, s.Hq, s.Tq);

@@ -441,11 +441,12 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cuda(
     const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
     const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
     const at::Tensor& k_valid, double scale) {
-  c10::cuda::OptionalCUDAGuard guard(q.device());
   const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_anchor.contiguous(), q_valid.contiguous()};
   const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_anchor.contiguous(), k_valid.contiguous()};
   const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
   ANLLM_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  // Validation first (host only), so mixed-device inputs get the clear error, then the guard.
+  c10::cuda::OptionalCUDAGuard guard(q.device());
   auto out = at::empty({s.B, s.Hq, s.Tq, s.D}, q.options());
   auto lse = at::empty({s.B, s.Hq, s.Tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};

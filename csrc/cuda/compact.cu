@@ -149,9 +149,10 @@ int64_t widest_access(const at::Tensor& t, const SlotView& sv) {
 }
 
 at::Tensor compact_cuda(at::TensorList tensors, const at::Tensor& keep_in, const at::Tensor& lengths_in) {
-  c10::cuda::OptionalCUDAGuard guard(keep_in.device());
   const CompactProblem pr = check_compact_inputs(tensors, keep_in, lengths_in);
   ANLLM_CHECK(keep_in.is_cuda(), "keep must be a CUDA tensor");
+  // Validation first (host only), so mixed-device inputs get the clear error, then the guard.
+  c10::cuda::OptionalCUDAGuard guard(keep_in.device());
   const at::Tensor keep = keep_in.contiguous();
   const at::Tensor lengths = lengths_in.contiguous();
   const int64_t B = pr.B, cap = pr.cap;
