@@ -37,19 +37,21 @@ from .ops import anchor_attention
 ATTN_NAME = "anllm"
 
 _STATE_ATTR = "_anllm_patch_state"
-# Layout of every token held by a non-anchor transformers cache (DynamicCache etc.), keyed by the cache.
+# Layout of every token held by a non-anchor transformers cache (DynamicCache etc.), keyed by the cache
+# (a _Tracked: the layout and a fingerprint that detects beam-search reordering).
 _HISTORY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class ForwardContext:
     """What the attention function of every layer needs for one forward: built once per forward."""
 
-    __slots__ = ("q_layout", "k_layout", "cache", "_max_pos")
+    __slots__ = ("q_layout", "k_layout", "cache", "tracked", "_max_pos")
 
-    def __init__(self, q_layout: Layout, k_layout: Layout, cache=None):
+    def __init__(self, q_layout: Layout, k_layout: Layout, cache=None, tracked=None):
         self.q_layout = q_layout
         self.k_layout = k_layout
-        self.cache = cache
+        self.cache = cache  # an AnchorCache, committed/compacted after the forward
+        self.tracked = tracked  # another transformers cache whose token layout we remember
         self._max_pos = None
 
     def max_position(self) -> int:
@@ -314,7 +316,7 @@ def _build_context(module, state: _PatchState, kwargs) -> ForwardContext:
 
         cache = DynamicCache(config=module.config)
         kwargs[cache_key] = cache
-    history = _HISTORY.get(cache)
+    history = _history_of(cache)
     if history is None:
         if cache.get_seq_length() > 0:
             raise ValueError(
@@ -325,15 +327,59 @@ def _build_context(module, state: _PatchState, kwargs) -> ForwardContext:
         k = q
     else:
         q = layout_for(history.next_start())
-        k = Layout.cat([history, q])
-        if k.positions.shape[0] != q.positions.shape[0]:
+        if history.positions.shape[0] != q.positions.shape[0]:
             raise ValueError("the batch size changed between forwards on the same cache")
-    _HISTORY[cache] = k
-    return ForwardContext(q, k, None)
+        k = Layout.cat([history, q])
+    return ForwardContext(q, k, None, tracked=cache)
+
+
+class _Tracked:
+    """Layout of the tokens a non-anchor cache holds, plus a fingerprint of its layer-0 keys that tells
+    whether transformers reordered / selected / cropped its rows since (beam search does)."""
+
+    __slots__ = ("layout", "fingerprint")
+
+    def __init__(self, layout, fingerprint):
+        self.layout, self.fingerprint = layout, fingerprint
+
+
+def _fingerprint(cache):
+    layers = getattr(cache, "layers", None)
+    keys = getattr(layers[0], "keys", None) if layers else None
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+        return None
+    return keys[:, 0, :, :2].detach().clone()  # [B, T, 2]: first KV head, two channels, every token
+
+
+def _history_of(cache) -> Optional[Layout]:
+    tracked = _HISTORY.get(cache)
+    if tracked is None:
+        return None
+    now = _fingerprint(cache)
+    old = tracked.fingerprint
+    if now is None or old is None:
+        return tracked.layout
+    if now.shape == old.shape and torch.equal(now, old):
+        return tracked.layout
+    # rows were reordered / selected (beam search) and/or the cache was cropped: find each new row's source
+    Bn, Tn = now.shape[:2]
+    if Tn > old.shape[1]:
+        raise RuntimeError(f"{type(cache).__name__} changed outside the patched model; its anchor layout is unknown")
+    same = (now.reshape(Bn, 1, -1) == old[:, :Tn].reshape(1, old.shape[0], -1)).all(-1)  # [Bn, Bold]
+    if not bool(same.any(-1).all()):
+        raise RuntimeError(f"{type(cache).__name__} changed outside the patched model; its anchor layout is unknown")
+    src = same.to(torch.int8).argmax(-1).to(tracked.layout.positions.device)
+    layout = tracked.layout[src][:, :Tn]
+    tracked.layout, tracked.fingerprint = layout, now
+    return layout
 
 
 def _post_hook(module, args, kwargs, output):
     ctx = kwargs.get("anllm_ctx")
-    if ctx is not None and ctx.cache is not None:
+    if ctx is None:
+        return None
+    if ctx.cache is not None:
         ctx.cache.end_forward(ctx.q_layout)
+    elif ctx.tracked is not None:
+        _HISTORY[ctx.tracked] = _Tracked(ctx.k_layout, _fingerprint(ctx.tracked))
     return None

@@ -267,3 +267,25 @@ def test_errors_are_clear():
     # assisted decoding
     with pytest.raises(NotImplementedError):
         AnchorCache(model.config).crop(-1)
+
+
+def test_beam_search_with_many_generated_anchors():
+    """Beams that generate different anchors: the AnchorCache (rows reordered with the beams) and
+    transformers' DynamicCache on the patched model (layout rows follow the reordering) agree, and the
+    best beam's score equals a single masked pass over the final sequence."""
+    many = list(range(7, 27))  # 20 of 64 ids are anchors: beams close segments at different places
+    model = patch(tiny_model("llama", seed=5), many)
+    ids, mask = stream(2, 20, seed=13, left_pad=(0, 5))
+    kw = dict(max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    a = anllm_ext.generate(model, ids, mask, prefill_chunk=6, **kw)
+    b = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.sequences_scores, b.sequences_scores, atol=1e-4, rtol=1e-4)
+    gen = a.sequences[:, 20:]
+    assert bool(torch.isin(gen, torch.tensor(many)).any())
+    # the sequence score is the length-normalised sum of the chosen tokens' log-probs of one pass
+    full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
+    logp = torch.log_softmax(single_pass_logits(model, a.sequences, full_mask)[:, 19:-1], -1)
+    tok_lp = logp.gather(-1, gen[..., None])[..., 0].sum(-1) / gen.shape[1]  # length_penalty 1: / new tokens
+    torch.testing.assert_close(tok_lp, a.sequences_scores, atol=1e-4, rtol=1e-4)
