@@ -289,3 +289,26 @@ def test_beam_search_with_many_generated_anchors():
     logp = torch.log_softmax(single_pass_logits(model, a.sequences, full_mask)[:, 19:-1], -1)
     tok_lp = logp.gather(-1, gen[..., None])[..., 0].sum(-1) / gen.shape[1]  # length_penalty 1: / new tokens
     torch.testing.assert_close(tok_lp, a.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_and_inputs_embeds():
+    model = patch(tiny_model("qwen2"), ANCHOR)
+    ids, mask = stream(2, 24, seed=14, left_pad=(0, 3))
+    w = torch.randn(2, 24, VOCAB)
+    model.train()
+    (model(input_ids=ids, attention_mask=mask, use_cache=False).logits * w)[mask.bool()].sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    (model(input_ids=ids, attention_mask=mask, use_cache=False).logits * w)[mask.bool()].sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-5)
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    model.eval()
+    # inputs_embeds need an explicit layout
+    embeds = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="anllm_layout"):
+        model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+    out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                anllm_layout=token_layout(ids, ANCHOR, mask)).logits
+    assert_close_valid(out, single_pass_logits(model, ids, mask), mask)
