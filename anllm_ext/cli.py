@@ -66,7 +66,8 @@ def _run(model, ids, mask, args, anchor: bool, anchors: Optional[List[int]]):
 
     n_prompt = ids.shape[1]
     label = "anchor cache" if anchor else "full cache"
-    timer = _Timer(args.max_new_tokens, f"{label}: decode", args.progress)
+    # the anchor run's bar comes from anllm_ext.generate (prefill chunks + decoding)
+    timer = _Timer(args.max_new_tokens, f"{label}: decode", args.progress and not anchor)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, streamer=timer)
     if args.do_sample:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
