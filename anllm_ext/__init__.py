@@ -2,20 +2,42 @@
 from .layout import Layout, LayoutStart, anchor_tensor, token_layout
 from .ops import anchor_attention, anchor_attention_with_lse, compact_kv_, compact_slots_
 from . import reference
-from .cache import AnchorCache
-from .hf import is_patched, patch, patched, unpatch
-from .generation import generate, prefill
-from .anchors import (
-    AC_TOKEN,
-    PRESETS,
-    add_ac_token,
-    decode,
-    ep_anchor_ids,
-    fewshot_prompt,
-    insert_ac,
-    resolve_anchors,
-    split_sentences,
-)
+
+# The transformers integration is imported on first use (importing transformers takes seconds).
+_LAZY = {
+    "AnchorCache": "cache",
+    "patch": "hf",
+    "patched": "hf",
+    "unpatch": "hf",
+    "is_patched": "hf",
+    "generate": "generation",
+    "prefill": "generation",
+    "AC_TOKEN": "anchors",
+    "PRESETS": "anchors",
+    "add_ac_token": "anchors",
+    "decode": "anchors",
+    "ep_anchor_ids": "anchors",
+    "fewshot_prompt": "anchors",
+    "insert_ac": "anchors",
+    "resolve_anchors": "anchors",
+    "split_sentences": "anchors",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anllm_ext' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
 
 __all__ = [
     "Layout",
