@@ -108,6 +108,7 @@ def _run(model, ids, mask, args, anchor: bool, anchors: Optional[List[int]]):
 
 
 def _load_prompt(args, tok):
+    from .anchors import AC_TOKEN, insert_ac
     from .models import sample_text
 
     if args.prompt is not None:
@@ -117,6 +118,8 @@ def _load_prompt(args, tok):
             text = f.read()
     else:
         text = sample_text(max(4 * args.max_prompt_tokens, 4000))
+    if args.anchors.strip() in ("ac", "anllm-ac") and AC_TOKEN not in text:
+        text = insert_ac(text, close_last=False)  # AC mode: <AC> after every sentence of the prompt
     ids = tok(text, return_tensors="pt")["input_ids"]
     if args.max_prompt_tokens and ids.shape[1] > args.max_prompt_tokens:
         ids = ids[:, : args.max_prompt_tokens]
