@@ -3,7 +3,7 @@
 // The AnSAN mask is never materialised. For a tile of queries the visible keys are
 //   (a) keys of the queries' own segments: a few contiguous key ranges ("own" blocks), and
 //   (b) earlier anchors: a per-row list of anchor keys gathered once per call ("anchor" blocks).
-// Every block is a small GEMM (cpublas) followed by the exact mask predicate on the block, with an
+// Every block is a small matrix product (cpu_tile_matmul.h) followed by the exact mask predicate on the block, with an
 // online softmax across blocks. Pairs with equal segments are handled only in (a) and pairs with
 // different segments only in (b), so the union is exactly the SPEC rule for any key order; sorted keys
 // (what token_layout and the caches produce) make (a) and (b) tight, so cost follows visible pairs.
@@ -18,16 +18,23 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu_gemm.h"
+#include "cpu_tile_matmul.h"
 
 namespace anllm {
 namespace {
 
 
 // Queries per tile. Larger tiles make better GEMMs but visit more keys that only some queries see.
+// The forward stacks the query heads that share a key head into one tile of group * queries rows
+// (one K/V block serves them all; a decode step becomes one GEMM per key head, not one per head).
 constexpr int64_t kQueryTileFwd = 64;
+constexpr int64_t kRowsFwd = 192;
 constexpr int64_t kQueryTileBwd = 64;
-constexpr int64_t kKeyBlock = 128;  // keys per GEMM block
+constexpr int64_t kKeyBlock = 128;  // keys per GEMM block (forward: more when a tile has few rows)
+constexpr int64_t kMaxKeyBlock = 2048;
+// Anchors are read in place when they sit in runs at least this long on average (a compacted cache
+// starts with all of them in one run); scattered anchors (a prompt) are gathered once per call.
+constexpr int64_t kMinAnchorRun = 16;
 constexpr int64_t kSummaryChunk = 64;  // keys per chunk summary used to find own-segment ranges
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -62,7 +69,9 @@ struct KeyIndex {
   std::vector<std::vector<int32_t>> pos, seg;  // [B][Tk]
   std::vector<std::vector<int64_t>> anchors;   // [B][n_anchors]: key index of each valid anchor
   std::vector<std::vector<int32_t>> anchor_pos, anchor_seg;
-  int64_t max_anchors = 0;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> anchor_runs;  // [B]: (first key, count)
+  std::vector<char> gathered;  // [B]: anchors of the row are read from the gathered copy
+  int64_t max_gathered = 0;    // most anchors of a gathered row
 };
 
 constexpr int32_t kInvalidPos = std::numeric_limits<int32_t>::max();
@@ -77,6 +86,8 @@ KeyIndex build_key_index(const LayoutTensors& kl, int64_t B, int64_t Tk) {
   for (auto* v : {&ix.pos, &ix.seg, &ix.anchor_pos, &ix.anchor_seg}) v->resize(B);
   ix.chunks.resize(B);
   ix.anchors.resize(B);
+  ix.anchor_runs.resize(B);
+  ix.gathered.assign(B, 0);
   for (int64_t b = 0; b < B; ++b) {
     RowLayout r = row_layout(kl, b);
     ix.pos[b].resize(Tk);
@@ -98,6 +109,11 @@ KeyIndex build_key_index(const LayoutTensors& kl, int64_t B, int64_t Tk) {
         ch.seg_max = std::max(ch.seg_max, r.seg[j]);
         ch.pos_min = std::min(ch.pos_min, p);
         if (r.anchor[j]) {
+          auto& runs = ix.anchor_runs[b];
+          if (!runs.empty() && runs.back().first + runs.back().second == j)
+            ++runs.back().second;
+          else
+            runs.emplace_back(j, 1);
           ix.anchors[b].push_back(j);
           ix.anchor_pos[b].push_back(p);
           ix.anchor_seg[b].push_back(r.seg[j]);
@@ -105,7 +121,11 @@ KeyIndex build_key_index(const LayoutTensors& kl, int64_t B, int64_t Tk) {
       }
       ix.chunks[b][c] = ch;
     }
-    ix.max_anchors = std::max<int64_t>(ix.max_anchors, ix.anchors[b].size());
+    const int64_t n_anchors = ix.anchors[b].size();
+    if (n_anchors < kMinAnchorRun * static_cast<int64_t>(ix.anchor_runs[b].size())) {
+      ix.gathered[b] = 1;
+      ix.max_gathered = std::max(ix.max_gathered, n_anchors);
+    }
   }
   return ix;
 }
@@ -230,50 +250,64 @@ inline void mask_row(const KeyBlock& blk, float* s, bool q_valid, int32_t qpos, 
   }
 }
 
-// S[i, j] = scale * q_i . k_j over the block, masked to -inf; S row stride = ld_s.
-void scores_block(const float* q, int64_t ldq, const KeyBlock& blk, int64_t nq, int64_t D, float scale,
-                  const RowLayout& qr, int64_t q0, float* S, int64_t ld_s) {
-  gemm(Trans::T, Trans::N, blk.n, nq, D, scale, blk.k, blk.stride, q, ldq, 0.f, S, ld_s);
-  for (int64_t i = 0; i < nq; ++i) {
-    const int64_t qi = q0 + i;
-    mask_row(blk, S + i * ld_s, qr.valid[qi], qr.valid[qi] ? static_cast<int32_t>(qr.pos[qi]) : 0,
+// S[r, j] = scale * q_r . k_j over the block, masked to -inf; S row stride = ld_s. Row r holds query
+// q0 + r % nq (rows may stack several heads' copies of the same nq queries).
+void scores_block(const float* q, int64_t ldq, const KeyBlock& blk, int64_t rows, int64_t nq, int64_t D,
+                  float scale, const RowLayout& qr, int64_t q0, float* S, int64_t ld_s) {
+  matmul_nt(S, ld_s, q, ldq, blk.k, blk.stride, rows, blk.n, D, scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t qi = q0 + r % nq;
+    mask_row(blk, S + r * ld_s, qr.valid[qi], qr.valid[qi] ? static_cast<int32_t>(qr.pos[qi]) : 0,
              qr.seg[qi], qr.anchor[qi]);
   }
 }
 
 // Calls fn(KeyBlock) for every key block a query tile must visit, own-segment ranges first.
 template <typename Fn>
-void for_each_block(const KeyIndex& ix, int64_t b, int64_t Tk,
-                    const QueryTile& qt, const float* k_row, const float* v_row, int64_t k_stride,
-                    const float* ak, const float* av, int64_t D, Fn&& fn) {
-  for (auto [lo, hi] : own_segment_ranges(ix, b, Tk, qt)) {
-    for (int64_t j0 = lo; j0 < hi; j0 += kKeyBlock) {
-      const int64_t n = std::min(kKeyBlock, hi - j0);
-      fn(KeyBlock{k_row + j0 * k_stride, v_row + j0 * k_stride, k_stride, n, ix.pos[b].data() + j0,
-                  ix.seg[b].data() + j0, false},
+void for_each_block(const KeyIndex& ix, int64_t b, int64_t Tk, const QueryTile& qt,
+                    const float* k_row, const float* v_row, int64_t k_stride, const float* ak,
+                    const float* av, int64_t D, int64_t key_block, Fn&& fn) {
+  const int32_t* kpos = ix.pos[b].data();
+  const int32_t* kseg = ix.seg[b].data();
+  auto in_place_blocks = [&](int64_t lo, int64_t hi, bool anchors) {
+    for (int64_t j0 = lo; j0 < hi; j0 += key_block) {
+      const int64_t n = std::min(key_block, hi - j0);
+      fn(KeyBlock{k_row + j0 * k_stride, v_row + j0 * k_stride, k_stride, n, kpos + j0, kseg + j0,
+                  anchors},
          j0);
     }
-  }
+  };
+  for (auto [lo, hi] : own_segment_ranges(ix, b, Tk, qt)) in_place_blocks(lo, hi, false);
   if (!qt.any_non_anchor) return;
+  if (!ix.gathered[b]) {
+    for (auto [lo, count] : ix.anchor_runs[b]) {
+      int64_t hi = lo + count;
+      while (hi > lo && kpos[hi - 1] > qt.pos_max) --hi;  // anchors after the tile's last query
+      in_place_blocks(lo, hi, true);
+    }
+    return;
+  }
   const int64_t na = anchor_prefix(ix, b, qt);
-  for (int64_t j0 = 0; j0 < na; j0 += kKeyBlock) {
-    const int64_t n = std::min(kKeyBlock, na - j0);
+  for (int64_t j0 = 0; j0 < na; j0 += key_block) {
+    const int64_t n = std::min(key_block, na - j0);
     fn(KeyBlock{ak + j0 * D, av + j0 * D, D, n, ix.anchor_pos[b].data() + j0,
                 ix.anchor_seg[b].data() + j0, true},
        -1 - j0);  // negative offsets name gathered anchor rows
   }
 }
 
-// Gathers the valid anchor keys/values of every (b, hkv) into contiguous fp32 buffers
-// [B, Hkv, max_anchors, D] so anchor blocks are plain GEMM operands.
+// Gathers the valid anchor keys/values of every (b, hkv) whose anchors are scattered into contiguous
+// fp32 buffers [B, Hkv, max_gathered, D] so anchor blocks are plain GEMM operands.
 std::pair<at::Tensor, at::Tensor> gather_anchors(const KeyIndex& ix, const at::Tensor& k,
                                                  const at::Tensor& v) {
   const int64_t B = k.size(0), H = k.size(1), D = k.size(3);
-  auto ak = at::empty({B, H, std::max<int64_t>(ix.max_anchors, 1), D}, k.options());
+  auto ak = at::empty({B, H, std::max<int64_t>(ix.max_gathered, 1), D}, k.options());
   auto av = at::empty_like(ak);
+  if (ix.max_gathered == 0) return {ak, av};
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
+      if (!ix.gathered[b]) continue;
       const float* ks = k.data_ptr<float>() + b * k.stride(0) + h * k.stride(1);
       const float* vs = v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1);
       float* kd = ak.data_ptr<float>() + (b * H + h) * ak.size(2) * D;
@@ -318,58 +352,73 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
 
   const KeyIndex ix = build_key_index(kl, s.B, s.Tk);
   auto [ak, av] = gather_anchors(ix, k, v);
-  const int64_t n_qtiles = (s.Tq + kQueryTileFwd - 1) / kQueryTileFwd;
+  const int64_t tile = std::min(s.Tq, std::clamp<int64_t>(kRowsFwd / group, 16, kQueryTileFwd));
+  const int64_t n_qtiles = (s.Tq + tile - 1) / tile;
+  const int64_t max_rows = group * tile;
+  const int64_t key_block = std::clamp<int64_t>(32768 / max_rows, kKeyBlock, kMaxKeyBlock);
+  const int64_t n_items = s.B * s.Hkv * n_qtiles;
+  // Tiny problems (decode steps) run on the calling thread: a parallel region costs more than them.
+  const int64_t work = s.B * s.Hq * s.Tq * std::min<int64_t>(s.Tk, 4096) * D;
+  const int64_t grain = work < (1 << 18) ? n_items : 1;
 
-  at::parallel_for(0, s.B * s.Hq * n_qtiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(kQueryTileFwd * kKeyBlock), acc(kQueryTileFwd * D), m(kQueryTileFwd), l(kQueryTileFwd);
+  at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
+    SerialBlasScope serial_blas;
+    std::vector<float> Q(max_rows * D), S(max_rows * key_block), acc(max_rows * D), m(max_rows),
+        l(max_rows);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (s.Hq * n_qtiles), h = (item / n_qtiles) % s.Hq;
-      const int64_t t = item % n_qtiles, hk = h / group;
+      const int64_t b = item / (s.Hkv * n_qtiles), hk = (item / n_qtiles) % s.Hkv;
+      const int64_t t = item % n_qtiles;
       const RowLayout qr = row_layout(ql, b);
-      const QueryTile qt = summarize_queries(qr, t * kQueryTileFwd, std::min(kQueryTileFwd, s.Tq - t * kQueryTileFwd));
+      const QueryTile qt = summarize_queries(qr, t * tile, std::min(tile, s.Tq - t * tile));
       if (!qt.any_valid) continue;
-      const int64_t nq = qt.count;
-      const float* qp = q.data_ptr<float>() + b * q.stride(0) + h * q.stride(1) + qt.begin * q.stride(2);
+      const int64_t nq = qt.count, rows = group * nq;
+      // Row g * nq + i of the tile is query qt.begin + i of head hk * group + g.
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < nq; ++i)
+          std::copy_n(q.data_ptr<float>() + b * q.stride(0) + (hk * group + g) * q.stride(1) +
+                          (qt.begin + i) * q.stride(2),
+                      D, Q.data() + (g * nq + i) * D);
       const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
       const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
       const float* akp = ak.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
       const float* avp = av.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
+      std::fill_n(acc.begin(), rows * D, 0.f);
+      std::fill_n(m.begin(), rows, kNegInf);
+      std::fill_n(l.begin(), rows, 0.f);
 
-      auto visit = [&](const KeyBlock& blk_in, int64_t) {
-        KeyBlock blk = blk_in;
-        scores_block(qp, q.stride(2), blk, nq, D, scale, qr, qt.begin, S.data(), kKeyBlock);
-        for (int64_t i = 0; i < nq; ++i) {
-          float* srow = S.data() + i * kKeyBlock;
-          const float bmax = row_max(srow, blk.n);
-          const float m_new = std::max(m[i], bmax);
+      auto visit = [&](const KeyBlock& blk, int64_t) {
+        scores_block(Q.data(), D, blk, rows, nq, D, scale, qr, qt.begin, S.data(), key_block);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = S.data() + r * key_block;
+          const float m_new = std::max(m[r], row_max(srow, blk.n));
           if (m_new == kNegInf) {  // nothing visible yet for this query
             std::fill(srow, srow + blk.n, 0.f);
             continue;
           }
-          const float alpha = std::exp(m[i] - m_new);  // 0 when m[i] == -inf
-          l[i] = l[i] * alpha + exp_and_sum(srow, blk.n, m_new);
-          m[i] = m_new;
+          const float alpha = std::exp(m[r] - m_new);  // 0 when m[r] == -inf
+          l[r] = l[r] * alpha + exp_and_sum(srow, blk.n, m_new);
+          m[r] = m_new;
           if (alpha != 1.f) {
-            float* a = acc.data() + i * D;
+            float* a = acc.data() + r * D;
             for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
           }
         }
-        // acc[nq x D] += P[nq x n] . V[n x D]
-        gemm(Trans::N, Trans::N, D, nq, blk.n, 1.f,
-                      blk.v, blk.stride, S.data(), kKeyBlock, 1.f, acc.data(), D);
+        // acc[rows x D] += P[rows x n] . V[n x D]
+        matmul_acc(acc.data(), D, S.data(), key_block, 1, blk.v, blk.stride, rows, blk.n, D, 1.f);
       };
-      for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, visit);
+      for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, key_block, visit);
 
-      float* op = out.data_ptr<float>() + ((b * s.Hq + h) * s.Tq + qt.begin) * D;
-      float* lp = lse.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
-      for (int64_t i = 0; i < nq; ++i) {
-        if (l[i] == 0.f) continue;  // fully masked: zeros and lse = -inf
-        const float inv = 1.f / l[i];
-        for (int64_t d = 0; d < D; ++d) op[i * D + d] = acc[i * D + d] * inv;
-        lp[i] = m[i] + std::log(l[i]);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        float* op = out.data_ptr<float>() + ((b * s.Hq + h) * s.Tq + qt.begin) * D;
+        float* lp = lse.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t r = g * nq + i;
+          if (l[r] == 0.f) continue;  // fully masked: zeros and lse = -inf
+          const float inv = 1.f / l[r];
+          for (int64_t d = 0; d < D; ++d) op[i * D + d] = acc[r * D + d] * inv;
+          lp[i] = m[r] + std::log(l[r]);
+        }
       }
     }
   });
@@ -422,6 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
   const int64_t tiles_per_split = (n_qtiles + splits - 1) / splits;
 
   at::parallel_for(0, s.B * s.Hkv * splits, 1, [&](int64_t begin, int64_t end) {
+    SerialBlasScope serial_blas;
     std::vector<float> P(kQueryTileBwd * kKeyBlock), dP(kQueryTileBwd * kKeyBlock);
     std::vector<float> dak(amax * D), dav(amax * D);  // gradients of the gathered anchors
     for (int64_t item = begin; item < end; ++item) {
@@ -455,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
             // offset >= 0: own-segment block at key `offset`; < 0: anchor rows starting at -1 - offset.
             float* dk_blk = offset >= 0 ? dkp + offset * D : dak.data() + (-1 - offset) * D;
             float* dv_blk = offset >= 0 ? dvp + offset * D : dav.data() + (-1 - offset) * D;
-            scores_block(qp, q.stride(2), blk, nq, D, scale, qr, qt.begin, P.data(), kKeyBlock);
+            scores_block(qp, q.stride(2), blk, nq, nq, D, scale, qr, qt.begin, P.data(), kKeyBlock);
             for (int64_t i = 0; i < nq; ++i) {
               float* prow = P.data() + i * kKeyBlock;
               if (lp[i] == kNegInf) {  // fully masked row: no gradient flows
@@ -465,11 +515,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
               exp_and_sum(prow, blk.n, lp[i]);
             }
             // dV[n x D] += P^T . dO
-            gemm(Trans::N, Trans::T, D, blk.n, nq, 1.f,
-                          dop, D, P.data(), kKeyBlock, 1.f, dv_blk, D);
+            matmul_acc(dv_blk, D, P.data(), 1, kKeyBlock, dop, D, blk.n, nq, D, 1.f);
             // dP[nq x n] = dO . V^T
-            gemm(Trans::T, Trans::N, blk.n, nq, D, 1.f,
-                          blk.v, blk.stride, dop, D, 0.f, dP.data(), kKeyBlock);
+            matmul_nt(dP.data(), kKeyBlock, dop, D, blk.v, blk.stride, nq, blk.n, D, 1.f);
             // dS = P * (dP - delta), stored in P
             for (int64_t i = 0; i < nq; ++i) {
               float* prow = P.data() + i * kKeyBlock;
@@ -477,18 +525,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
               for (int64_t j = 0; j < blk.n; ++j) prow[j] *= dprow[j] - dlp[i];
             }
             // dQ[nq x D] += scale * dS . K
-            gemm(Trans::N, Trans::N, D, nq, blk.n, scale,
-                          blk.k, blk.stride, P.data(), kKeyBlock, 1.f, dqp, D);
+            matmul_acc(dqp, D, P.data(), kKeyBlock, 1, blk.k, blk.stride, nq, blk.n, D, scale);
             // dK[n x D] += scale * dS^T . Q
-            gemm(Trans::N, Trans::T, D, blk.n, nq, scale,
-                          qp, q.stride(2), P.data(), kKeyBlock, 1.f, dk_blk, D);
+            matmul_acc(dk_blk, D, P.data(), 1, kKeyBlock, qp, q.stride(2), blk.n, nq, D, scale);
           };
-          for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, visit);
+          for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, kKeyBlock, visit);
         }
       }
-      // Scatter the anchors' gradients back to their key slots.
+      // Scatter the gathered anchors' gradients back to their key slots (in-place anchor blocks
+      // accumulated into dk/dv directly).
       const auto& idx = ix.anchors[b];
-      for (size_t a = 0; a < idx.size(); ++a) {
+      for (size_t a = 0; ix.gathered[b] && a < idx.size(); ++a) {
         for (int64_t d = 0; d < D; ++d) {
           dkp[idx[a] * D + d] += dak[a * D + d];
           dvp[idx[a] * D + d] += dav[a * D + d];

@@ -10,7 +10,8 @@ VOCAB = 50
 def token_stream(B, T, pattern="random", padding="none", device="cpu", anchor_every=8, generator=None):
     """Random ids [B, T] with anchors placed by `pattern`, plus an attention mask with `padding`.
 
-    pattern: random | at_zero | consecutive | all | none | periodic
+    pattern: random | at_zero | consecutive | all | none | periodic | cache_like
+    (cache_like: a long run of anchors, then a few segments, as a compacted cache holds them)
     padding: none | left | right | mixed (rows padded differently, left and right)
     """
     ids = torch.randint(2, VOCAB, (B, T), generator=generator)
@@ -24,6 +25,9 @@ def token_stream(B, T, pattern="random", padding="none", device="cpu", anchor_ev
             ids[:, start:start + 3] = ANCHOR
     elif pattern == "all":
         ids[:] = ANCHOR
+    elif pattern == "cache_like":
+        ids[:, : T // 2] = ANCHOR
+        ids[:, T // 2 + 5::9] = ANCHOR
     elif pattern == "periodic":
         ids[:, anchor_every - 1::anchor_every] = ANCHOR
     elif pattern != "none":

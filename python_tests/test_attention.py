@@ -33,7 +33,7 @@ def check_forward(q, k, v, ql, kl, dtype):
 
 
 @pytest.mark.parametrize("T", [1, 2, 17, 63, 64, 65, 1100])
-@pytest.mark.parametrize("pattern", ["random", "at_zero", "consecutive", "all", "none"])
+@pytest.mark.parametrize("pattern", ["random", "at_zero", "consecutive", "all", "none", "cache_like"])
 def test_forward_lengths_and_anchor_patterns(device, T, pattern):
     ids, mask = token_stream(2, T, pattern, "mixed", device=device)
     lay = layout(ids, mask)
@@ -143,7 +143,7 @@ def test_unsorted_keys_still_exact(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T, pattern, padding, group", [
     (1, "none", "none", 1), (65, "random", "mixed", 3), (200, "consecutive", "left", 4),
-    (130, "all", "right", 1), (97, "at_zero", "none", 3),
+    (130, "all", "right", 1), (97, "at_zero", "none", 3), (150, "cache_like", "mixed", 3),
 ])
 def test_backward_matches_reference_autograd(device, dtype, T, pattern, padding, group):
     B, Hkv, D = 2, 2, 64
