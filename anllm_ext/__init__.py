@@ -2,6 +2,7 @@
 from .layout import Layout, LayoutStart, anchor_tensor, token_layout
 from .ops import anchor_attention, anchor_attention_with_lse, compact_kv_, compact_slots_
 from . import reference
+from .errors import UnsupportedError
 
 # The transformers integration is imported on first use (importing transformers takes seconds).
 _LAZY = {
@@ -49,6 +50,7 @@ __all__ = [
     "compact_kv_",
     "compact_slots_",
     "reference",
+    "UnsupportedError",
     "AnchorCache",
     "patch",
     "patched",

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .errors import UnsupportedError
 from .layout import Layout, LayoutStart
 from .ops import compact_kv_, compact_slots_
 
@@ -105,7 +106,7 @@ class AnchorLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("AnchorCache drops tokens as it goes and cannot be cropped (assisted decoding)")
+        raise UnsupportedError("AnchorCache drops tokens as it goes and cannot be cropped (assisted decoding)")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -143,7 +144,7 @@ class AnchorCache(Cache):
             layer_types = getattr(text, "layer_types", None) or []
             bad = sorted(set(t for t in layer_types if t != "full_attention"))
             if bad:
-                raise NotImplementedError(f"AnchorCache supports full-attention layers only, model has {bad}")
+                raise UnsupportedError(f"AnchorCache supports full-attention layers only, model has {bad}")
             super().__init__(layers=[AnchorLayer(self) for _ in range(text.num_hidden_layers)])
         else:
             super().__init__(layer_class_to_replicate=lambda: AnchorLayer(self))
@@ -258,7 +259,7 @@ class AnchorCache(Cache):
         return False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
+        raise UnsupportedError(
             "AnchorCache drops tokens as it goes and cannot be cropped (assisted/speculative decoding is unsupported)"
         )
 

@@ -207,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"anllm: error: {e}", file=sys.stderr)
         return 2
 

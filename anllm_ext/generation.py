@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .errors import UnsupportedError
 from .cache import AnchorCache
 from .hf import is_patched, patched
 
@@ -118,7 +119,7 @@ def generate(
         raise ValueError("input_ids must be [batch, tokens]")
     for bad in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
         if generate_kwargs.get(bad) is not None:
-            raise NotImplementedError(f"{bad}: assisted decoding needs a croppable cache; AnchorCache is not")
+            raise UnsupportedError(f"{bad}: assisted decoding needs a croppable cache; AnchorCache is not")
     if generate_kwargs.pop("past_key_values", None) is not None:
         raise ValueError("pass an AnchorCache as cache=, not past_key_values=")
     with _maybe_patched(model, anchor_ids):

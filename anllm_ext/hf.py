@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from .errors import UnsupportedError
 from .cache import AnchorCache
 from .layout import Layout, anchor_tensor, token_layout
 from .ops import anchor_attention
@@ -84,16 +85,16 @@ def anllm_attention_forward(
             "anllm_ext.patch(model, anchor_ids) and call the patched model (not a submodule of its decoder)"
         )
     if dropout and dropout > 0.0:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"anllm attention does not implement attention dropout (got dropout={dropout}); set "
             "config.attention_dropout = 0 or call model.eval()"
         )
     for name in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
-            raise NotImplementedError(f"anllm attention does not support `{name}` (model {type(module).__name__})")
+            raise UnsupportedError(f"anllm attention does not support `{name}` (model {type(module).__name__})")
     window = kwargs.get("sliding_window")
     if window is not None and ctx.max_position() >= window:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"this layer uses sliding-window attention (window {window}) and the input reaches position "
             f"{ctx.max_position()}: anllm attention implements full attention + the AnSAN mask only"
         )
@@ -180,7 +181,7 @@ def patch(model, anchor_ids) -> "torch.nn.Module":
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"patch() expects a transformers PreTrainedModel, got {type(model).__name__}")
     if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError("anllm_ext.patch supports decoder-only models only")
+        raise UnsupportedError("anllm_ext.patch supports decoder-only models only")
     _check_layer_types(config)
     decoder = _decoder_of(model)
     previous = config._attn_implementation
@@ -238,7 +239,7 @@ def _check_layer_types(config) -> None:
     if layer_types:
         bad = sorted(set(t for t in layer_types if t != "full_attention"))
         if bad:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"model has layer types {bad}; anllm_ext supports full-attention layers only "
                 "(sliding-window / linear-attention layers would not see the keys the AnSAN mask allows)"
             )

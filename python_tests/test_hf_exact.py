@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import anllm_ext
+from anllm_ext.errors import UnsupportedError
 from anllm_ext import AnchorCache, patch, prefill, unpatch
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
@@ -256,7 +257,7 @@ def test_errors_are_clear():
     patch(model, ANCHOR)
     ids, _ = stream(1, 12, seed=12)
     model.train()
-    with pytest.raises(NotImplementedError, match="dropout"):
+    with pytest.raises(UnsupportedError, match="dropout"):
         model(input_ids=ids, use_cache=False)
     model.eval()
     # an AnchorCache used without the patch
@@ -270,10 +271,10 @@ def test_errors_are_clear():
         model(input_ids=ids, attention_mask=torch.zeros(1, 1, 12, 12), use_cache=False)
     # sliding-window attention beyond the window
     m2 = patch(tiny_model("mistral", sliding_window=8), ANCHOR)
-    with pytest.raises(NotImplementedError, match="sliding"):
+    with pytest.raises(UnsupportedError, match="sliding"):
         m2(input_ids=ids, use_cache=False)
     # assisted decoding
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(UnsupportedError):
         AnchorCache(model.config).crop(-1)
 
 
