@@ -65,6 +65,7 @@ def _build_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"] + _cpu_flags()
+    version_macro = [("ANLLM_TORCH_VERSION", f'"{torch.__version__}"')]
     use_cuda = False
     if not _env_flag("ANLLM_FORCE_CPU") and torch.version.cuda is not None and cuda_sources:
         cuda_home = _find_cuda_home()
@@ -82,7 +83,7 @@ def _build_extension():
 
     if not use_cuda:
         return cpp_extension.CppExtension(
-            "anllm_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=False
+            "anllm_ext._C", sources, define_macros=version_macro, extra_compile_args={"cxx": cxx_flags}
         )
     nvcc_flags = [
         "-O3",
@@ -98,7 +99,7 @@ def _build_extension():
         "anllm_ext._C",
         sources + cuda_sources,
         include_dirs=_nvidia_wheel_includes(),
-        define_macros=[("ANLLM_WITH_CUDA", "1")],
+        define_macros=[("ANLLM_WITH_CUDA", "1")] + version_macro,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
 

@@ -4,10 +4,26 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+import warnings
+
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.anllm)
+try:
+    from . import _C  # registers torch.ops.anllm
+except ImportError as exc:  # typically: built against another torch (undefined symbols)
+    raise ImportError(
+        f"anllm_ext's compiled extension could not be loaded with torch {torch.__version__}: {exc}. "
+        "Rebuild it against the torch you run: pip install --no-build-isolation --force-reinstall ."
+    ) from exc
 from .layout import Layout
+
+if _C.torch_version != torch.__version__:
+    warnings.warn(
+        f"anllm_ext was built against torch {_C.torch_version} but runs with torch {torch.__version__}; "
+        "if anything fails, rebuild: pip install --no-build-isolation --force-reinstall .",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 _ops = torch.ops.anllm
 

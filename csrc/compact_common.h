@@ -1,6 +1,8 @@
 // Validation and slot addressing shared by the CPU and CUDA compaction kernels.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
+
 #include "checks.h"
 
 namespace anllm {
@@ -46,6 +48,8 @@ inline CompactProblem check_compact_inputs(at::TensorList tensors, const at::Ten
     ANLLM_CHECK(planes_contiguous, "tensors[", i,
                 "] must have contiguous slots (each [capacity, dim] plane contiguous), got strides ",
                 t.strides());
+    ANLLM_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "tensors[", i,
+                "] has overlapping memory (e.g. an expanded tensor); compact a materialised buffer");
     for (size_t j = 0; j < i; ++j)
       ANLLM_CHECK(!tensors[j].is_same(t) && tensors[j].data_ptr() != t.data_ptr(), "tensors[", j,
                   "] and tensors[", i, "] share memory; compact each buffer once");

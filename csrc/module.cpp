@@ -3,7 +3,17 @@
 // the C++ benchmarks link the kernels without Python.)
 #include <Python.h>
 
+#ifndef ANLLM_TORCH_VERSION
+#define ANLLM_TORCH_VERSION "unknown"
+#endif
+
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // The torch this extension was compiled against: anllm_ext warns when another one imports it.
+  if (module != nullptr && PyModule_AddStringConstant(module, "torch_version", ANLLM_TORCH_VERSION) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

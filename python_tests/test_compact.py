@@ -90,6 +90,7 @@ def test_opcheck_compact(device):
     (lambda k, keep, L: ([k[0][:1]], keep, L), "batch"),
     (lambda k, keep, L: ([torch.randn(2, 20, 2, 8).permute(0, 2, 1, 3)], keep, L), "contiguous slots"),
     (lambda k, keep, L: ([k[0], k[0]], keep, L), "share memory"),
+    (lambda k, keep, L: ([torch.randn(1, 1, 20, 8).expand(2, 2, 20, 8)], keep, L), "overlapping memory"),
     (lambda k, keep, L: ([k[0][0]], keep, L), "must be \\[batch"),
 ])
 def test_bad_input_raises_clear_error(make, match):
