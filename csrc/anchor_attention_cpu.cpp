@@ -355,73 +355,131 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
   const int64_t tile = std::min(s.Tq, std::clamp<int64_t>(kRowsFwd / group, 16, kQueryTileFwd));
   const int64_t n_qtiles = (s.Tq + tile - 1) / tile;
   const int64_t max_rows = group * tile;
-  const int64_t key_block = std::clamp<int64_t>(32768 / max_rows, kKeyBlock, kMaxKeyBlock);
-  const int64_t n_items = s.B * s.Hkv * n_qtiles;
-  // Tiny problems (decode steps) run on the calling thread: a parallel region costs more than them.
+  const int64_t n_tiles = s.B * s.Hkv * n_qtiles;
+  // Few tiles over many keys (decode steps): split each tile's key blocks over `splits` work items,
+  // so every thread streams a share of the (often cold) cache once; partial softmax states are merged
+  // by log-sum-exp afterwards.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits =
+      (n_tiles < 2 * threads && s.Tk >= 2 * kKeyBlock) ? std::min<int64_t>(s.Tk / kKeyBlock, (2 * threads + n_tiles - 1) / n_tiles) : 1;
+  const int64_t key_block = splits > 1
+      ? std::clamp<int64_t>((s.Tk + splits - 1) / splits, kKeyBlock, kMaxKeyBlock)
+      : std::clamp<int64_t>(32768 / max_rows, kKeyBlock, kMaxKeyBlock);
+  // Per split: m, l and acc of every row, merged after the parallel loop.
+  at::Tensor partial = splits > 1 ? at::empty({n_tiles, splits, max_rows, D + 2}, q.options()) : at::Tensor();
+  const int64_t n_items = n_tiles * splits;
+  // Tiny problems run on the calling thread: a parallel region costs more than them.
   const int64_t work = s.B * s.Hq * s.Tq * std::min<int64_t>(s.Tk, 4096) * D;
-  const int64_t grain = work < (1 << 18) ? n_items : 1;
+  const int64_t grain = (splits == 1 && work < (1 << 18)) ? n_items : 1;
+
+  // Writes the normalised output and lse of a tile from its (merged) softmax state.
+  auto write_tile = [&](int64_t b, int64_t hk, const QueryTile& qt, const float* m, const float* l,
+                        const float* acc, int64_t acc_stride) {
+    const int64_t nq = qt.count;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      float* op = out.data_ptr<float>() + ((b * s.Hq + h) * s.Tq + qt.begin) * D;
+      float* lp = lse.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t r = g * nq + i;
+        if (l[r] == 0.f) continue;  // fully masked: zeros and lse = -inf
+        const float inv = 1.f / l[r];
+        for (int64_t d = 0; d < D; ++d) op[i * D + d] = acc[r * acc_stride + d] * inv;
+        lp[i] = m[r] + std::log(l[r]);
+      }
+    }
+  };
 
   at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
     SerialBlasScope serial_blas;
     std::vector<float> Q(max_rows * D), S(max_rows * key_block), acc(max_rows * D), m(max_rows),
         l(max_rows);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (s.Hkv * n_qtiles), hk = (item / n_qtiles) % s.Hkv;
-      const int64_t t = item % n_qtiles;
+      const int64_t split = item % splits, tile_id = item / splits;
+      const int64_t b = tile_id / (s.Hkv * n_qtiles), hk = (tile_id / n_qtiles) % s.Hkv;
+      const int64_t t = tile_id % n_qtiles;
       const RowLayout qr = row_layout(ql, b);
       const QueryTile qt = summarize_queries(qr, t * tile, std::min(tile, s.Tq - t * tile));
-      if (!qt.any_valid) continue;
       const int64_t nq = qt.count, rows = group * nq;
-      // Row g * nq + i of the tile is query qt.begin + i of head hk * group + g.
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < nq; ++i)
-          std::copy_n(q.data_ptr<float>() + b * q.stride(0) + (hk * group + g) * q.stride(1) +
-                          (qt.begin + i) * q.stride(2),
-                      D, Q.data() + (g * nq + i) * D);
-      const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
-      const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
-      const float* akp = ak.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
-      const float* avp = av.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
       std::fill_n(acc.begin(), rows * D, 0.f);
       std::fill_n(m.begin(), rows, kNegInf);
       std::fill_n(l.begin(), rows, 0.f);
-
-      auto visit = [&](const KeyBlock& blk, int64_t) {
-        scores_block(Q.data(), D, blk, rows, nq, D, scale, qr, qt.begin, S.data(), key_block);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* srow = S.data() + r * key_block;
-          const float m_new = std::max(m[r], row_max(srow, blk.n));
-          if (m_new == kNegInf) {  // nothing visible yet for this query
-            std::fill(srow, srow + blk.n, 0.f);
-            continue;
+      if (qt.any_valid) {
+        // Row g * nq + i of the tile is query qt.begin + i of head hk * group + g.
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t i = 0; i < nq; ++i)
+            std::copy_n(q.data_ptr<float>() + b * q.stride(0) + (hk * group + g) * q.stride(1) +
+                            (qt.begin + i) * q.stride(2),
+                        D, Q.data() + (g * nq + i) * D);
+        const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
+        const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
+        const float* akp = ak.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
+        const float* avp = av.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
+        int64_t block_index = 0;
+        auto visit = [&](const KeyBlock& blk, int64_t) {
+          if (block_index++ % splits != split) return;  // another split's block
+          scores_block(Q.data(), D, blk, rows, nq, D, scale, qr, qt.begin, S.data(), key_block);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* srow = S.data() + r * key_block;
+            const float m_new = std::max(m[r], row_max(srow, blk.n));
+            if (m_new == kNegInf) {  // nothing visible yet for this query
+              std::fill(srow, srow + blk.n, 0.f);
+              continue;
+            }
+            const float alpha = std::exp(m[r] - m_new);  // 0 when m[r] == -inf
+            l[r] = l[r] * alpha + exp_and_sum(srow, blk.n, m_new);
+            m[r] = m_new;
+            if (alpha != 1.f) {
+              float* a = acc.data() + r * D;
+              for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+            }
           }
-          const float alpha = std::exp(m[r] - m_new);  // 0 when m[r] == -inf
-          l[r] = l[r] * alpha + exp_and_sum(srow, blk.n, m_new);
-          m[r] = m_new;
-          if (alpha != 1.f) {
-            float* a = acc.data() + r * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
-          }
-        }
-        // acc[rows x D] += P[rows x n] . V[n x D]
-        matmul_acc(acc.data(), D, S.data(), key_block, 1, blk.v, blk.stride, rows, blk.n, D, 1.f);
-      };
-      for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, key_block, visit);
-
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = hk * group + g;
-        float* op = out.data_ptr<float>() + ((b * s.Hq + h) * s.Tq + qt.begin) * D;
-        float* lp = lse.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
-        for (int64_t i = 0; i < nq; ++i) {
-          const int64_t r = g * nq + i;
-          if (l[r] == 0.f) continue;  // fully masked: zeros and lse = -inf
-          const float inv = 1.f / l[r];
-          for (int64_t d = 0; d < D; ++d) op[i * D + d] = acc[r * D + d] * inv;
-          lp[i] = m[r] + std::log(l[r]);
-        }
+          // acc[rows x D] += P[rows x n] . V[n x D]
+          matmul_acc(acc.data(), D, S.data(), key_block, 1, blk.v, blk.stride, rows, blk.n, D, 1.f);
+        };
+        for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, key_block, visit);
+      }
+      if (splits == 1) {
+        if (qt.any_valid) write_tile(b, hk, qt, m.data(), l.data(), acc.data(), D);
+        continue;
+      }
+      float* part = partial.data_ptr<float>() + (tile_id * splits + split) * max_rows * (D + 2);
+      for (int64_t r = 0; r < rows; ++r) {
+        part[r * (D + 2)] = m[r];
+        part[r * (D + 2) + 1] = l[r];
+        std::copy_n(acc.data() + r * D, D, part + r * (D + 2) + 2);
       }
     }
   });
+  if (splits > 1) {  // merge the splits of every tile by log-sum-exp
+    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(max_rows * D), m(max_rows), l(max_rows);
+      for (int64_t tile_id = begin; tile_id < end; ++tile_id) {
+        const int64_t b = tile_id / (s.Hkv * n_qtiles), hk = (tile_id / n_qtiles) % s.Hkv;
+        const int64_t t = tile_id % n_qtiles;
+        const QueryTile qt = summarize_queries(row_layout(ql, b), t * tile, std::min(tile, s.Tq - t * tile));
+        if (!qt.any_valid) continue;
+        const int64_t rows = group * qt.count;
+        const float* parts = partial.data_ptr<float>() + tile_id * splits * max_rows * (D + 2);
+        for (int64_t r = 0; r < rows; ++r) {
+          float m_all = kNegInf;
+          for (int64_t sp = 0; sp < splits; ++sp) m_all = std::max(m_all, parts[(sp * max_rows + r) * (D + 2)]);
+          m[r] = m_all;
+          l[r] = 0.f;
+          std::fill_n(acc.data() + r * D, D, 0.f);
+          if (m_all == kNegInf) continue;
+          for (int64_t sp = 0; sp < splits; ++sp) {
+            const float* p = parts + (sp * max_rows + r) * (D + 2);
+            if (p[1] == 0.f) continue;
+            const float w = std::exp(p[0] - m_all);
+            l[r] += w * p[1];
+            for (int64_t d = 0; d < D; ++d) acc[r * D + d] += w * p[2 + d];
+          }
+        }
+        write_tile(b, hk, qt, m.data(), l.data(), acc.data(), D);
+      }
+    });
+  }
   return {out.to(q_in.scalar_type()), lse};
 }
 

@@ -247,3 +247,22 @@ def test_layout_on_other_device_is_rejected():
     d = _inputs("cpu")
     with pytest.raises(RuntimeError, match="is on"):
         anllm_ext.anchor_attention(d["q"], d["k"], d["v"], d["ql"].to("cuda"), d["kl"])
+
+
+@pytest.mark.parametrize("pattern", ["random", "cache_like", "none", "all"])
+@pytest.mark.parametrize("Tq", [1, 3])
+@pytest.mark.parametrize("group", [1, 4])
+def test_few_queries_over_long_keys(device, pattern, Tq, group):
+    """Decode-shaped problems (few query tiles, many keys: the key range is split across threads and
+    merged by log-sum-exp), including a padded query that sees nothing."""
+    T = 1200
+    ids, mask = token_stream(1, T, pattern, "none", device=device)
+    mask[0, -1] = 0
+    lay = layout(ids, mask)
+    q, k, v = qkv(1, group, 1, Tq, T, 64, device=device)
+    ql = lay[:, T - Tq:]
+    out, lse = anllm_ext.anchor_attention_with_lse(q, k, v, ql, lay)
+    ref, ref_lse = reference.anchor_attention_ref(q, k, v, ql, lay, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=3e-5, rtol=1e-5)
+    assert (out[:, :, -1] == 0).all() and torch.isneginf(lse[:, :, -1]).all()
