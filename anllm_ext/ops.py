@@ -58,9 +58,15 @@ def anchor_attention_with_lse(q, k, v, q_layout: Layout, k_layout: Layout, scale
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _ops.anchor_attention_fwd(
-        q, k, v, *_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), float(scale)
-    )
+    args = (q, k, v, *_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), float(scale))
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        # Inference: skip the Python autograd wrapper of the op (a decode step calls this once per
+        # layer, where the wrapper costs a noticeable share of the kernel's time).
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.anchor_attention_fwd(*args)
+    return _ops.anchor_attention_fwd(*args)
 
 
 @torch.library.register_fake("anllm::anchor_attention_fwd")
