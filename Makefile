@@ -39,10 +39,10 @@ bench: install
 	$(PY) benchmarks/bench_ops.py
 
 bench-cpp: install
-	PYTHON=$(PY) benchmarks/run_cpp.sh --benchmark_min_time=0.5 --benchmark_color=false
+	PYTHON=$(PY) benchmarks/run_cpp.sh --benchmark_min_time=0.5
 
 bench-cpp-smoke: install
-	PYTHON=$(PY) benchmarks/run_cpp.sh --benchmark_min_time=0.01 --benchmark_color=false --T=256
+	PYTHON=$(PY) benchmarks/run_cpp.sh --benchmark_min_time=0.01 --T=256
 
 clean:
 	rm -rf build benchmarks/build *.egg-info $(VENV)

@@ -194,6 +194,7 @@ BENCHMARK(BM_CopyKeptBytes)->Unit(benchmark::kMillisecond)->UseRealTime();
 // Console output as usual, plus the per-iteration real time of each benchmark for the ratios.
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
+  RatioReporter() : ConsoleReporter(OO_None) {}  // plain text: the output lands in logs and docs
   std::map<std::string, double> seconds;
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
