@@ -484,8 +484,8 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
 }
 
 // Backward. delta = rowsum(dout * out) - dlse (computed by the caller, fp32 [B, Hq, Tq]).
-// Work items are (b, hkv): each owns dk/dv of its key head and dq of the query heads of its group,
-// so no two threads write the same gradient.
+// Per query tile and key block: recompute P from the saved lse, then dV += P^T dO, dS = P (dO V^T -
+// delta), dQ += dS K, dK += dS^T Q (see the work split below).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& lse_in, const at::Tensor& delta_in, const at::Tensor& q_pos,
