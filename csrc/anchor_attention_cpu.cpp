@@ -451,8 +451,8 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
       }
     }
   });
-  if (splits > 1) {  // merge the splits of every tile by log-sum-exp
-    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+  if (splits > 1) {  // merge the splits of every tile by log-sum-exp (little work: no new region)
+    at::parallel_for(0, n_tiles, n_tiles, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(max_rows * D), m(max_rows), l(max_rows);
       for (int64_t tile_id = begin; tile_id < end; ++tile_id) {
         const int64_t b = tile_id / (s.Hkv * n_qtiles), hk = (tile_id / n_qtiles) % s.Hkv;
