@@ -91,6 +91,8 @@ KeyIndex build_key_index(const LayoutTensors& kl, int64_t B, int64_t Tk) {
   for (int64_t b = 0; b < B; ++b) {
     RowLayout r = row_layout(kl, b);
     ix.pos[b].resize(Tk);
+    for (auto* v : {&ix.anchor_pos[b], &ix.anchor_seg[b]}) v->reserve(Tk);
+    ix.anchors[b].reserve(Tk);
     ix.seg[b].assign(r.seg, r.seg + Tk);
     const int64_t n_chunks = (Tk + kSummaryChunk - 1) / kSummaryChunk;
     ix.chunks[b].resize(n_chunks);
@@ -301,9 +303,9 @@ void for_each_block(const KeyIndex& ix, int64_t b, int64_t Tk, const QueryTile& 
 std::pair<at::Tensor, at::Tensor> gather_anchors(const KeyIndex& ix, const at::Tensor& k,
                                                  const at::Tensor& v) {
   const int64_t B = k.size(0), H = k.size(1), D = k.size(3);
-  auto ak = at::empty({B, H, std::max<int64_t>(ix.max_gathered, 1), D}, k.options());
+  if (ix.max_gathered == 0) return {at::Tensor(), at::Tensor()};  // every row reads anchors in place
+  auto ak = at::empty({B, H, ix.max_gathered, D}, k.options());
   auto av = at::empty_like(ak);
-  if (ix.max_gathered == 0) return {ak, av};
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -413,8 +415,8 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
                         D, Q.data() + (g * nq + i) * D);
         const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
         const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
-        const float* akp = ak.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
-        const float* avp = av.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D;
+        const float* akp = ak.defined() ? ak.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D : nullptr;
+        const float* avp = av.defined() ? av.data_ptr<float>() + (b * s.Hkv + hk) * ak.size(2) * D : nullptr;
         int64_t block_index = 0;
         auto visit = [&](const KeyBlock& blk, int64_t) {
           if (block_index++ % splits != split) return;  // another split's block
@@ -525,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
 
   const KeyIndex ix = build_key_index(kl, s.B, s.Tk);
   auto [ak, av] = gather_anchors(ix, k, v);
-  const int64_t amax = ak.size(2);
+  const int64_t amax = ak.defined() ? ak.size(2) : 0;
   const int64_t tiles_per_split = (n_qtiles + splits - 1) / splits;
 
   at::parallel_for(0, s.B * s.Hkv * splits, 1, [&](int64_t begin, int64_t end) {
@@ -539,8 +541,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
       const RowLayout qr = row_layout(ql, b);
       const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
       const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
-      const float* akp = ak.data_ptr<float>() + (b * s.Hkv + hk) * amax * D;
-      const float* avp = av.data_ptr<float>() + (b * s.Hkv + hk) * amax * D;
+      const float* akp = ak.defined() ? ak.data_ptr<float>() + (b * s.Hkv + hk) * amax * D : nullptr;
+      const float* avp = av.defined() ? av.data_ptr<float>() + (b * s.Hkv + hk) * amax * D : nullptr;
       const int64_t part_offset = ((split * s.B + b) * s.Hkv + hk) * s.Tk * D;
       float* dkp = dk_parts.data_ptr<float>() + part_offset;
       float* dvp = dv_parts.data_ptr<float>() + part_offset;
