@@ -75,3 +75,12 @@ def test_layout_is_vectorised_for_long_inputs():
 def test_bad_layout_input(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         token_layout(anchor_ids=[1], **bad)
+
+
+def test_large_anchor_sets_agree_with_small_path():
+    ids = torch.randint(0, 1000, (3, 200))
+    many = list(range(0, 1000, 3))  # > 256 ids: the isin path
+    lay = token_layout(ids, many)
+    assert torch.equal(lay.is_anchor, (ids % 3 == 0))
+    few = [5, 17, 999]
+    assert torch.equal(token_layout(ids, few).is_anchor, torch.isin(ids, torch.tensor(few)))
