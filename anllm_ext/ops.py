@@ -69,15 +69,29 @@ def anchor_attention_with_lse(q, k, v, q_layout: Layout, k_layout: Layout, scale
     return _ops.anchor_attention_fwd(*args)
 
 
+def _check_one_device(named_tensors):
+    """Fake kernels run for meta/fake tensors; mixing devices must fail there as in the real kernels."""
+    (first_name, first), *rest = named_tensors
+    for name, t in rest:
+        torch._check(
+            t.device == first.device,
+            lambda: f"anllm: {name} is on {t.device} but {first_name} is on {first.device}; all inputs must be on one device",
+        )
+
+
 @torch.library.register_fake("anllm::anchor_attention_fwd")
 def _anchor_attention_fwd_fake(q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid, scale):
-    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
+    names = "q k v q_pos q_seg q_anchor q_valid k_pos k_seg k_anchor k_valid".split()
+    _check_one_device(zip(names, (q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid)))
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "anllm: q, k, v must be 4-D")
     B, Hq, Tq, D = q.shape
     return q.new_empty(B, Hq, Tq, D), q.new_empty(B, Hq, Tq, dtype=torch.float32)
 
 
 @torch.library.register_fake("anllm::anchor_attention_bwd")
 def _anchor_attention_bwd_fake(dout, q, k, v, lse, delta, *layouts_and_scale):
+    tensors = (dout, q, k, v, lse, delta) + tuple(layouts_and_scale[:-1])
+    _check_one_device((f"input {i}", t) for i, t in enumerate(tensors))
     return torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -122,4 +136,5 @@ def compact_slots_(tensors: Sequence[torch.Tensor], keep: torch.Tensor, lengths:
 
 @torch.library.register_fake("anllm::compact_")
 def _compact_fake(tensors, keep, lengths):
+    _check_one_device([("keep", keep), ("lengths", lengths)] + [(f"tensors[{i}]", t) for i, t in enumerate(tensors)])
     return lengths.new_empty(lengths.shape)

@@ -241,6 +241,14 @@ def test_bad_input_raises_clear_error(change, match):
         anllm_ext.anchor_attention(d["q"], d["k"], d["v"], d["ql"], d["kl"])
 
 
+def test_mixed_devices_are_rejected():
+    d = _inputs("cpu")
+    with pytest.raises(RuntimeError, match="is on meta"):
+        anllm_ext.anchor_attention(d["q"], d["k"].to("meta"), d["v"], d["ql"], d["kl"])
+    with pytest.raises(RuntimeError, match="is on meta"):
+        anllm_ext.anchor_attention(d["q"], d["k"], d["v"], d["ql"], d["kl"].to("meta"))
+
+
 def test_layout_on_other_device_is_rejected():
     if not torch.cuda.is_available():
         pytest.skip("needs a second device")

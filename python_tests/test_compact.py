@@ -92,6 +92,7 @@ def test_opcheck_compact(device):
     (lambda k, keep, L: ([k[0], k[0]], keep, L), "share memory"),
     (lambda k, keep, L: ([torch.randn(1, 1, 20, 8).expand(2, 2, 20, 8)], keep, L), "overlapping memory"),
     (lambda k, keep, L: ([k[0][0]], keep, L), "must be \\[batch"),
+    (lambda k, keep, L: ([k[0].to("meta")], keep, L), "is on meta"),
 ])
 def test_bad_input_raises_clear_error(make, match):
     keys, _ = make_caches(1, 2, 2, 20, 8, torch.float32, "cpu")
