@@ -26,6 +26,11 @@ if _C.torch_version != torch.__version__:
     )
 
 _ops = torch.ops.anllm
+# The overloads themselves: calling them skips overload resolution, which shows in a decode step that
+# calls the attention op once per layer.
+_attention_fwd = _ops.anchor_attention_fwd.default
+_attention_bwd = _ops.anchor_attention_bwd.default
+_compact = _ops.compact_.default
 
 
 def _layout_args(layout: Layout, side: str):
@@ -65,8 +70,8 @@ def anchor_attention_with_lse(q, k, v, q_layout: Layout, k_layout: Layout, scale
         # Inference: skip the Python autograd wrapper of the op (a decode step calls this once per
         # layer, where the wrapper costs a noticeable share of the kernel's time).
         with torch._C._AutoDispatchBelowAutograd():
-            return _ops.anchor_attention_fwd(*args)
-    return _ops.anchor_attention_fwd(*args)
+            return _attention_fwd(*args)
+    return _attention_fwd(*args)
 
 
 def _check_one_device(named_tensors):
@@ -109,7 +114,7 @@ def _attention_backward(ctx, dout, dlse):
     delta = (dout.float() * out.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
-    dq, dk, dv = _ops.anchor_attention_bwd(dout.contiguous(), q, k, v, lse, delta, *layouts, ctx.scale)
+    dq, dk, dv = _attention_bwd(dout.contiguous(), q, k, v, lse, delta, *layouts, ctx.scale)
     return (dq, dk, dv) + (None,) * len(layouts) + (None,)
 
 
@@ -126,12 +131,12 @@ def compact_kv_(
     For each row b the slots j < lengths[b] with keep[b, j] move to the front, order preserved; rows
     are independent. Returns the new lengths (int64 [B]). Slots past a row's new length are stale.
     """
-    return _ops.compact_(list(keys) + list(values), keep, lengths)
+    return _compact(list(keys) + list(values), keep, lengths)
 
 
 def compact_slots_(tensors: Sequence[torch.Tensor], keep: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The same compaction for per-slot tensors [B,Cap] (e.g. a cache's positions, segments, flags)."""
-    return _ops.compact_(list(tensors), keep, lengths)
+    return _compact(list(tensors), keep, lengths)
 
 
 @torch.library.register_fake("anllm::compact_")
