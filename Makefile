@@ -8,8 +8,12 @@ TORCH_SPEC ?= torch==2.14.1
 DEPS       := transformers==5.24.0 safetensors tqdm gguf accelerate pytest numpy ninja
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
+# Oldest transformers release the transformers-facing tests pass with (`make test-transformers-oldest`).
+TRANSFORMERS_OLDEST ?= 5.0.0
+VENV_TF_OLDEST      ?= .venv-tf-oldest
+HF_TESTS            := $(notdir $(wildcard python_tests/test_hf_*.py))
 
-.PHONY: demo test install bench bench-cpp bench-cpp-smoke clean
+.PHONY: demo test test-latest test-transformers-oldest install bench bench-cpp bench-cpp-smoke clean
 
 $(VENV)/.deps: Makefile
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -30,9 +34,28 @@ install: $(VENV)/.built
 demo: install
 	$(VENV)/bin/anllm generate
 
-## All tests (CPU; CUDA cases too when a GPU is present).
-test: install
+## All tests (CPU; CUDA cases too when a GPU is present) with the pinned transformers (DEPS), then the
+## transformers-facing tests again with the oldest supported transformers.
+test: test-latest test-transformers-oldest
+
+test-latest: install
 	cd python_tests && ../$(VENV)/bin/pytest -q -p no:cacheprovider .
+
+## The transformers-facing tests with the oldest supported transformers: an overlay virtualenv that has
+## only its own transformers (and the versions of its dependencies that one needs) and takes torch, the
+## built extension and everything else from $(VENV). The bundled model is converted by $(VENV) first.
+$(VENV_TF_OLDEST)/.deps-$(TRANSFORMERS_OLDEST): $(VENV)/.deps
+	rm -rf $(VENV_TF_OLDEST)
+	$(PYTHON_SYS) -m venv $(VENV_TF_OLDEST)
+	$(VENV_TF_OLDEST)/bin/python -c 'import sysconfig, sys; open(sysconfig.get_paths()["purelib"] + "/_anllm_overlay.pth", "w").write("import site; site.addsitedir(%r)\n" % sys.argv[1])' \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	$(VENV_TF_OLDEST)/bin/python -m pip install -q transformers==$(TRANSFORMERS_OLDEST)
+	touch $@
+
+test-transformers-oldest: install $(VENV_TF_OLDEST)/.deps-$(TRANSFORMERS_OLDEST)
+	$(PY) -c 'from anllm_ext.models import default_model_dir; default_model_dir(verbose=True)'
+	$(VENV_TF_OLDEST)/bin/python -c 'import transformers as t; assert t.__version__ == "$(TRANSFORMERS_OLDEST)", t.__file__; print("transformers", t.__version__, t.__file__)'
+	cd python_tests && ../$(VENV_TF_OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(HF_TESTS)
 
 ## Op benchmarks (Python) and C++ microbenchmarks; figures in docs/benchmarks.md.
 bench: install
@@ -45,4 +68,4 @@ bench-cpp-smoke: install
 	PYTHON=$(PY) benchmarks/run_cpp.sh --benchmark_min_time=0.01 --T=256
 
 clean:
-	rm -rf build benchmarks/build *.egg-info $(VENV)
+	rm -rf build benchmarks/build *.egg-info $(VENV) $(VENV_TF_OLDEST)

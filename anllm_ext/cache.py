@@ -35,6 +35,11 @@ def _round_up(n: int, m: int = _ALIGN) -> int:
     return ((n + m - 1) // m) * m
 
 
+def _query_length(query) -> int:
+    """``get_mask_sizes`` receives the query length (transformers >= 5.4) or ``cache_position`` (5.0-5.3)."""
+    return int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
+
+
 class AnchorLayer(CacheLayerMixin):
     """K/V buffers of one layer; slot bookkeeping lives in the owning :class:`AnchorCache`."""
 
@@ -80,9 +85,9 @@ class AnchorLayer(CacheLayerMixin):
         if self.keys.shape[2] != owner.capacity:
             self._grow(owner.capacity, plan.used_before)
         T = key_states.shape[2]
-        if plan.offset is not None:
-            self.keys[:, :, plan.offset : plan.offset + T].copy_(key_states)
-            self.values[:, :, plan.offset : plan.offset + T].copy_(value_states)
+        if plan.offset is not None:  # narrow() rather than indexing: this runs per layer and decode step
+            self.keys.narrow(2, plan.offset, T).copy_(key_states)
+            self.values.narrow(2, plan.offset, T).copy_(value_states)
         else:
             B, H, _, D = key_states.shape
             idx = plan.index[:, None, :, None]
@@ -90,15 +95,18 @@ class AnchorLayer(CacheLayerMixin):
             self.values.scatter_(
                 2, idx.expand(B, value_states.shape[1], T, value_states.shape[3]), value_states.to(self.values.dtype)
             )
-        return self.keys[:, :, : plan.end], self.values[:, :, : plan.end]
+        return self.keys.narrow(2, 0, plan.end), self.values.narrow(2, 0, plan.end)
 
     def get_seq_length(self) -> int:
         return self._owner.seen_tokens
 
-    def get_mask_sizes(self, query_length: int):
-        return self._owner.seen_tokens + query_length, 0
+    def get_mask_sizes(self, query_length):
+        return self._owner.seen_tokens + _query_length(query_length), 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length in transformers < 5.13
         return -1
 
     def reset(self) -> None:
@@ -244,10 +252,13 @@ class AnchorCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
-        return self.seen_tokens + query_length, 0
+    def get_mask_sizes(self, query_length, layer_idx: int = 0):
+        return self.seen_tokens + _query_length(query_length), 0
 
     def get_max_length(self, layer_idx=None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # the name of get_max_length in transformers < 5.13
         return -1
 
     @property

@@ -61,7 +61,7 @@ class _Timer:
 def _run(model, ids, mask, args, anchor: bool, anchors: Optional[List[int]]):
     from .cache import AnchorCache, cache_kv_bytes
     from .generation import generate
-    from .hf import patched
+    from .hf import cache_kwarg, patched
     from transformers import DynamicCache
 
     n_prompt = ids.shape[1]
@@ -82,7 +82,7 @@ def _run(model, ids, mask, args, anchor: bool, anchors: Optional[List[int]]):
     else:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **gen_kwargs)
+            out = model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, **gen_kwargs)
     t1 = time.perf_counter()
     timer.end()
     t_first = timer.t_first or t1

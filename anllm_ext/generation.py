@@ -17,7 +17,7 @@ import torch
 
 from .errors import UnsupportedError
 from .cache import AnchorCache
-from .hf import is_patched, patched
+from .hf import cache_kwarg, is_patched, patched
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -79,8 +79,8 @@ def prefill(
                 out = model(
                     input_ids=input_ids[:, s:e],
                     attention_mask=None if attention_mask is None else attention_mask[:, : past + e],
-                    cache=cache,
                     use_cache=True,
+                    **{cache_kwarg(model): cache},
                     logits_to_keep=0 if return_logits else 1,
                 )
                 if return_logits or e == T:
@@ -143,10 +143,10 @@ def generate(
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                cache=cache,
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 prefill_chunk_size=prefill_chunk,
+                **{cache_kwarg(model): cache},
                 **generate_kwargs,
             )
         finally:

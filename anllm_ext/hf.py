@@ -131,6 +131,13 @@ register()
 # --------------------------------------------------------------------------------------------------
 
 
+def cache_kwarg(module) -> str:
+    """Name of the keyword that takes the KV cache in ``module.forward`` (and ``generate``): ``"cache"``
+    (transformers >= 5.24) or ``"past_key_values"`` (earlier 5.x releases)."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
+
+
 class _PatchState:
     def __init__(self, model, decoder, anchors: torch.Tensor, previous_impl, handles, param_names):
         self.model = weakref.ref(model)
@@ -139,6 +146,7 @@ class _PatchState:
         self.previous_impl = previous_impl
         self.handles = handles
         self.param_names = param_names
+        self.cache_name = cache_kwarg(decoder)
         self._anchors_by_device = {anchors.device: anchors}
 
     def anchors_on(self, device) -> torch.Tensor:
@@ -260,6 +268,15 @@ def _make_pre_hook(state: _PatchState):
             for name, value in zip(names, args):
                 kwargs[name] = value
             args = ()
+        # Accept the cache under either name (`cache` in transformers >= 5.24, `past_key_values` before) and
+        # hand it to the decoder under the name its forward takes.
+        other = "past_key_values" if state.cache_name == "cache" else "cache"
+        if other in kwargs:
+            value = kwargs.pop(other)
+            if value is not None:
+                if kwargs.get(state.cache_name) is not None:
+                    raise ValueError("pass the cache as `cache=` or `past_key_values=`, not both")
+                kwargs[state.cache_name] = value
         ctx = _build_context(module, state, kwargs)
         kwargs["anllm_ctx"] = ctx
         kwargs["position_ids"] = ctx.q_layout.positions
@@ -270,7 +287,7 @@ def _make_pre_hook(state: _PatchState):
 
 def _build_context(module, state: _PatchState, kwargs) -> ForwardContext:
     explicit = kwargs.pop("anllm_layout", None)
-    cache_key = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
+    cache_key = state.cache_name
     cache = kwargs.get(cache_key)
     input_ids = kwargs.get("input_ids")
     mask = kwargs.get("attention_mask")

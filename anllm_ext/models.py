@@ -66,6 +66,7 @@ def default_model_dir(convert: bool = True, verbose: bool = False) -> Path:
         )
     except ImportError as e:  # gguf / accelerate missing
         raise RuntimeError(f"converting the bundled GGUF model needs `pip install gguf accelerate`: {e}") from e
+    _match_gguf_tokenizer(tok, gguf)
     # A dequantised model is a plain fp32 model: drop the GGUF quantizer so it saves as safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -82,6 +83,46 @@ def default_model_dir(convert: bool = True, verbose: bool = False) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _gguf_field(reader, key):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _match_gguf_tokenizer(tok, gguf_path: Path) -> None:
+    """Make the tokenizer transformers read from the GGUF file follow the file's own metadata.
+
+    transformers' GGUF tokenizer reader changed across 5.x releases: older ones take ``<|im_start|>`` as
+    the eos token and set no pad token (fixed here from the file's special-token ids), and the oldest
+    build a CodeLlama tokenizer that prepends a BOS token and adds five infilling tokens (cannot be
+    fixed here: refused, so that no wrong tokenizer is saved in the cache shared by all environments).
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens.data) if tokens is not None else None
+    add_bos = _gguf_field(reader, "tokenizer.ggml.add_bos_token")
+    adds_bos = tok.bos_token_id is not None and tok("Hello world.")["input_ids"][:1] == [tok.bos_token_id]
+    if (n_vocab is not None and len(tok) != n_vocab) or (add_bos is not None and adds_bos != bool(add_bos)):
+        import transformers
+
+        raise RuntimeError(
+            f"transformers {transformers.__version__} reads the tokenizer of {gguf_path.name} incorrectly "
+            f"({type(tok).__name__}: {len(tok)} tokens, the file has {n_vocab}; BOS added: {adds_bos}, the file "
+            f"says {add_bos}); "
+            f"convert the bundled model once with a newer transformers 5.x (the converted directory, "
+            f"{cache_dir() / DEFAULT_MODEL_NAME}, then loads with this one too), or pass a local model directory"
+        )
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                      ("pad", "padding_token_id")):
+        idx = _gguf_field(reader, f"tokenizer.ggml.{key}")
+        if idx is not None and getattr(tok, f"{name}_token_id") != int(idx):
+            setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(int(idx)))
+    # byte-level BPE decodes exactly; the WordPiece clean-up (older releases save it as on) strips spaces
+    if getattr(tok, "clean_up_tokenization_spaces", False):
+        tok.clean_up_tokenization_spaces = False
 
 
 def load_model(

@@ -11,6 +11,7 @@ import torch
 
 import anllm_ext
 from anllm_ext.errors import UnsupportedError
+from anllm_ext.hf import cache_kwarg
 from anllm_ext import AnchorCache, patch, prefill, unpatch
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
@@ -226,7 +227,7 @@ def test_dynamic_cache_on_patched_model_is_exact():
     with torch.no_grad():
         out = model(input_ids=ids[:, :20], attention_mask=mask[:, :20], use_cache=True)
         steps = [out.logits]
-        cache = out.cache
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers < 5.24: past_key_values
         for t in range(20, 30):
             o = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
             steps.append(o.logits)
@@ -264,7 +265,7 @@ def test_errors_are_clear():
     unpatch(model)
     with pytest.raises(RuntimeError, match="patched"):
         with torch.no_grad():
-            model(input_ids=ids, cache=AnchorCache(model.config), use_cache=True)
+            model(input_ids=ids, use_cache=True, **{cache_kwarg(model): AnchorCache(model.config)})
     # a 4-D mask on a patched model
     patch(model, ANCHOR)
     with pytest.raises(ValueError, match="2-D"):
