@@ -76,12 +76,24 @@ inline void dot_block(float* C, int64_t ldc, const float* A, int64_t lda, const 
   }
 }
 
+// Rows of B (keys) or V this far ahead are prefetched by the few-row loops: in a decode step the
+// cache rows come cold from memory and each row is used for only a few multiply-adds.
+constexpr int64_t kPrefetchRows = 8;
+
+inline void prefetch_row(const float* row, int64_t n) {
+  for (int64_t off = 0; off < n; off += 64 / sizeof(float)) __builtin_prefetch(row + off, 0, 3);
+}
+
 template <int R>
 inline void dot_rows(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb,
                      int64_t N, int64_t K, float alpha) {
   constexpr int NB = R >= 3 ? 2 : 4;  // keeps R * NB accumulators + NB loads within 16 registers
   int64_t j = 0;
-  for (; j + NB <= N; j += NB) dot_block<R, NB>(C + j, ldc, A, lda, B + j * ldb, ldb, K, alpha);
+  for (; j + NB <= N; j += NB) {
+    for (int n = 0; n < NB; ++n)
+      if (j + n + kPrefetchRows < N) prefetch_row(B + (j + n + kPrefetchRows) * ldb, K);
+    dot_block<R, NB>(C + j, ldc, A, lda, B + j * ldb, ldb, K, alpha);
+  }
   for (; j < N; ++j) dot_block<R, 1>(C + j, ldc, A, lda, B + j * ldb, ldb, K, alpha);
 }
 
@@ -103,14 +115,15 @@ inline void matmul_nt(float* C, int64_t ldc, const float* A, int64_t lda, const 
 
 // C[i][:K] += alpha * sum_{j < N} P(i, j) * V[j][:K], with P(i, j) = P[i * p_row + j * p_col]
 // (so P may be read transposed). Rows of C and V are ldc/ldv apart.
-template <int R, int KV>
+template <int R, int KV, bool kPrefetch = false>
 inline void axpy_block(float* C, int64_t ldc, const float* P, int64_t p_row, int64_t p_col,
-                       const float* V, int64_t ldv, int64_t N, float alpha) {
+                       const float* V, int64_t ldv, int64_t N, float alpha, int64_t row_len = 0) {
   constexpr int64_t W = Vec::size();
   Vec acc[R][KV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < KV; ++c) acc[r][c] = Vec::loadu(C + r * ldc + c * W);
   for (int64_t j = 0; j < N; ++j) {
+    if (kPrefetch && j + kPrefetchRows < N) prefetch_row(V + (j + kPrefetchRows) * ldv, row_len);
     Vec v[KV];
     for (int c = 0; c < KV; ++c) v[c] = Vec::loadu(V + j * ldv + c * W);
     for (int r = 0; r < R; ++r) {
@@ -127,6 +140,11 @@ inline void axpy_rows(float* C, int64_t ldc, const float* P, int64_t p_row, int6
                       const float* V, int64_t ldv, int64_t N, int64_t K, float alpha) {
   constexpr int64_t W = Vec::size();
   int64_t k = 0;
+  // The column passes each read a slice of every V row: the first one fetches whole rows ahead.
+  if (k + 2 * W <= K) {
+    axpy_block<R, 2, true>(C + k, ldc, P, p_row, p_col, V + k, ldv, N, alpha, K);
+    k += 2 * W;
+  }
   for (; k + 2 * W <= K; k += 2 * W) axpy_block<R, 2>(C + k, ldc, P, p_row, p_col, V + k, ldv, N, alpha);
   for (; k + W <= K; k += W) axpy_block<R, 1>(C + k, ldc, P, p_row, p_col, V + k, ldv, N, alpha);
   for (; k < K; ++k)  // head dims that are not a multiple of the vector width
