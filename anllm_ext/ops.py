@@ -57,15 +57,21 @@ def anchor_attention(
 
 def anchor_attention_with_lse(q, k, v, q_layout: Layout, k_layout: Layout, scale: Optional[float] = None):
     """Like :func:`anchor_attention`, also returning the fp32 log-sum-exp of the scores [B,Hq,Tq]."""
+    # Runs once per layer in every decode step: plain statements, no generators.
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    q, k, v = (t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.dim() and q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.dim() and k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.dim() and v.stride(-1) != 1:
+        v = v.contiguous()
     args = (q, k, v, *_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), float(scale))
-    if not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) and not (
+        torch.compiler.is_compiling()
     ):
         # Inference: skip the Python autograd wrapper of the op (a decode step calls this once per
         # layer, where the wrapper costs a noticeable share of the kernel's time).
