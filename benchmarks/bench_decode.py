@@ -38,7 +38,7 @@ def full_prefill(model, ids, chunk):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=8190, help="context tokens before decoding")
-    p.add_argument("--steps", type=int, default=16, help="timed decode steps per configuration")
+    p.add_argument("--steps", type=int, default=48, help="timed decode steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--prefill-chunk", type=int, default=256, help="anchor-cache prefill chunk")
     p.add_argument("--threads", type=int, default=2)
@@ -64,7 +64,9 @@ def main(argv=None) -> int:
 
     # Two model objects sharing nothing but the weights' values: the anchor one is patched, the
     # baseline one keeps transformers' sdpa attention. Decode steps of the configurations are
-    # interleaved (A, C, B, A, C, B, ...) so that load changes on a shared machine hit all alike.
+    # interleaved so that load changes on a shared machine hit all alike, and the order rotates each
+    # round (A C B, C B A, B A C, ...) so that each configuration follows each other one equally often:
+    # a full-cache step leaves the caches full of dirty lines that whoever runs next pays to write back.
     import copy
 
     base = copy.deepcopy(model)
@@ -98,8 +100,10 @@ def main(argv=None) -> int:
         runs["B"] = [base, cache_b, first_b, []]
 
     with torch.no_grad():
+        keys = list(runs)
         for i in range(args.warmup + args.steps):
-            for key, run in runs.items():
+            for key in keys[i % len(keys):] + keys[: i % len(keys)]:
+                run = runs[key]
                 mdl, cache, nxt, times = run
                 t0 = time.perf_counter()
                 out = mdl(input_ids=nxt, cache=cache, use_cache=True)

@@ -71,9 +71,51 @@ def bench_attention(T, Hq, Hkv, D, every, repeats):
     return rows, ratios
 
 
-def bench_compaction(layers, H, cap, D, kept, repeats):
-    """Each method runs right after the caches are rewritten from a pristine copy, so all three start
-    from the same (cold) cache state; the rewrite itself is not timed."""
+def bench_decode_call(n_anchors, n_open, Hq, Hkv, D, calls):
+    """One decode step's attention call over a compacted anchor cache (anchors first, then the open
+    segment, in a buffer with spare capacity as in AnchorCache) vs SDPA over the same slots, which is
+    exact here because a non-anchor decode query sees every kept slot. warm: back-to-back calls. cold:
+    a 64 MiB buffer is rewritten before every call (untimed), as the model's weight streaming does
+    between two layers' attention calls."""
+    Tk = n_anchors + n_open
+    k, v = (torch.randn(1, Hkv, Tk + 128, D)[:, :, :Tk] for _ in range(2))
+    kc, vc = k.contiguous(), v.contiguous()
+    q = torch.randn(1, Hq, 1, D)
+    last = 22 * n_anchors + n_open
+    pos = torch.cat([torch.arange(n_anchors) * 22, torch.arange(last - n_open + 1, last + 1)])[None]
+    seg = torch.cat([torch.arange(n_anchors), torch.full((n_open,), n_anchors)])[None].to(torch.int32)
+    anc = torch.arange(Tk)[None] < n_anchors
+    k_lay = anllm_ext.Layout(pos, seg, anc, torch.ones(1, Tk, dtype=torch.bool))
+    q_lay = k_lay[:, -1:]
+    flush = torch.empty(16 << 20)
+
+    def timed(fn, cold):
+        times = []
+        for _ in range(calls + 1):
+            if cold:
+                flush.fill_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * sorted(times[1:])[calls // 2]
+
+    ours = lambda: anllm_ext.anchor_attention(q, k, v, q_lay, k_lay)
+    sdpa = lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+    rows = {}
+    with torch.no_grad():
+        for state in ("warm", "cold"):
+            rows[f"anchor_attention, {state}"] = timed(ours, state == "cold")
+            rows[f"SDPA (no mask needed), {state}"] = timed(sdpa, state == "cold")
+    ratios = {f"ours / SDPA, {state}": rows[f"anchor_attention, {state}"] / rows[f"SDPA (no mask needed), {state}"]
+              for state in ("warm", "cold")}
+    return rows, ratios
+
+
+def bench_compaction(layers, H, cap, D, kept, repeats, cold=True):
+    """cold: each method runs right after the caches are rewritten from a pristine copy, so all three
+    start from the same cold cache state (the rewrite is not timed). warm: each method simply runs again
+    and again, as the SPEC's baseline figures were taken; compacting already compacted buffers with the
+    same keep mask repeats exactly the same memory moves, so every repeat is the same work."""
     work = [torch.randn(1, H, cap, D) for _ in range(2 * layers)]
     pristine = [t.clone() for t in work]
     keys, values = work[:layers], work[layers:]
@@ -86,8 +128,9 @@ def bench_compaction(layers, H, cap, D, kept, repeats):
     def timed(fn):
         times = []
         for _ in range(repeats + 1):
-            for t, p in zip(work, pristine):
-                t.copy_(p)
+            if cold:
+                for t, p in zip(work, pristine):
+                    t.copy_(p)
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -122,12 +165,16 @@ def main():
     results = {}
     for title, (rows, ratios) in (
         ("attention", bench_attention(args.T, 9, 3, 64, args.anchor_every, args.repeats)),
-        ("compaction: 30 layers x K,V [1,3,8192,64] fp32 keeping 350 slots",
-         bench_compaction(30, 3, 8192, 64, 350, args.repeats)),
+        ("decode-step attention call: 1 query, 9/3 heads, 362 anchors + 27 open-segment slots",
+         bench_decode_call(362, 27, 9, 3, 64, 10 * args.repeats + 1)),
+        ("compaction, cold caches: 30 layers x K,V [1,3,8192,64] fp32 keeping 350 slots",
+         bench_compaction(30, 3, 8192, 64, 350, args.repeats, cold=True)),
+        ("compaction, warm (repeated): 30 layers x K,V [1,3,8192,64] fp32 keeping 350 slots",
+         bench_compaction(30, 3, 8192, 64, 350, 2 * args.repeats + 1, cold=False)),
     ):
         print(f"\n## {title}")
         for name, ms in rows.items():
-            print(f"  {name:34s} {ms:9.2f} ms")
+            print(f"  {name:34s} {ms:9.3f} ms")
         for name, r in ratios.items():
             print(f"  {name:34s} {r:9.3f}")
         results[title] = {"ms": rows, "ratios": ratios}
