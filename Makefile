@@ -53,8 +53,10 @@ $(VENV_TF_OLDEST)/.deps-$(TRANSFORMERS_OLDEST): $(VENV)/.deps
 	touch $@
 
 test-transformers-oldest: install $(VENV_TF_OLDEST)/.deps-$(TRANSFORMERS_OLDEST)
-	$(PY) -c 'from anllm_ext.models import default_model_dir; default_model_dir(verbose=True)'
-	$(VENV_TF_OLDEST)/bin/python -c 'import transformers as t; assert t.__version__ == "$(TRANSFORMERS_OLDEST)", t.__file__; print("transformers", t.__version__, t.__file__)'
+	# (run from python_tests/, as the tests are: from the repository root the source tree's anllm_ext,
+	# which has no compiled extension, would shadow the installed one)
+	cd python_tests && ../$(PY) -c 'from anllm_ext.models import default_model_dir; default_model_dir(verbose=True)'
+	cd python_tests && ../$(VENV_TF_OLDEST)/bin/python -c 'import transformers as t; assert t.__version__ == "$(TRANSFORMERS_OLDEST)", t.__file__; print("transformers", t.__version__, t.__file__)'
 	cd python_tests && ../$(VENV_TF_OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(HF_TESTS)
 
 ## Op benchmarks (Python) and C++ microbenchmarks; figures in docs/benchmarks.md.
