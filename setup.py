@@ -64,7 +64,10 @@ def _cpu_flags():
 def _build_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"] + _cpu_flags()
+    # OpenMP: ATen's parallel_for is a header template that only runs in parallel when the extension
+    # itself is compiled with OpenMP; without it every kernel silently runs on one thread.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"] + openmp + _cpu_flags()
     version_macro = [("ANLLM_TORCH_VERSION", f'"{torch.__version__}"')]
     use_cuda = False
     if not _env_flag("ANLLM_FORCE_CPU") and torch.version.cuda is not None and cuda_sources:
@@ -83,7 +86,8 @@ def _build_extension():
 
     if not use_cuda:
         return cpp_extension.CppExtension(
-            "anllm_ext._C", sources, define_macros=version_macro, extra_compile_args={"cxx": cxx_flags}
+            "anllm_ext._C", sources, define_macros=version_macro, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp,
         )
     nvcc_flags = [
         "-O3",
@@ -101,6 +105,7 @@ def _build_extension():
         include_dirs=_nvidia_wheel_includes(),
         define_macros=[("ANLLM_WITH_CUDA", "1")] + version_macro,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=openmp,
     )
 
 
