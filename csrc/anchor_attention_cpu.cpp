@@ -256,7 +256,7 @@ inline void mask_row(const KeyBlock& blk, float* s, bool q_valid, int32_t qpos, 
 // q0 + r % nq (rows may stack several heads' copies of the same nq queries).
 void scores_block(const float* q, int64_t ldq, const KeyBlock& blk, int64_t rows, int64_t nq, int64_t D,
                   float scale, const RowLayout& qr, int64_t q0, float* S, int64_t ld_s) {
-  matmul_nt(S, ld_s, q, ldq, blk.k, blk.stride, rows, blk.n, D, scale);
+  matmul_nt(S, ld_s, q, ldq, blk.k, blk.stride, rows, blk.n, D, scale, /*next=*/blk.v);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t qi = q0 + r % nq;
     mask_row(blk, S + r * ld_s, qr.valid[qi], qr.valid[qi] ? static_cast<int32_t>(qr.pos[qi]) : 0,

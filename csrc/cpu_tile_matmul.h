@@ -84,31 +84,36 @@ inline void prefetch_row(const float* row, int64_t n) {
   for (int64_t off = 0; off < n; off += 64 / sizeof(float)) __builtin_prefetch(row + off, 0, 3);
 }
 
+// `next`, when given, is a matrix with B's row layout that the caller reads right after (the V rows
+// of the same keys): its rows are prefetched alongside B's, so both streams are in flight at once.
 template <int R>
 inline void dot_rows(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb,
-                     int64_t N, int64_t K, float alpha) {
+                     int64_t N, int64_t K, float alpha, const float* next) {
   constexpr int NB = R >= 3 ? 2 : 4;  // keeps R * NB accumulators + NB loads within 16 registers
   int64_t j = 0;
   for (; j + NB <= N; j += NB) {
     for (int n = 0; n < NB; ++n)
-      if (j + n + kPrefetchRows < N) prefetch_row(B + (j + n + kPrefetchRows) * ldb, K);
+      if (j + n + kPrefetchRows < N) {
+        prefetch_row(B + (j + n + kPrefetchRows) * ldb, K);
+        if (next) prefetch_row(next + (j + n + kPrefetchRows) * ldb, K);
+      }
     dot_block<R, NB>(C + j, ldc, A, lda, B + j * ldb, ldb, K, alpha);
   }
   for (; j < N; ++j) dot_block<R, 1>(C + j, ldc, A, lda, B + j * ldb, ldb, K, alpha);
 }
 
 inline void matmul_nt(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb,
-                      int64_t M, int64_t N, int64_t K, float alpha) {
+                      int64_t M, int64_t N, int64_t K, float alpha, const float* next = nullptr) {
   if (use_blas(M, N, K)) {  // row-major C = A B^T is column-major C^T = B A^T
     blas_sgemm('T', 'N', N, M, K, alpha, B, ldb, A, lda, 0.f, C, ldc);
     return;
   }
   int64_t i = 0;
-  for (; i + 4 <= M; i += 4) dot_rows<4>(C + i * ldc, ldc, A + i * lda, lda, B, ldb, N, K, alpha);
+  for (; i + 4 <= M; i += 4) dot_rows<4>(C + i * ldc, ldc, A + i * lda, lda, B, ldb, N, K, alpha, i == 0 ? next : nullptr);
   switch (M - i) {
-    case 3: dot_rows<3>(C + i * ldc, ldc, A + i * lda, lda, B, ldb, N, K, alpha); break;
-    case 2: dot_rows<2>(C + i * ldc, ldc, A + i * lda, lda, B, ldb, N, K, alpha); break;
-    case 1: dot_rows<1>(C + i * ldc, ldc, A + i * lda, lda, B, ldb, N, K, alpha); break;
+    case 3: dot_rows<3>(C + i * ldc, ldc, A + i * lda, lda, B, ldb, N, K, alpha, i == 0 ? next : nullptr); break;
+    case 2: dot_rows<2>(C + i * ldc, ldc, A + i * lda, lda, B, ldb, N, K, alpha, i == 0 ? next : nullptr); break;
+    case 1: dot_rows<1>(C + i * ldc, ldc, A + i * lda, lda, B, ldb, N, K, alpha, i == 0 ? next : nullptr); break;
     default: break;
   }
 }
