@@ -15,5 +15,15 @@ PyMODINIT_FUNC PyInit__C(void) {
     Py_DECREF(module);
     return nullptr;
   }
+  // Whether the kernels were compiled with OpenMP: without it ATen's parallel_for runs serially here.
+#ifdef _OPENMP
+  const long with_openmp = 1;
+#else
+  const long with_openmp = 0;
+#endif
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_openmp", with_openmp) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
   return module;
 }
