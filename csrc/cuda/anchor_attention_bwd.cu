@@ -42,6 +42,40 @@ struct BwdParams {
   float scale;
 };
 
+// For this thread's rows r = ty + i * kTY and key columns c = tx + j * kTX of a tile:
+// s[i][j] = q_r . k_c (q pre-scaled) and dp[i][j] = dout_r . v_c, from the shared Qs/Os ([BQ][QS]) and
+// Ks/Vs ([BK][KS]) tiles. Both backward kernels need exactly these two products.
+template <int RI, int CJ, int DMAX, int QS, int KS>
+__device__ __forceinline__ void scores_and_dp(const float* Qs, const float* Os, const float* Ks,
+                                              const float* Vs, int ty, int tx, float (&s)[RI][CJ],
+                                              float (&dp)[RI][CJ]) {
+#pragma unroll
+  for (int i = 0; i < RI; ++i)
+#pragma unroll
+    for (int j = 0; j < CJ; ++j) s[i][j] = dp[i][j] = 0.f;
+#pragma unroll 2
+  for (int d = 0; d < DMAX; ++d) {
+    float qv[RI], ov[RI], kv[CJ], vv[CJ];
+#pragma unroll
+    for (int i = 0; i < RI; ++i) {
+      qv[i] = Qs[(ty + i * kTY) * QS + d];
+      ov[i] = Os[(ty + i * kTY) * QS + d];
+    }
+#pragma unroll
+    for (int j = 0; j < CJ; ++j) {
+      kv[j] = Ks[(tx + j * kTX) * KS + d];
+      vv[j] = Vs[(tx + j * kTX) * KS + d];
+    }
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+      for (int j = 0; j < CJ; ++j) {
+        s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
+        dp[i][j] = fmaf(ov[i], vv[j], dp[i][j]);
+      }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // dq: query-centric, mirrors the forward (one head per block, BQ consecutive queries).
 template <typename T, int DMAX, int BQ, int BK>
@@ -64,8 +98,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
   __shared__ int64_t k_row[BK];
   __shared__ int64_t k_pos[BK];
   __shared__ int32_t k_seg[BK];
-  __shared__ int64_t t_c_lo, t_n_own, t_n_anc, t_n_av, t_pmax;
-  __shared__ int32_t t_smin, t_smax;
+  __shared__ QueryTilePlan plan;
 
   const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
   const int64_t qt = blockIdx.x % p.n_qtiles;
@@ -104,43 +137,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
       Os[r * QS + d] = g;
     }
   }
-  if (tid < 32) {
-    const bool v = tid < BQ && r_valid[tid];
-    int32_t smin = v ? r_seg[tid] : kI32Max, smax = v ? r_seg[tid] : kI32Min;
-    int64_t pmax = v ? r_pos[tid] : kI64Min;
-    const unsigned any_valid = __ballot_sync(kFull, v);
-    const unsigned any_na = __ballot_sync(kFull, v && !r_anchor[tid]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      smin = min(smin, __shfl_xor_sync(kFull, smin, o));
-      smax = max(smax, __shfl_xor_sync(kFull, smax, o));
-      pmax = max(pmax, __shfl_xor_sync(kFull, pmax, o));
-    }
-    if (tid == 0) {
-      int64_t c_lo = 0, n_own = 0, n_anc = 0, n_av = 0;
-      if (any_valid) {
-        const int64_t nC = p.ks.nC;
-        c_lo = lower_bound_dev(p.ks.pm_seg_max + b * nC, nC, smin);
-        const int64_t c_hi = count_le_dev(p.ks.sm_seg_min + b * nC, nC, smax);
-        n_own = c_hi > c_lo ? (c_hi - c_lo) * SUB : 0;
-        if (any_na) {
-          n_av = count_le_dev(p.ka.smin_pos + b * p.ka.cap, static_cast<int64_t>(p.ka.count[b]), pmax);
-          n_anc = (n_av + BK - 1) / BK;
-        }
-      }
-      t_c_lo = c_lo;
-      t_n_own = n_own;
-      t_n_anc = n_anc;
-      t_n_av = n_av;
-      t_pmax = pmax;
-      t_smin = smin;
-      t_smax = smax;
-    }
-  }
+  // The key tiles to visit (warp 0; BQ <= 32).
+  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
-  const int64_t n_own = t_n_own, n_tiles = n_own + t_n_anc;
-  const int64_t cb = b * p.ks.nC;
+  const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
   const T* kg = static_cast<const T*>(p.k);
   const T* vg = static_cast<const T*>(p.v);
   const int64_t k_base = b * p.k_sb + hk * p.k_sh;
@@ -154,39 +155,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 
   for (int64_t t = 0; t < n_tiles; ++t) {
     const bool own = t < n_own;
-    int64_t key0 = 0, a0 = 0;
-    if (own) {
-      const int64_t c = t_c_lo + t / SUB;
-      if (!(p.ks.flags[cb + c] & kAnyValid) || p.ks.seg_max[cb + c] < t_smin ||
-          p.ks.seg_min[cb + c] > t_smax || p.ks.pos_min[cb + c] > t_pmax)
-        continue;  // uniform
-      key0 = c * kChunk + (t % SUB) * BK;
-    } else {
-      a0 = (t - n_own) * BK;
-    }
+    int64_t key0, a0;
+    if (!key_tile_start<BK>(p.ks, b, plan, SUB, t, key0, a0)) continue;  // uniform across the block
     __syncthreads();
-    if (tid < BK) {
-      int64_t j = -1, kp = 0;
-      int32_t ksg = 0;
-      if (own) {
-        const int64_t jj = key0 + tid;
-        if (jj < p.Tk && p.kl.valid[b * p.Tk + jj]) {
-          j = jj;
-          kp = p.kl.pos[b * p.Tk + jj];
-          ksg = p.kl.seg[b * p.Tk + jj];
-        }
-      } else {
-        const int64_t a = a0 + tid;
-        if (a < t_n_av) {
-          j = p.ka.idx[b * p.ka.cap + a];
-          kp = p.ka.pos[b * p.ka.cap + a];
-          ksg = p.ka.seg[b * p.ka.cap + a];
-        }
-      }
-      k_row[tid] = j;
-      k_pos[tid] = kp;
-      k_seg[tid] = ksg;
-    }
+    if (tid < BK) load_key_slot(p.kl, p.ka, b, p.Tk, own, key0, a0, plan.n_av, tid, k_row, k_pos, k_seg);
     __syncthreads();
     for (int e = tid; e < BK * DMAX; e += kThreads) {
       const int c = e / DMAX, d = e % DMAX;
@@ -202,31 +174,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
     __syncthreads();
     {
       float s[RI][CJ], dp[RI][CJ];
-#pragma unroll
-      for (int i = 0; i < RI; ++i)
-#pragma unroll
-        for (int j = 0; j < CJ; ++j) s[i][j] = dp[i][j] = 0.f;
-#pragma unroll 2
-      for (int d = 0; d < DMAX; ++d) {
-        float qv[RI], ov[RI], kv[CJ], vv[CJ];
-#pragma unroll
-        for (int i = 0; i < RI; ++i) {
-          qv[i] = Qs[(ty + i * kTY) * QS + d];
-          ov[i] = Os[(ty + i * kTY) * QS + d];
-        }
-#pragma unroll
-        for (int j = 0; j < CJ; ++j) {
-          kv[j] = Ks[(tx + j * kTX) * KS + d];
-          vv[j] = Vs[(tx + j * kTX) * KS + d];
-        }
-#pragma unroll
-        for (int i = 0; i < RI; ++i)
-#pragma unroll
-          for (int j = 0; j < CJ; ++j) {
-            s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
-            dp[i][j] = fmaf(ov[i], vv[j], dp[i][j]);
-          }
-      }
+      scores_and_dp<RI, CJ, DMAX, QS, KS>(Qs, Os, Ks, Vs, ty, tx, s, dp);
 #pragma unroll
       for (int i = 0; i < RI; ++i) {
         const int r = ty + i * kTY;
@@ -447,31 +395,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BwdParams p) {
         __syncthreads();
         {
           float s[RI][CJ], dp[RI][CJ];
-#pragma unroll
-          for (int i = 0; i < RI; ++i)
-#pragma unroll
-            for (int j = 0; j < CJ; ++j) s[i][j] = dp[i][j] = 0.f;
-#pragma unroll 2
-          for (int d = 0; d < DMAX; ++d) {
-            float qv[RI], ov[RI], kv[CJ], vv[CJ];
-#pragma unroll
-            for (int i = 0; i < RI; ++i) {
-              qv[i] = Qs[(ty + i * kTY) * QS + d];
-              ov[i] = Os[(ty + i * kTY) * QS + d];
-            }
-#pragma unroll
-            for (int j = 0; j < CJ; ++j) {
-              kv[j] = Ks[(tx + j * kTX) * KS + d];
-              vv[j] = Vs[(tx + j * kTX) * KS + d];
-            }
-#pragma unroll
-            for (int i = 0; i < RI; ++i)
-#pragma unroll
-              for (int j = 0; j < CJ; ++j) {
-                s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
-                dp[i][j] = fmaf(ov[i], vv[j], dp[i][j]);
-              }
-          }
+          scores_and_dp<RI, CJ, DMAX, QS, KS>(Qs, Os, Ks, Vs, ty, tx, s, dp);
 #pragma unroll
           for (int i = 0; i < RI; ++i) {
             const int r = ty + i * kTY;

@@ -61,8 +61,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   __shared__ int64_t k_row[BK];  // key index in the row, -1: no key (masked, zero K/V)
   __shared__ int64_t k_pos[BK];
   __shared__ int32_t k_seg[BK];
-  __shared__ int64_t t_c_lo, t_n_own, t_n_anc, t_n_av, t_pmax;
-  __shared__ int32_t t_smin, t_smax;
+  __shared__ QueryTilePlan plan;
 
   const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
   int64_t item = blockIdx.x;
@@ -112,47 +111,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
     }
   }
 
-  // Tile summary and the key tiles to visit (warp 0; BQ <= 32).
-  if (tid < 32) {
-    const bool v = tid < BQ && r_valid[tid];
-    int32_t smin = v ? r_seg[tid] : kI32Max, smax = v ? r_seg[tid] : kI32Min;
-    int64_t pmax = v ? r_pos[tid] : kI64Min;
-    const unsigned any_valid = __ballot_sync(kFull, v);
-    const unsigned any_na = __ballot_sync(kFull, v && !r_anchor[tid]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      smin = min(smin, __shfl_xor_sync(kFull, smin, o));
-      smax = max(smax, __shfl_xor_sync(kFull, smax, o));
-      pmax = max(pmax, __shfl_xor_sync(kFull, pmax, o));
-    }
-    if (tid == 0) {
-      int64_t c_lo = 0, n_own = 0, n_anc = 0, n_av = 0;
-      if (any_valid) {
-        const int64_t nC = p.ks.nC;
-        c_lo = lower_bound_dev(p.ks.pm_seg_max + b * nC, nC, smin);
-        const int64_t c_hi = count_le_dev(p.ks.sm_seg_min + b * nC, nC, smax);
-        n_own = c_hi > c_lo ? (c_hi - c_lo) * SUB : 0;
-        if (any_na) {
-          n_av = count_le_dev(p.ka.smin_pos + b * p.ka.cap, static_cast<int64_t>(p.ka.count[b]), pmax);
-          n_anc = (n_av + BK - 1) / BK;
-        }
-      }
-      t_c_lo = c_lo;
-      t_n_own = n_own;
-      t_n_anc = n_anc;
-      t_n_av = n_av;
-      t_pmax = pmax;
-      t_smin = smin;
-      t_smax = smax;
-    }
-  }
+  // The key tiles to visit (warp 0; BQ <= 32).
+  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
-  const int64_t n_own = t_n_own, n_tiles = n_own + t_n_anc;
+  const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
   const int64_t per = (n_tiles + p.nsplit - 1) / p.nsplit;
   const int64_t t_begin = split * per;
   const int64_t t_end = min(n_tiles, t_begin + per);
-  const int64_t cb = b * p.ks.nC;
 
   float o[RI][DJ];
 #pragma unroll
@@ -167,40 +133,10 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const bool own = t < n_own;
-    int64_t key0 = 0, a0 = 0;
-    if (own) {
-      const int64_t c = t_c_lo + t / SUB;
-      // Uniform across the block: every thread reads the same summary.
-      if (!(p.ks.flags[cb + c] & kAnyValid) || p.ks.seg_max[cb + c] < t_smin ||
-          p.ks.seg_min[cb + c] > t_smax || p.ks.pos_min[cb + c] > t_pmax)
-        continue;
-      key0 = c * kChunk + (t % SUB) * BK;
-    } else {
-      a0 = (t - n_own) * BK;
-    }
+    int64_t key0, a0;
+    if (!key_tile_start<BK>(p.ks, b, plan, SUB, t, key0, a0)) continue;  // uniform across the block
     __syncthreads();  // the previous tile is done with the shared buffers
-    if (tid < BK) {
-      int64_t j = -1, kp = 0;
-      int32_t ksg = 0;
-      if (own) {
-        const int64_t jj = key0 + tid;
-        if (jj < p.Tk && p.kl.valid[b * p.Tk + jj]) {
-          j = jj;
-          kp = p.kl.pos[b * p.Tk + jj];
-          ksg = p.kl.seg[b * p.Tk + jj];
-        }
-      } else {
-        const int64_t a = a0 + tid;
-        if (a < t_n_av) {
-          j = p.ka.idx[b * p.ka.cap + a];
-          kp = p.ka.pos[b * p.ka.cap + a];
-          ksg = p.ka.seg[b * p.ka.cap + a];
-        }
-      }
-      k_row[tid] = j;
-      k_pos[tid] = kp;
-      k_seg[tid] = ksg;
-    }
+    if (tid < BK) load_key_slot(p.kl, p.ka, b, p.Tk, own, key0, a0, plan.n_av, tid, k_row, k_pos, k_seg);
     __syncthreads();
     for (int e = tid; e < BK * DMAX; e += kThreads) {
       const int c = e / DMAX, d = e % DMAX;

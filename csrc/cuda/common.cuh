@@ -128,6 +128,94 @@ __device__ __forceinline__ int64_t count_le_dev(const T* a, int64_t n, T x) {
 }
 
 // Tile sizes per padded head dim. Shared memory stays under ~99 KB (sm86/sm89 opt-in limit).
+// The key tiles a tile of queries visits, decided once per tile from its rows' layout (shared
+// memory, BQ <= 32 rows): own-segment chunks [c_lo, c_hi) of the key side's chunk summaries, as
+// n_own = (c_hi - c_lo) * sub tiles, then n_anc tiles over the first n_av earlier anchors (those at or
+// before the tile's last position; none when every row is an anchor). smin/smax/pmax summarise the rows.
+struct QueryTilePlan {
+  int64_t c_lo, n_own, n_anc, n_av, pmax;
+  int32_t smin, smax;
+};
+
+// Called by all 32 lanes of one warp; lane 0 writes `plan` (callers __syncthreads() before reading it).
+template <int BQ, int BK>
+__device__ __forceinline__ void plan_query_tile(int lane, int64_t b, int sub, const bool* r_valid,
+                                                const bool* r_anchor, const int32_t* r_seg,
+                                                const int64_t* r_pos, const SideView& ks,
+                                                const AnchorView& ka, QueryTilePlan& plan) {
+  const bool v = lane < BQ && r_valid[lane];
+  int32_t smin = v ? r_seg[lane] : kI32Max, smax = v ? r_seg[lane] : kI32Min;
+  int64_t pmax = v ? r_pos[lane] : kI64Min;
+  const unsigned any_valid = __ballot_sync(kFull, v);
+  const unsigned any_na = __ballot_sync(kFull, v && !r_anchor[lane]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    smin = min(smin, __shfl_xor_sync(kFull, smin, o));
+    smax = max(smax, __shfl_xor_sync(kFull, smax, o));
+    pmax = max(pmax, __shfl_xor_sync(kFull, pmax, o));
+  }
+  if (lane != 0) return;
+  int64_t c_lo = 0, n_own = 0, n_anc = 0, n_av = 0;
+  if (any_valid) {
+    const int64_t nC = ks.nC;
+    c_lo = lower_bound_dev(ks.pm_seg_max + b * nC, nC, smin);
+    const int64_t c_hi = count_le_dev(ks.sm_seg_min + b * nC, nC, smax);
+    n_own = c_hi > c_lo ? (c_hi - c_lo) * sub : 0;
+    if (any_na) {
+      n_av = count_le_dev(ka.smin_pos + b * ka.cap, static_cast<int64_t>(ka.count[b]), pmax);
+      n_anc = (n_av + BK - 1) / BK;
+    }
+  }
+  plan = QueryTilePlan{c_lo, n_own, n_anc, n_av, pmax, smin, smax};
+}
+
+// Key tile t of a query tile's plan: own-segment tiles (t < n_own) start at key `key0`, anchor tiles
+// at entry `a0` of the row's anchor list. Returns false for an own-segment tile whose chunk summary
+// shows no key the tile's rows can see (the same answer in every thread: skip the tile uniformly).
+template <int BK>
+__device__ __forceinline__ bool key_tile_start(const SideView& ks, int64_t b, const QueryTilePlan& plan,
+                                               int sub, int64_t t, int64_t& key0, int64_t& a0) {
+  key0 = a0 = 0;
+  if (t >= plan.n_own) {
+    a0 = (t - plan.n_own) * BK;
+    return true;
+  }
+  const int64_t c = plan.c_lo + t / sub, cc = b * ks.nC + c;
+  if (!(ks.flags[cc] & kAnyValid) || ks.seg_max[cc] < plan.smin || ks.seg_min[cc] > plan.smax ||
+      ks.pos_min[cc] > plan.pmax)
+    return false;
+  key0 = c * kChunk + (t % sub) * BK;
+  return true;
+}
+
+// Slot `slot` (< BK) of a key tile: its key index in the row (-1: no key, K/V read as zeros), position
+// and segment, from the key layout (own-segment tile) or the row's anchor list (anchor tile).
+__device__ __forceinline__ void load_key_slot(const LayoutView& kl, const AnchorView& ka, int64_t b,
+                                              int64_t Tk, bool own, int64_t key0, int64_t a0,
+                                              int64_t n_av, int slot, int64_t* k_row, int64_t* k_pos,
+                                              int32_t* k_seg) {
+  int64_t j = -1, kp = 0;
+  int32_t ksg = 0;
+  if (own) {
+    const int64_t jj = key0 + slot;
+    if (jj < Tk && kl.valid[b * Tk + jj]) {
+      j = jj;
+      kp = kl.pos[b * Tk + jj];
+      ksg = kl.seg[b * Tk + jj];
+    }
+  } else {
+    const int64_t a = a0 + slot;
+    if (a < n_av) {
+      j = ka.idx[b * ka.cap + a];
+      kp = ka.pos[b * ka.cap + a];
+      ksg = ka.seg[b * ka.cap + a];
+    }
+  }
+  k_row[slot] = j;
+  k_pos[slot] = kp;
+  k_seg[slot] = ksg;
+}
+
 template <int DMAX>
 struct FwdTraits;
 template <> struct FwdTraits<64> { static constexpr int BQ = 32, BK = 64; };
