@@ -1,6 +1,6 @@
 """anllm_ext: Anchor-based LLM attention (AnSAN) and KV-cache compaction as PyTorch ops."""
 from .layout import Layout, LayoutStart, anchor_tensor, token_layout
-from .ops import anchor_attention, anchor_attention_with_lse, compact_kv_, compact_slots_
+from .ops import anchor_attention, anchor_attention_append_, anchor_attention_with_lse, compact_kv_, compact_slots_
 from . import reference
 from .errors import UnsupportedError
 
@@ -46,6 +46,7 @@ __all__ = [
     "anchor_tensor",
     "token_layout",
     "anchor_attention",
+    "anchor_attention_append_",
     "anchor_attention_with_lse",
     "compact_kv_",
     "compact_slots_",

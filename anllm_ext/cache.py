@@ -69,6 +69,11 @@ class AnchorLayer(CacheLayerMixin):
             setattr(self, name, new)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Reserve this layer's slots for the new tokens and return the new tokens' keys/values.
+
+        The write itself is deferred to the attention call, which writes and attends in one op
+        (``anchor_attention_append_``); the attention function recognises the returned tensors.
+        """
         owner = self._owner
         plan = owner._plan
         if plan is None:
@@ -84,6 +89,13 @@ class AnchorLayer(CacheLayerMixin):
             raise ValueError(f"batch size {key_states.shape[0]} != cache batch size {self.keys.shape[0]}")
         if self.keys.shape[2] != owner.capacity:
             self._grow(owner.capacity, plan.used_before)
+        if owner._pending is not None:  # a layer whose attention never ran: write its tokens now
+            owner.flush_pending()
+        owner._pending = (self, key_states, value_states)
+        return key_states, value_states
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: "_Plan") -> None:
+        """Write the new tokens' keys/values at each row's offset (the unfused path)."""
         T = key_states.shape[2]
         if plan.offset is not None:  # narrow() rather than indexing: this runs per layer and decode step
             self.keys.narrow(2, plan.offset, T).copy_(key_states)
@@ -95,7 +107,6 @@ class AnchorLayer(CacheLayerMixin):
             self.values.scatter_(
                 2, idx.expand(B, value_states.shape[1], T, value_states.shape[3]), value_states.to(self.values.dtype)
             )
-        return self.keys.narrow(2, 0, plan.end), self.values.narrow(2, 0, plan.end)
 
     def get_seq_length(self) -> int:
         return self._owner.seen_tokens
@@ -123,10 +134,13 @@ class AnchorLayer(CacheLayerMixin):
 
 
 class _Plan:
-    __slots__ = ("offset", "index", "end", "used_before")
+    """Where the chunk of the current forward goes: ``offsets[b]`` is row b's first new slot; ``offset``
+    the common one when all rows are equally long (else ``index`` [B, T] holds every new slot)."""
 
-    def __init__(self, offset, index, end, used_before):
-        self.offset, self.index, self.end, self.used_before = offset, index, end, used_before
+    __slots__ = ("offsets", "offset", "index", "end", "used_before")
+
+    def __init__(self, offsets, offset, index, end, used_before):
+        self.offsets, self.offset, self.index, self.end, self.used_before = offsets, offset, index, end, used_before
 
 
 class AnchorCache(Cache):
@@ -163,6 +177,9 @@ class AnchorCache(Cache):
         self.batch = None
         self.seen_tokens = 0
         self._plan: Optional[_Plan] = None
+        # (layer, new keys, new values) of the layer whose update ran and whose attention call has not
+        # yet written them into the cache (see AnchorLayer.update).
+        self._pending = None
         self._lengths: Optional[torch.Tensor] = None  # int64 [B], slots in use per row
         self._lengths_host: List[int] = []
         self._slots: Optional[List[torch.Tensor]] = None  # positions, segments, is_anchor, valid: [B, Cap]
@@ -200,22 +217,40 @@ class AnchorCache(Cache):
             self._grow_slots(_round_up(max(end, int(math.ceil(self.capacity * self.growth)))), used)
         if min(self._lengths_host) == used:  # all rows equally long: plain slice copies
             for buf, t in zip(self._slots, q.as_tuple()):
-                buf[:, used:end].copy_(t)
-            plan = _Plan(used, None, end, used)
+                buf.narrow(1, used, T).copy_(t)
+            plan = _Plan(list(self._lengths_host), used, None, end, used)
         else:
             index = self._lengths[:, None] + torch.arange(T, device=device)[None, :]
             for buf, t in zip(self._slots, q.as_tuple()):
                 buf.scatter_(1, index, t.to(buf.dtype))
-            plan = _Plan(None, index, end, used)
+            plan = _Plan(list(self._lengths_host), None, index, end, used)
         self._plan = plan
+        self._pending = None
         self.peak_slots = max(self.peak_slots, sum(self._lengths_host) + B * T)
         self.peak_capacity = max(self.peak_capacity, self.capacity)
-        return Layout(*(buf[:, :end].contiguous() for buf in self._slots))
+        return Layout(*(buf.narrow(1, 0, end).contiguous() for buf in self._slots))
+
+    def take_pending(self, key: torch.Tensor, value: torch.Tensor):
+        """The layer whose update returned exactly ``key``/``value`` (its write still deferred), or None.
+        The caller then owes the write: it must pass them to ``anchor_attention_append_``."""
+        pending = self._pending
+        if pending is None or pending[1] is not key or pending[2] is not value:
+            return None
+        self._pending = None
+        return pending[0]
+
+    def flush_pending(self) -> None:
+        """Write the deferred keys/values of the last updated layer (when no fused attention call did)."""
+        if self._pending is not None:
+            layer, k, v = self._pending
+            self._pending = None
+            layer.write(k, v, self._plan)
 
     def end_forward(self, q: Layout) -> None:
         """Commit the chunk ``q`` (after all layers ran) and compact if it closed a segment or had padding."""
         if self._plan is None:
             return
+        self.flush_pending()
         self._plan = None
         T = q.positions.shape[1]
         self._lengths += T

@@ -33,7 +33,7 @@ import torch
 from .errors import UnsupportedError
 from .cache import AnchorCache
 from .layout import Layout, anchor_tensor, token_layout
-from .ops import anchor_attention
+from .ops import anchor_attention, anchor_attention_append_
 
 ATTN_NAME = "anllm"
 
@@ -99,6 +99,20 @@ def anllm_attention_forward(
             f"{ctx.max_position()}: anllm attention implements full attention + the AnSAN mask only"
         )
     k_layout = ctx.k_layout
+    cache = ctx.cache
+    if cache is not None:
+        layer = cache.take_pending(key, value)
+        if layer is None:
+            raise UnsupportedError(
+                f"layer {getattr(module, 'layer_idx', '?')} ({type(module).__name__}) did not pass the keys/values "
+                "its AnchorCache.update returned straight to the attention function; anllm_ext cannot place them "
+                "in the cache"
+            )
+        # One op writes the new tokens into the cache and attends over the kept slots + them.
+        out = anchor_attention_append_(
+            query, key, value, layer.keys, layer.values, cache._plan.offsets, ctx.q_layout, k_layout, scaling
+        )
+        return out.transpose(1, 2).contiguous(), None
     if key.shape[2] != k_layout.positions.shape[1] or query.shape[2] != ctx.q_layout.positions.shape[1]:
         raise RuntimeError(
             f"layer {getattr(module, 'layer_idx', '?')}: got {query.shape[2]} queries / {key.shape[2]} keys but the "

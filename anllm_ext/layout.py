@@ -101,6 +101,8 @@ def token_layout(
     start_pos, start_seg = _start_tensors(start, B, device)
 
     is_anchor = _is_anchor(input_ids, anchor_tensor(anchor_ids, device)) & valid
+    if T == 1:  # a decode step: the general formula reduces to the row's start (padding included)
+        return Layout(start_pos[:, None], start_seg[:, None].to(torch.int32), is_anchor, valid)
     anchors_int = is_anchor.to(torch.int64)
     segments = start_seg[:, None] + torch.cumsum(anchors_int, dim=1) - anchors_int
     positions = start_pos[:, None] + torch.cumsum(valid.to(torch.int64), dim=1) - 1

@@ -31,6 +31,7 @@ _ops = torch.ops.anllm
 _attention_fwd = _ops.anchor_attention_fwd.default
 _attention_bwd = _ops.anchor_attention_bwd.default
 _compact = _ops.compact_.default
+_append_attention = _ops.anchor_attention_append_.default
 
 
 def _layout_args(layout: Layout, side: str):
@@ -80,6 +81,37 @@ def anchor_attention_with_lse(q, k, v, q_layout: Layout, k_layout: Layout, scale
     return _attention_fwd(*args)
 
 
+def anchor_attention_append_(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    offsets: Sequence[int],
+    q_layout: Layout,
+    k_layout: Layout,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Inference with a preallocated cache, one call per layer: writes ``k_new``/``v_new`` [B,Hkv,Tq,D]
+    into ``k_cache``/``v_cache`` [B,Hkv,Cap,D] (in place) at slots ``offsets[b] .. offsets[b]+Tq-1`` of
+    each row b, then returns the attention of ``q`` [B,Hq,Tq,D] over the first ``Tk`` slots under the
+    AnSAN mask, where ``Tk`` is the length of ``k_layout`` (the layout of those slots, new ones included).
+
+    Equal to writing the slots and calling :func:`anchor_attention` on ``k_cache[:, :, :Tk]``, in one
+    dispatcher call (what :class:`~anllm_ext.AnchorCache` does in every layer). Not differentiable.
+    """
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.dim() and q.stride(-1) != 1:
+        q = q.contiguous()
+    args = (*_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), float(scale))
+    with torch._C._AutoDispatchBelowAutograd():
+        return _append_attention(q, k_new, v_new, k_cache, v_cache, offsets, *args)[0]
+
+
 def _check_one_device(named_tensors):
     """Fake kernels run for meta/fake tensors; mixing devices must fail there as in the real kernels."""
     (first_name, first), *rest = named_tensors
@@ -95,6 +127,15 @@ def _anchor_attention_fwd_fake(q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, 
     names = "q k v q_pos q_seg q_anchor q_valid k_pos k_seg k_anchor k_valid".split()
     _check_one_device(zip(names, (q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid)))
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "anllm: q, k, v must be 4-D")
+    B, Hq, Tq, D = q.shape
+    return q.new_empty(B, Hq, Tq, D), q.new_empty(B, Hq, Tq, dtype=torch.float32)
+
+
+@torch.library.register_fake("anllm::anchor_attention_append_")
+def _anchor_attention_append_fake(q, k_new, v_new, k_cache, v_cache, offsets, *layouts_and_scale):
+    tensors = (q, k_new, v_new, k_cache, v_cache) + tuple(layouts_and_scale[:-1])
+    _check_one_device((f"input {i}", t) for i, t in enumerate(tensors))
+    torch._check(q.dim() == 4, lambda: "anllm: q must be 4-D")
     B, Hq, Tq, D = q.shape
     return q.new_empty(B, Hq, Tq, D), q.new_empty(B, Hq, Tq, dtype=torch.float32)
 

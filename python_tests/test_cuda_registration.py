@@ -13,7 +13,7 @@ import torch
 import anllm_ext
 from anllm_ext import _C
 
-OPS = ("anchor_attention_fwd", "anchor_attention_bwd", "compact_")
+OPS = ("anchor_attention_fwd", "anchor_attention_bwd", "anchor_attention_append_", "compact_")
 
 
 def _built_with_cuda() -> bool:
@@ -47,6 +47,11 @@ def test_cuda_smoke():
     ref = anllm_ext.reference.anchor_attention_ref(q, k, v, lay, lay)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     out.sum().backward()
+    # the fused write + attention of an AnchorCache layer: the 9 tokens into an empty 12-slot cache
+    k_cache, v_cache = (torch.zeros(1, 2, 12, 64, device="cuda") for _ in range(2))
+    fused = anllm_ext.anchor_attention_append_(q.detach(), k.detach(), v.detach(), k_cache, v_cache, [0], lay, lay)
+    torch.testing.assert_close(fused, out.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(k_cache[:, :, :9], k.detach()) and torch.equal(v_cache[:, :, :9], v.detach())
     kc = torch.arange(2 * 3 * 10 * 8, dtype=torch.float32, device="cuda").reshape(2, 3, 10, 8)
     keep = torch.rand(2, 10, device="cuda") < 0.5
     lengths = torch.tensor([10, 7], device="cuda")

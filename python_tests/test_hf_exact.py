@@ -350,3 +350,30 @@ def test_reduced_precision_cached_and_single_pass(dtype):
     for got in (single, cached.float()):
         err = (got - ref32)[mask.bool()].abs().max().item()
         assert err <= 2 * torch_err + 1e-2, (err, torch_err)
+
+
+def test_deferred_cache_writes():
+    """AnchorLayer.update defers its write to the fused attention call; a layer whose attention call never
+    comes is still written (at the next update or at the end of the forward), and a model that changes the
+    keys between update and attention gets a clear error rather than a wrong cache."""
+    model = patch(tiny_model("llama"), ANCHOR)
+    cache = AnchorCache(model.config)
+    ids = torch.full((1, 4), ANCHOR + 1)  # no anchor: nothing is compacted away
+    q = token_layout(ids, ANCHOR)
+    cache.begin_forward(q)
+    new = [(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)) for _ in range(2)]
+    with torch.no_grad():
+        for layer, (k, v) in zip(cache.layers, new):
+            assert layer.update(k, v) == (k, v)
+    cache.end_forward(q)
+    for layer, (k, v) in zip(cache.layers, new):
+        assert torch.equal(layer.keys[:, :, :4], k) and torch.equal(layer.values[:, :, :4], v)
+
+    cache = AnchorCache(model.config)
+    layer0 = cache.layers[0]
+    plain_update = layer0.update
+    layer0.update = lambda k, v, *a, **kw: tuple(t.clone() for t in plain_update(k, v, *a, **kw))
+    ids, _ = stream(1, 12, seed=13)
+    with pytest.raises(UnsupportedError, match="did not pass the keys/values"):
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})

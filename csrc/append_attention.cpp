@@ -1,0 +1,93 @@
+// anchor_attention_append_: one call per layer and decode step of an AnchorCache. Writes the new
+// tokens' keys/values into the layer's preallocated cache at each row's own offset, then runs
+// anchor_attention_fwd over the first Tk slots. Fusing the two saves the per-layer Python and
+// dispatcher round trips of separate copies (a decode step is ~30 such layers of tiny work).
+//
+// Device-agnostic: the writes are ATen copies and the attention goes through the dispatcher, so the
+// same function serves the CPU and CUDA kernels.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "checks.h"
+
+namespace anllm {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> call_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
+    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& k_valid, double scale) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("anllm::anchor_attention_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid, scale);
+}
+
+// Validates the cache side of the call; the attention inputs are checked by anchor_attention_fwd.
+void check_append_inputs(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache, at::IntArrayRef offsets,
+                         int64_t Tk) {
+  ANLLM_CHECK_RANK(q, 4);
+  ANLLM_CHECK_RANK(k_new, 4);
+  ANLLM_CHECK_RANK(v_new, 4);
+  ANLLM_CHECK_RANK(k_cache, 4);
+  ANLLM_CHECK_RANK(v_cache, 4);
+  const int64_t B = k_cache.size(0), T = q.size(2), cap = k_cache.size(2);
+  ANLLM_CHECK(v_cache.sizes() == k_cache.sizes(), "k_cache and v_cache must have the same shape, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  ANLLM_CHECK(k_new.size(0) == B && k_new.size(1) == k_cache.size(1) && k_new.size(2) == T &&
+                  k_new.size(3) == k_cache.size(3),
+              "k_new must have shape [", B, ", ", k_cache.size(1), ", ", T, ", ", k_cache.size(3),
+              "] (the cache's batch, heads and head dim; q's tokens), got ", k_new.sizes());
+  ANLLM_CHECK(v_new.sizes() == k_new.sizes(), "k_new and v_new must have the same shape, got ",
+              k_new.sizes(), " and ", v_new.sizes());
+  ANLLM_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share one dtype, got ",
+              k_cache.scalar_type(), " and ", v_cache.scalar_type());
+  ANLLM_CHECK_SAME_DEVICE(k_new, k_cache);
+  ANLLM_CHECK_SAME_DEVICE(v_new, k_cache);
+  ANLLM_CHECK_SAME_DEVICE(v_cache, k_cache);
+  ANLLM_CHECK(static_cast<int64_t>(offsets.size()) == B, "offsets must have one entry per row (", B,
+              "), got ", offsets.size());
+  ANLLM_CHECK(Tk >= 0 && Tk <= cap, "the key layout describes ", Tk, " slots but the cache holds ", cap);
+  for (int64_t b = 0; b < B; ++b)
+    ANLLM_CHECK(offsets[b] >= 0 && offsets[b] + T <= Tk, "offsets[", b, "] = ", offsets[b], " puts ", T,
+                " new tokens outside the ", Tk, " slots the key layout describes");
+}
+
+std::tuple<at::Tensor, at::Tensor> anchor_attention_append(
+    const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
+    at::Tensor& v_cache, at::IntArrayRef offsets, const at::Tensor& q_pos, const at::Tensor& q_seg,
+    const at::Tensor& q_anchor, const at::Tensor& q_valid, const at::Tensor& k_pos,
+    const at::Tensor& k_seg, const at::Tensor& k_anchor, const at::Tensor& k_valid, double scale) {
+  const int64_t Tk = k_pos.dim() == 2 ? k_pos.size(1) : -1;
+  check_append_inputs(q, k_new, v_new, k_cache, v_cache, offsets, Tk);
+  const int64_t B = k_cache.size(0), T = q.size(2);
+  if (T > 0) {
+    const bool same_offset = std::all_of(offsets.begin(), offsets.end(), [&](int64_t o) { return o == offsets[0]; });
+    if (same_offset && B > 0) {  // one slice copy for all rows
+      k_cache.narrow(2, offsets[0], T).copy_(k_new);
+      v_cache.narrow(2, offsets[0], T).copy_(v_new);
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        k_cache.select(0, b).narrow(1, offsets[b], T).copy_(k_new.select(0, b));
+        v_cache.select(0, b).narrow(1, offsets[b], T).copy_(v_new.select(0, b));
+      }
+    }
+  }
+  return call_attention_fwd(q, k_cache.narrow(2, 0, Tk), v_cache.narrow(2, 0, Tk), q_pos, q_seg, q_anchor,
+                            q_valid, k_pos, k_seg, k_anchor, k_valid, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(anllm, CPU, m) { m.impl("anchor_attention_append_", &anchor_attention_append); }
+TORCH_LIBRARY_IMPL(anllm, CUDA, m) { m.impl("anchor_attention_append_", &anchor_attention_append); }
+
+}  // namespace anllm
