@@ -348,9 +348,11 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
   const float scale = static_cast<float>(scale_d);
   const int64_t D = s.D, group = s.Hq / s.Hkv;
 
-  auto out = at::zeros({s.B, s.Hq, s.Tq, D}, q.options());
-  auto lse = at::full({s.B, s.Hq, s.Tq}, kNegInf, q.options());
-  if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0) return {out.to(q_in.scalar_type()), lse};
+  if (s.B == 0 || s.Hq == 0 || s.Tq == 0 || s.Tk == 0)
+    return {at::zeros({s.B, s.Hq, s.Tq, D}, q_in.options()), at::full({s.B, s.Hq, s.Tq}, kNegInf, q.options())};
+  // Every row of out and lse is written by write_tile below (fully masked rows too), so no fill pass.
+  auto out = at::empty({s.B, s.Hq, s.Tq, D}, q.options());
+  auto lse = at::empty({s.B, s.Hq, s.Tq}, q.options());
 
   const KeyIndex ix = build_key_index(kl, s.B, s.Tk);
   auto [ak, av] = gather_anchors(ix, k, v);
@@ -384,7 +386,11 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
       float* lp = lse.data_ptr<float>() + (b * s.Hq + h) * s.Tq + qt.begin;
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t r = g * nq + i;
-        if (l[r] == 0.f) continue;  // fully masked: zeros and lse = -inf
+        if (l[r] == 0.f) {  // fully masked: zeros and lse = -inf
+          std::fill_n(op + i * D, D, 0.f);
+          lp[i] = kNegInf;
+          continue;
+        }
         const float inv = 1.f / l[r];
         for (int64_t d = 0; d < D; ++d) op[i * D + d] = acc[r * acc_stride + d] * inv;
         lp[i] = m[r] + std::log(l[r]);
@@ -442,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
         for_each_block(ix, b, s.Tk, qt, kp, vp, k.stride(2), akp, avp, D, key_block, visit);
       }
       if (splits == 1) {
-        if (qt.any_valid) write_tile(b, hk, qt, m.data(), l.data(), acc.data(), D);
+        write_tile(b, hk, qt, m.data(), l.data(), acc.data(), D);  // l = 0: zeros for a tile that sees nothing
         continue;
       }
       float* part = partial.data_ptr<float>() + (tile_id * splits + split) * max_rows * (D + 2);
@@ -460,8 +466,12 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
         const int64_t b = tile_id / (s.Hkv * n_qtiles), hk = (tile_id / n_qtiles) % s.Hkv;
         const int64_t t = tile_id % n_qtiles;
         const QueryTile qt = summarize_queries(row_layout(ql, b), t * tile, std::min(tile, s.Tq - t * tile));
-        if (!qt.any_valid) continue;
         const int64_t rows = group * qt.count;
+        if (!qt.any_valid) {  // no split saw anything: zeros
+          std::fill_n(l.begin(), rows, 0.f);
+          write_tile(b, hk, qt, m.data(), l.data(), acc.data(), D);
+          continue;
+        }
         const float* parts = partial.data_ptr<float>() + tile_id * splits * max_rows * (D + 2);
         for (int64_t r = 0; r < rows; ++r) {
           float m_all = kNegInf;

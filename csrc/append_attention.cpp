@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "checks.h"
 
@@ -61,6 +62,36 @@ void check_append_inputs(const at::Tensor& q, const at::Tensor& k_new, const at:
                 " new tokens outside the ", Tk, " slots the key layout describes");
 }
 
+// dst[b, h, offsets[b] + t, :] = src[b, h, t, :] for CPU tensors of one dtype, contiguous in the last
+// dim: plain row copies (no TensorIterator, whose set-up outweighs a decode step's few rows).
+void copy_rows_cpu(const at::Tensor& src, at::Tensor& dst, at::IntArrayRef offsets) {
+  const int64_t B = src.size(0), H = src.size(1), T = src.size(2);
+  const int64_t elem = src.element_size(), row_bytes = src.size(3) * elem;
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* d = static_cast<char*>(dst.data_ptr());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(d + (b * dst.stride(0) + h * dst.stride(1) + (offsets[b] + t) * dst.stride(2)) * elem,
+                    s + (b * src.stride(0) + h * src.stride(1) + t * src.stride(2)) * elem, row_bytes);
+}
+
+bool plain_row_copy(const at::Tensor& src, const at::Tensor& dst) {
+  return dst.device().is_cpu() && src.scalar_type() == dst.scalar_type() && src.stride(3) == 1 &&
+         dst.stride(3) == 1;
+}
+
+void write_new_tokens(const at::Tensor& src, at::Tensor& dst, at::IntArrayRef offsets) {
+  const int64_t B = dst.size(0), T = src.size(2);
+  if (T == 0 || B == 0) return;
+  if (plain_row_copy(src, dst)) return copy_rows_cpu(src, dst, offsets);
+  if (std::all_of(offsets.begin(), offsets.end(), [&](int64_t o) { return o == offsets[0]; })) {
+    dst.narrow(2, offsets[0], T).copy_(src);  // one slice copy for all rows
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) dst.select(0, b).narrow(1, offsets[b], T).copy_(src.select(0, b));
+}
+
 std::tuple<at::Tensor, at::Tensor> anchor_attention_append(
     const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
     at::Tensor& v_cache, at::IntArrayRef offsets, const at::Tensor& q_pos, const at::Tensor& q_seg,
@@ -68,19 +99,8 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_append(
     const at::Tensor& k_seg, const at::Tensor& k_anchor, const at::Tensor& k_valid, double scale) {
   const int64_t Tk = k_pos.dim() == 2 ? k_pos.size(1) : -1;
   check_append_inputs(q, k_new, v_new, k_cache, v_cache, offsets, Tk);
-  const int64_t B = k_cache.size(0), T = q.size(2);
-  if (T > 0) {
-    const bool same_offset = std::all_of(offsets.begin(), offsets.end(), [&](int64_t o) { return o == offsets[0]; });
-    if (same_offset && B > 0) {  // one slice copy for all rows
-      k_cache.narrow(2, offsets[0], T).copy_(k_new);
-      v_cache.narrow(2, offsets[0], T).copy_(v_new);
-    } else {
-      for (int64_t b = 0; b < B; ++b) {
-        k_cache.select(0, b).narrow(1, offsets[b], T).copy_(k_new.select(0, b));
-        v_cache.select(0, b).narrow(1, offsets[b], T).copy_(v_new.select(0, b));
-      }
-    }
-  }
+  write_new_tokens(k_new, k_cache, offsets);
+  write_new_tokens(v_new, v_cache, offsets);
   return call_attention_fwd(q, k_cache.narrow(2, 0, Tk), v_cache.narrow(2, 0, Tk), q_pos, q_seg, q_anchor,
                             q_valid, k_pos, k_seg, k_anchor, k_valid, scale);
 }
