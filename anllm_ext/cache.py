@@ -257,7 +257,7 @@ class AnchorCache(Cache):
         self._lengths_host = [n + T for n in self._lengths_host]
         self.seen_tokens += T
         self._start = q.next_start() if T > 0 else self._start
-        if self.compact and T > 0 and bool((q.is_anchor | ~q.valid).any()):
+        if self.compact and T > 0 and q.has_boundary():
             self._compact()
         for fn in self.callbacks:
             fn(self, T)

@@ -7,7 +7,7 @@ new tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -28,13 +28,25 @@ class Layout:
     segments: torch.Tensor  # int32 [B, T], number of anchors strictly before the token
     is_anchor: torch.Tensor  # bool [B, T]
     valid: torch.Tensor  # bool [B, T], False for padding
+    # What token_layout's kernel computed along the way (None when the layout was built otherwise):
+    # the next chunk's start and a 0-d bool "some row holds an anchor or padding".
+    _next: Optional[LayoutStart] = field(default=None, compare=False, repr=False)
+    _boundary: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> torch.Size:
         return self.positions.shape
 
+    def has_boundary(self) -> bool:
+        """Whether some row holds an anchor or padding (a cache that appended this chunk has slots to drop)."""
+        if self._boundary is not None:
+            return bool(self._boundary)
+        return bool((self.is_anchor | ~self.valid).any())
+
     def next_start(self) -> LayoutStart:
         """The start of the chunk that follows this one (see ``token_layout(start=...)``)."""
+        if self._next is not None:
+            return self._next
         if self.shape[1] == 0:
             raise ValueError("next_start() of an empty layout is undefined; keep the previous start")
         # The first token of a row always carries the row's start position and segment (padding
@@ -62,6 +74,8 @@ class Layout:
 def anchor_tensor(anchor_ids: AnchorIds, device=None) -> torch.Tensor:
     """Anchor ids as a 1-D int64 tensor (accepts an int, a sequence of ints or a tensor)."""
     if isinstance(anchor_ids, torch.Tensor):
+        if anchor_ids.dim() == 1 and anchor_ids.dtype == torch.int64 and (device is None or anchor_ids.device == device):
+            return anchor_ids
         ids = anchor_ids.reshape(-1).to(device=device, dtype=torch.int64)
     elif isinstance(anchor_ids, int):
         ids = torch.tensor([anchor_ids], dtype=torch.int64, device=device)
@@ -89,14 +103,40 @@ def token_layout(
         raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     B, T = input_ids.shape
     device = input_ids.device
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if device.type == "cpu":
+        start_pos, start_seg = _start_tensors(start, B, device)
+        *parts, next_pos, next_seg, boundary = _layout_kernel()(
+            input_ids, anchor_tensor(anchor_ids, device), attention_mask, start_pos, start_seg
+        )
+        return Layout(*parts, _next=LayoutStart(next_pos, next_seg), _boundary=boundary)
+    return _token_layout_aten(input_ids, anchor_ids, attention_mask, start)
+
+
+_LAYOUT_KERNEL = None
+
+
+def _layout_kernel():
+    """torch.ops.anllm.token_layout (resolved on first use: importing .ops loads the compiled library)."""
+    global _LAYOUT_KERNEL
+    if _LAYOUT_KERNEL is None:
+        from . import ops  # noqa: F401
+
+        _LAYOUT_KERNEL = torch.ops.anllm.token_layout.default
+    return _LAYOUT_KERNEL
+
+
+def _token_layout_aten(input_ids, anchor_ids, attention_mask=None, start=None) -> Layout:
+    """token_layout as ATen ops (devices without the layout kernel; the tests compare the two)."""
+    B, T = input_ids.shape
+    device = input_ids.device
     if attention_mask is None:
         valid = torch.ones(B, T, dtype=torch.bool, device=device)
     else:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
         valid = attention_mask.to(device=device) != 0
     start_pos, start_seg = _start_tensors(start, B, device)
 
@@ -124,6 +164,14 @@ def _start_tensors(start, batch: int, device):
         zeros = torch.zeros(batch, dtype=torch.int64, device=device)
         return zeros, zeros
     pos, seg = start
+    if (
+        isinstance(pos, torch.Tensor)
+        and isinstance(seg, torch.Tensor)
+        and pos.dtype == seg.dtype == torch.int64
+        and pos.shape == (batch,) == seg.shape
+        and pos.device == device == seg.device
+    ):
+        return pos, seg  # next_start() of the previous chunk: int64 [B] already
     pos = torch.as_tensor(pos, dtype=torch.int64, device=device).expand(batch).contiguous()
     seg = torch.as_tensor(seg, dtype=torch.int64, device=device).expand(batch).contiguous()
     return pos, seg

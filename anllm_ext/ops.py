@@ -140,6 +140,18 @@ def _anchor_attention_append_fake(q, k_new, v_new, k_cache, v_cache, offsets, *l
     return q.new_empty(B, Hq, Tq, D), q.new_empty(B, Hq, Tq, dtype=torch.float32)
 
 
+@torch.library.register_fake("anllm::token_layout")
+def _token_layout_fake(input_ids, anchor_ids, attention_mask, start_pos, start_seg):
+    named = [("input_ids", input_ids), ("anchor_ids", anchor_ids), ("start_pos", start_pos), ("start_seg", start_seg)]
+    _check_one_device(named + ([("attention_mask", attention_mask)] if attention_mask is not None else []))
+    torch._check(input_ids.dim() == 2, lambda: "anllm: input_ids must be a 2-D tensor")
+    B, T = input_ids.shape
+    new = input_ids.new_empty
+    return (new(B, T, dtype=torch.int64), new(B, T, dtype=torch.int32), new(B, T, dtype=torch.bool),
+            new(B, T, dtype=torch.bool), new(B, dtype=torch.int64), new(B, dtype=torch.int64),
+            new((), dtype=torch.bool))
+
+
 @torch.library.register_fake("anllm::anchor_attention_bwd")
 def _anchor_attention_bwd_fake(dout, q, k, v, lse, delta, *layouts_and_scale):
     tensors = (dout, q, k, v, lse, delta) + tuple(layouts_and_scale[:-1])

@@ -4,6 +4,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(anllm, m) {
+  // Per-token layout of a [B,T] chunk of ids (SPEC section 2): positions int64, segments int32,
+  // is_anchor and valid bool [B,T] (valid = attention_mask != 0, all true without a mask), where the
+  // chunk starts in every row (start_pos, start_seg int64 [B]), and what follows from it: the next
+  // chunk's start (int64 [B] each) and whether any row holds an anchor or padding (0-d bool).
+  m.def(
+      "token_layout(Tensor input_ids, Tensor anchor_ids, Tensor? attention_mask, Tensor start_pos, "
+      "Tensor start_seg) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Attention under the AnSAN mask evaluated from per-token layouts of queries and keys.
   // q [B,Hq,Tq,D]; k, v [B,Hkv,Tk,D]; layouts [B,T] (positions int64, segments int32, bool flags).
   // Returns out [B,Hq,Tq,D] and the fp32 log-sum-exp of each query's scores [B,Hq,Tq] (-inf when the

@@ -84,3 +84,59 @@ def test_large_anchor_sets_agree_with_small_path():
     assert torch.equal(lay.is_anchor, (ids % 3 == 0))
     few = [5, 17, 999]
     assert torch.equal(token_layout(ids, few).is_anchor, torch.isin(ids, torch.tensor(few)))
+
+
+def _aten_and_kernel(ids, anchors, mask, start):
+    from anllm_ext.layout import _token_layout_aten
+
+    return _token_layout_aten(ids, anchors, mask, start), token_layout(ids, anchors, mask, start)
+
+
+@pytest.mark.parametrize("T", [1, 2, 63, 65, 1100])
+@pytest.mark.parametrize("pattern", ["random", "at_zero", "consecutive", "all", "none"])
+@pytest.mark.parametrize("padding", ["none", "left", "right", "mixed"])
+def test_cpu_kernel_equals_aten_formulation(T, pattern, padding):
+    """CPU inputs go through the token_layout kernel; other devices through ATen ops. Both must agree,
+    including the next start and the anchor-or-padding flag the kernel returns alongside."""
+    g = torch.Generator().manual_seed(T * 31 + len(pattern) + len(padding))
+    ids, mask = token_stream(3, T, pattern, padding, generator=g)
+    start = LayoutStart(torch.randint(0, 5000, (3,), generator=g), torch.randint(0, 300, (3,), generator=g))
+    for anchors, m in (([ANCHOR], mask), ([ANCHOR, 4, 9], mask.bool()), (list(range(1, 200, 3)), mask.int()), ([ANCHOR], None)):
+        ref, lay = _aten_and_kernel(ids, anchors, m, start)
+        for name in ("positions", "segments", "is_anchor", "valid"):
+            a, b = getattr(ref, name), getattr(lay, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert torch.equal(lay.next_start().position, ref.next_start().position)
+        assert torch.equal(lay.next_start().segment, ref.next_start().segment)
+        assert lay.has_boundary() == ref.has_boundary() == bool((ref.is_anchor | ~ref.valid).any())
+
+
+def test_kernel_layout_chains_chunks_and_defaults():
+    ids = torch.tensor([[3, 1, 3, 3]])
+    a = token_layout(ids[:, :2], 1)  # no start: position 0, segment 0
+    b = token_layout(ids[:, 2:], 1, start=a.next_start())
+    assert a.positions.tolist() == [[0, 1]] and b.positions.tolist() == [[2, 3]]
+    assert b.segments.tolist() == [[1, 1]] and not b.has_boundary() and a.has_boundary()
+    assert token_layout(torch.zeros(2, 0, dtype=torch.long), 1).positions.shape == (2, 0)
+
+
+def test_layout_kernel_opcheck():
+    ids, mask = token_stream(2, 40, "random", "mixed")
+    args = (ids, torch.tensor([ANCHOR, 5]), mask, torch.tensor([3, 0]), torch.tensor([1, 0]))
+    torch.library.opcheck(torch.ops.anllm.token_layout.default, args)
+    torch.library.opcheck(torch.ops.anllm.token_layout.default, (ids, torch.tensor([ANCHOR]), None) + args[3:])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(start_pos=torch.zeros(3, dtype=torch.long)), "start_pos must have shape"),
+    (dict(start_seg=torch.zeros(2, dtype=torch.int32)), "start_seg must have dtype"),
+    (dict(anchor_ids=torch.tensor([[1]])), "anchor_ids must be a 1-D"),
+    (dict(attention_mask=torch.ones(2, 5)), "attention_mask must have the shape"),
+    (dict(start_seg=torch.full((2,), 2**31 - 2)), "int32 range"),
+])
+def test_layout_kernel_bad_input(change, match):
+    args = dict(input_ids=torch.ones(2, 4, dtype=torch.long), anchor_ids=torch.tensor([1]), attention_mask=None,
+                start_pos=torch.zeros(2, dtype=torch.long), start_seg=torch.zeros(2, dtype=torch.long))
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.anllm.token_layout(*args.values())
