@@ -34,6 +34,17 @@ _compact = _ops.compact_.default
 _append_attention = _ops.anchor_attention_append_.default
 
 
+def _require_tensors(named) -> None:
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+
+
+def _scale_for(q: torch.Tensor, scale: Optional[float]) -> float:
+    """The softmax scale: 1/sqrt(head dim) unless given."""
+    return float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
 def _layout_args(layout: Layout, side: str):
     if not isinstance(layout, Layout):
         raise TypeError(f"{side}_layout must be an anllm_ext.Layout (see token_layout), got {type(layout).__name__}")
@@ -59,18 +70,15 @@ def anchor_attention(
 def anchor_attention_with_lse(q, k, v, q_layout: Layout, k_layout: Layout, scale: Optional[float] = None):
     """Like :func:`anchor_attention`, also returning the fp32 log-sum-exp of the scores [B,Hq,Tq]."""
     # Runs once per layer in every decode step: plain statements, no generators.
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    _require_tensors((("q", q), ("k", k), ("v", v)))
+    scale = _scale_for(q, scale)
     if q.dim() and q.stride(-1) != 1:
         q = q.contiguous()
     if k.dim() and k.stride(-1) != 1:
         k = k.contiguous()
     if v.dim() and v.stride(-1) != 1:
         v = v.contiguous()
-    args = (q, k, v, *_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), float(scale))
+    args = (q, k, v, *_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), scale)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) and not (
         torch.compiler.is_compiling()
     ):
@@ -100,14 +108,11 @@ def anchor_attention_append_(
     Equal to writing the slots and calling :func:`anchor_attention` on ``k_cache[:, :, :Tk]``, in one
     dispatcher call (what :class:`~anllm_ext.AnchorCache` does in every layer). Not differentiable.
     """
-    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    _require_tensors((("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)))
+    scale = _scale_for(q, scale)
     if q.dim() and q.stride(-1) != 1:
         q = q.contiguous()
-    args = (*_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), float(scale))
+    args = (*_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), scale)
     with torch._C._AutoDispatchBelowAutograd():
         return _append_attention(q, k_new, v_new, k_cache, v_cache, offsets, *args)[0]
 
