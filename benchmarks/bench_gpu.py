@@ -10,7 +10,8 @@ Measures (CUDA events, warm-up, median of N):
      segment): achieved GB/s (read + write of the kept bytes) vs a device-to-device copy of the same
      bytes and vs an index gather (the authors' approach);
   3. decode (Tq=1) against the compacted cache: our op vs SDPA over the compacted cache vs SDPA over
-     the full cache.
+     the full cache; and a layer's whole cache step: anchor_attention_append_ (write + attend) vs a
+     DynamicCache's torch.cat + SDPA over the compacted-size and the full-size cache.
 Also prints max errors against the dense oracle so a wrong kernel cannot look fast.
 """
 from __future__ import annotations
@@ -223,6 +224,32 @@ def decode_section(rep, anllm_ext, T, iters):
     rep(f"decode ours (compacted cache, mask evaluated)  {t_ours * 1e3:9.1f} us")
     rep(f"decode SDPA over compacted cache (no mask)     {t_sdpa_c * 1e3:9.1f} us")
     rep(f"decode SDPA over full cache (no mask)          {t_sdpa_f * 1e3:9.1f} us")
+
+    # A layer's whole cache step. AnchorCache: anchor_attention_append_ writes the new token's K/V into
+    # the preallocated buffer and attends, in one op. DynamicCache: torch.cat of cache and new K/V, then
+    # SDPA (compacted-size and full-size cache).
+    k_new = torch.randn(B, Hkv, 1, D, device=dev, dtype=dt)
+    v_new = torch.randn(B, Hkv, 1, D, device=dev, dtype=dt)
+    k_buf = torch.empty(B, Hkv, n + 64, D, device=dev, dtype=dt)
+    v_buf = torch.empty_like(k_buf)
+    k_buf[:, :, :n], v_buf[:, :, :n] = kc, vc
+    klay_new = anllm_ext.Layout.cat([klay, qlay])
+    kcc, vcc = kc.contiguous(), vc.contiguous()
+
+    def dynamic(k_old, v_old):
+        kk, vv = torch.cat([k_old, k_new], dim=-2), torch.cat([v_old, v_new], dim=-2)
+        return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+
+    with torch.no_grad():
+        fused = anllm_ext.anchor_attention_append_(q, k_new, v_new, k_buf, v_buf, [n], qlay, klay_new)
+        rep(f"max |fused layer step - cat + SDPA| = {(fused.float() - dynamic(kcc, vcc).float()).abs().max().item():.3e}")
+        t_fused = bench(lambda: anllm_ext.anchor_attention_append_(q, k_new, v_new, k_buf, v_buf, [n], qlay, klay_new),
+                        iters=iters * 5)
+        t_dyn_c = bench(lambda: dynamic(kcc, vcc), iters=iters * 5)
+        t_dyn_f = bench(lambda: dynamic(k_full, v_full), iters=iters * 5)
+    rep(f"layer step AnchorCache (append_ + attention)   {t_fused * 1e3:9.1f} us")
+    rep(f"layer step DynamicCache, {n} slots (cat + SDPA) {t_dyn_c * 1e3:9.1f} us")
+    rep(f"layer step DynamicCache, {T} slots (cat + SDPA) {t_dyn_f * 1e3:9.1f} us")
 
 
 def main():
