@@ -97,9 +97,9 @@ class AnchorLayer(CacheLayerMixin):
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: "_Plan") -> None:
         """Write the new tokens' keys/values at each row's offset (the unfused path)."""
         T = key_states.shape[2]
-        if plan.offset is not None:  # narrow() rather than indexing: this runs per layer and decode step
-            self.keys.narrow(2, plan.offset, T).copy_(key_states)
-            self.values.narrow(2, plan.offset, T).copy_(value_states)
+        if plan.index is None:  # all rows equally long: the chunk starts at used_before in every row
+            self.keys.narrow(2, plan.used_before, T).copy_(key_states)
+            self.values.narrow(2, plan.used_before, T).copy_(value_states)
         else:
             B, H, _, D = key_states.shape
             idx = plan.index[:, None, :, None]
@@ -134,13 +134,13 @@ class AnchorLayer(CacheLayerMixin):
 
 
 class _Plan:
-    """Where the chunk of the current forward goes: ``offsets[b]`` is row b's first new slot; ``offset``
-    the common one when all rows are equally long (else ``index`` [B, T] holds every new slot)."""
+    """Where the chunk of the current forward goes: ``offsets[b]`` is row b's first new slot. ``index``
+    [B, T] holds every new slot when rows differ in length (None when all start at ``used_before``)."""
 
-    __slots__ = ("offsets", "offset", "index", "end", "used_before")
+    __slots__ = ("offsets", "index", "end", "used_before")
 
-    def __init__(self, offsets, offset, index, end, used_before):
-        self.offsets, self.offset, self.index, self.end, self.used_before = offsets, offset, index, end, used_before
+    def __init__(self, offsets, index, end, used_before):
+        self.offsets, self.index, self.end, self.used_before = offsets, index, end, used_before
 
 
 class AnchorCache(Cache):
@@ -218,12 +218,12 @@ class AnchorCache(Cache):
         if min(self._lengths_host) == used:  # all rows equally long: plain slice copies
             for buf, t in zip(self._slots, q.as_tuple()):
                 buf.narrow(1, used, T).copy_(t)
-            plan = _Plan(list(self._lengths_host), used, None, end, used)
+            plan = _Plan(list(self._lengths_host), None, end, used)
         else:
             index = self._lengths[:, None] + torch.arange(T, device=device)[None, :]
             for buf, t in zip(self._slots, q.as_tuple()):
                 buf.scatter_(1, index, t.to(buf.dtype))
-            plan = _Plan(list(self._lengths_host), None, index, end, used)
+            plan = _Plan(list(self._lengths_host), index, end, used)
         self._plan = plan
         self._pending = None
         self.peak_slots = max(self.peak_slots, sum(self._lengths_host) + B * T)
