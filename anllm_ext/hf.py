@@ -185,12 +185,16 @@ def patched_anchor_ids(model) -> Optional[torch.Tensor]:
     return None if state is None else state.anchors
 
 
-def patch(model, anchor_ids) -> "torch.nn.Module":
+def patch(model, anchor_ids=None) -> "torch.nn.Module":
     """Make a transformers causal LM attend under the AnSAN mask of ``anchor_ids``; returns the model.
 
     ``anchor_ids``: an int, a list of ints or a 1-D tensor (e.g. :func:`anllm_ext.anchors.ep_anchor_ids`).
-    Calling ``patch`` again on a patched model only replaces the anchor ids.
+    ``None`` (the default) takes the anchors a trained AnLLM carries in its config
+    (:class:`anllm_ext.config.AnchorConfig`, saved by ``anllm train``) and raises ``ValueError`` on a
+    model that carries none. Calling ``patch`` again on a patched model only replaces the anchor ids.
     """
+    if anchor_ids is None:
+        anchor_ids = _saved_anchor_ids(model)
     ids = anchor_tensor(anchor_ids)
     if ids.numel() == 0:
         raise ValueError("anchor_ids is empty")
@@ -220,6 +224,18 @@ def patch(model, anchor_ids) -> "torch.nn.Module":
     state.handles.append(decoder.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
     state.handles.append(decoder.register_forward_hook(_post_hook, with_kwargs=True))
     return model
+
+
+def _saved_anchor_ids(model):
+    from .config import AnchorConfig
+
+    config = AnchorConfig.from_model(model)
+    if config is None:
+        raise ValueError(
+            f"{type(model).__name__} carries no anchor configuration (it was not trained with anllm_ext); pass "
+            "anchor_ids, e.g. anllm_ext.patch(model, anllm_ext.ep_anchor_ids(tokenizer))"
+        )
+    return config.anchor_ids
 
 
 def unpatch(model) -> "torch.nn.Module":
