@@ -8,6 +8,7 @@ Environment switches:
   ANLLM_CUDA_ARCHS="8.0;9.0"  CUDA architectures (default 8.0;9.0; TORCH_CUDA_ARCH_LIST also works)
   ANLLM_CPU_FLAGS="..."    host compiler flags replacing the default (AVX2+FMA where the build CPU has them)
   MAX_JOBS=N               parallel compile jobs (honoured by torch's ninja build)
+  ANLLM_EXPECT_CUDA=1      fail unless the CUDA kernels are built (CI sets it; ANLLM_FORCE_CPU=1 still wins)
 Install with `pip install --no-build-isolation .` so the extension is built against the torch you run.
 """
 import glob
@@ -83,6 +84,13 @@ def _build_extension():
             print("anllm_ext: torch has CUDA but no CUDA toolkit was found; building CPU kernels only")
     else:
         print("anllm_ext: building CPU kernels only")
+    if not use_cuda and _env_flag("ANLLM_EXPECT_CUDA") and not _env_flag("ANLLM_FORCE_CPU"):
+        # CI sets this: a lost toolkit or a CPU torch must not pass as a CPU-only build.
+        raise RuntimeError(
+            f"ANLLM_EXPECT_CUDA=1 but the CUDA kernels would not be built: torch {torch.__version__} has "
+            f"CUDA {torch.version.cuda}, CUDA toolkit {_find_cuda_home()}, {len(cuda_sources)} csrc/cuda/*.cu files "
+            "(install the CUDA build of torch and a toolkit, set CUDA_HOME, or unset ANLLM_EXPECT_CUDA)"
+        )
 
     if not use_cuda:
         return cpp_extension.CppExtension(
