@@ -83,6 +83,11 @@ class AnchorLayer(CacheLayerMixin):
             )
         if key_states.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("AnchorCache is for inference: run under torch.no_grad() / torch.inference_mode()")
+        if torch.is_autocast_enabled(key_states.device.type):
+            # RoPE can leave the keys in fp32 while the values are in the autocast dtype: store (and attend
+            # in) the autocast dtype, as the attention function does.
+            dtype = torch.get_autocast_dtype(key_states.device.type)
+            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.keys.shape[0] != key_states.shape[0]:
@@ -147,8 +152,8 @@ class AnchorCache(Cache):
     """KV cache for anchor-based inference. Pass it as ``cache=`` to a patched model or to ``generate``.
 
     Args:
-        config: the model's config (gives the number of layers; checks that all layers are full
-            attention). Without it, layers are created on first use.
+        config: the model's config, or the model itself (gives the number of layers; checks that all
+            layers are full attention). Without it, layers are created on first use.
         initial_capacity: slots allocated on the first forward (at least the first chunk's length).
         growth: factor by which the capacity grows when a forward needs more slots.
         compact: compact after every forward (default True). False keeps everything (a full cache
@@ -161,8 +166,15 @@ class AnchorCache(Cache):
         self.initial_capacity = int(initial_capacity)
         self.growth = float(growth)
         self.compact = bool(compact)
+        if isinstance(config, torch.nn.Module):  # AnchorCache(model) as well as AnchorCache(model.config)
+            config = getattr(config, "config", None)
         if config is not None:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            if not isinstance(getattr(text, "num_hidden_layers", None), int):
+                raise TypeError(
+                    f"AnchorCache(config) takes a transformers model config with num_hidden_layers (pass "
+                    f"model.config, or the model), got {type(config).__name__}"
+                )
             layer_types = getattr(text, "layer_types", None) or []
             bad = sorted(set(t for t in layer_types if t != "full_attention"))
             if bad:

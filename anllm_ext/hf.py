@@ -25,6 +25,8 @@ same cache object still see the exact mask.
 from __future__ import annotations
 
 import inspect
+import logging
+import types
 import weakref
 from typing import Optional
 
@@ -98,6 +100,8 @@ def anllm_attention_forward(
             f"this layer uses sliding-window attention (window {window}) and the input reaches position "
             f"{ctx.max_position()}: anllm attention implements full attention + the AnSAN mask only"
         )
+    if torch.is_autocast_enabled(query.device.type):  # as SDPA does: attend in the autocast dtype
+        query, key, value = _autocast_dtype(query, key, value)
     k_layout = ctx.k_layout
     cache = ctx.cache
     if cache is not None:
@@ -121,6 +125,13 @@ def anllm_attention_forward(
         )
     out = anchor_attention(query, key, value, ctx.q_layout, k_layout, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _autocast_dtype(*tensors):
+    """``tensors`` cast to the enabled autocast dtype of their device (RoPE can leave q/k in fp32 while v
+    is in the autocast dtype); an AnchorCache's update already returned its keys/values in that dtype."""
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def anllm_mask_function(*args, **kwargs):
@@ -153,14 +164,16 @@ def cache_kwarg(module) -> str:
 
 
 class _PatchState:
-    def __init__(self, model, decoder, anchors: torch.Tensor, previous_impl, handles, param_names):
-        self.model = weakref.ref(model)
-        self.decoder = decoder
+    """What the hooks of one patched model need. Stored on the model and on its decoder, and never
+    captured by a hook: the hooks read it from the module they run on, so ``copy.deepcopy`` of a
+    patched model gives the copy its own state (re-patching one leaves the other alone)."""
+
+    def __init__(self, decoder, anchors: torch.Tensor, previous_impl, param_names, default_cache: str):
         self.anchors = anchors
         self.previous_impl = previous_impl
-        self.handles = handles
         self.param_names = param_names
         self.cache_name = cache_kwarg(decoder)
+        self.default_cache = default_cache
         self._anchors_by_device = {anchors.device: anchors}
 
     def anchors_on(self, device) -> torch.Tensor:
@@ -185,14 +198,21 @@ def patched_anchor_ids(model) -> Optional[torch.Tensor]:
     return None if state is None else state.anchors
 
 
-def patch(model, anchor_ids=None) -> "torch.nn.Module":
+def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn.Module":
     """Make a transformers causal LM attend under the AnSAN mask of ``anchor_ids``; returns the model.
 
     ``anchor_ids``: an int, a list of ints or a 1-D tensor (e.g. :func:`anllm_ext.anchors.ep_anchor_ids`).
     ``None`` (the default) takes the anchors a trained AnLLM carries in its config
     (:class:`anllm_ext.config.AnchorConfig`, saved by ``anllm train``) and raises ``ValueError`` on a
-    model that carries none. Calling ``patch`` again on a patched model only replaces the anchor ids.
+    model that carries none. Calling ``patch`` again on a patched model only replaces the anchor ids
+    (and ``default_cache``).
+
+    ``default_cache``: the cache ``model.generate()`` creates when given none: ``"anchor"`` (an
+    :class:`~anllm_ext.cache.AnchorCache`, the default) or ``"full"`` (transformers' ``DynamicCache``,
+    which keeps every token). A cache passed to ``generate`` or a ``cache_implementation`` always wins.
     """
+    if default_cache not in ("anchor", "full"):
+        raise ValueError(f"default_cache must be 'anchor' or 'full', got {default_cache!r}")
     if anchor_ids is None:
         anchor_ids = _saved_anchor_ids(model)
     ids = anchor_tensor(anchor_ids)
@@ -202,6 +222,7 @@ def patch(model, anchor_ids=None) -> "torch.nn.Module":
     if state is not None:
         state.anchors = ids
         state._anchors_by_device = {ids.device: ids}
+        state.default_cache = default_cache
         return model
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
@@ -209,6 +230,7 @@ def patch(model, anchor_ids=None) -> "torch.nn.Module":
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedError("anllm_ext.patch supports decoder-only models only")
     _check_layer_types(config)
+    _check_one_device(model)
     decoder = _decoder_of(model)
     previous = config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
@@ -219,10 +241,13 @@ def patch(model, anchor_ids=None) -> "torch.nn.Module":
         for n, p in inspect.signature(decoder.forward).parameters.items()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    state = _PatchState(model, decoder, ids, previous, [], param_names)
+    state = _PatchState(decoder, ids, previous, param_names, default_cache)
     setattr(model, _STATE_ATTR, state)
-    state.handles.append(decoder.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
-    state.handles.append(decoder.register_forward_hook(_post_hook, with_kwargs=True))
+    setattr(decoder, _STATE_ATTR, state)
+    decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    decoder.register_forward_hook(_post_hook, with_kwargs=True)
+    if hasattr(type(model), "_prepare_cache_for_generation"):  # generate() without a cache gets an AnchorCache
+        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
     return model
 
 
@@ -243,11 +268,24 @@ def unpatch(model) -> "torch.nn.Module":
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         return model
-    for h in state.handles:
-        h.remove()
-    delattr(model, _STATE_ATTR)
+    decoder = _decoder_of(model)
+    _remove_hooks(decoder)
+    for module in (model, decoder):
+        module.__dict__.pop(_STATE_ATTR, None)
+    model.__dict__.pop("_prepare_cache_for_generation", None)
     model.set_attn_implementation(state.previous_impl or "sdpa")
     return model
+
+
+def _remove_hooks(decoder) -> None:
+    """Remove the patch's hooks, found by identity (no handle is kept: see :class:`_PatchState`)."""
+    for hooks, with_kwargs in (
+        (decoder._forward_pre_hooks, decoder._forward_pre_hooks_with_kwargs),
+        (decoder._forward_hooks, decoder._forward_hooks_with_kwargs),
+    ):
+        for key in [k for k, fn in hooks.items() if fn is _pre_hook or fn is _post_hook]:
+            del hooks[key]
+            with_kwargs.pop(key, None)
 
 
 class patched:
@@ -283,36 +321,104 @@ def _check_layer_types(config) -> None:
             )
 
 
+def _check_one_device(model) -> None:
+    """The layouts and the AnchorCache's slot buffers live on the input's device and the kernels need
+    them on q's device: a model split over devices (``device_map="auto"``, offloading) is refused."""
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    devices |= {str(p.device) for p in model.parameters()}
+    devices = {f"cuda:{d}" if d.isdigit() else d for d in devices}
+    if len(devices) > 1:
+        raise UnsupportedError(
+            f"{type(model).__name__} is split over devices {sorted(devices)}: anllm_ext keeps one anchor layout "
+            "per forward on the input's device and its kernels need it on every layer's device. Load the model "
+            "on one device (device_map=None or a single device, no offloading), then patch it"
+        )
+
+
+_log = logging.getLogger(__name__)
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
+    """Instance override of ``GenerationMixin._prepare_cache_for_generation`` on a patched model: where
+    transformers would create its default ``DynamicCache`` (no cache passed, no ``cache_implementation``),
+    create an :class:`AnchorCache` instead, unless the patch says ``default_cache="full"``."""
+    user_cache = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+    result = type(self)._prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, *args, **kwargs
+    )
+    state = self.__dict__.get(_STATE_ATTR)
+    if state is None or state.default_cache != "anchor" or user_cache:
+        return result
+    if generation_config.cache_implementation is not None or generation_config.use_cache is False:
+        return result
+    if generation_mode == "assisted_generation" or getattr(generation_config, "is_assistant", False):
+        _log.warning(
+            "anllm_ext: assisted decoding needs a croppable cache; this generate() keeps the full DynamicCache"
+        )
+        return result
+    from transformers import DynamicCache
+
+    for name in ("cache", "past_key_values"):
+        if type(model_kwargs.get(name)) is DynamicCache:
+            model_kwargs[name] = AnchorCache(self.config)
+    return result
+
+
 # --------------------------------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------------------------------
 
 
-def _make_pre_hook(state: _PatchState):
+def _pre_hook(module, args, kwargs):
+    state = module.__dict__.get(_STATE_ATTR)
+    if state is None:  # the hook outlived its state (a module copied without its model): do nothing
+        return None
     names = state.param_names
+    if args:  # bind positional arguments to their names once, then work on kwargs only
+        if len(args) > len(names):
+            raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
+        for name, value in zip(names, args):
+            kwargs[name] = value
+        args = ()
+    # Accept the cache under either name (`cache` in transformers >= 5.24, `past_key_values` before) and
+    # hand it to the decoder under the name its forward takes.
+    other = "past_key_values" if state.cache_name == "cache" else "cache"
+    if other in kwargs:
+        value = kwargs.pop(other)
+        if value is not None:
+            if kwargs.get(state.cache_name) is not None:
+                raise ValueError("pass the cache as `cache=` or `past_key_values=`, not both")
+            kwargs[state.cache_name] = value
+    ctx = _build_context(module, state, kwargs)
+    _check_position_ids(kwargs.get("position_ids"), ctx.q_layout)
+    kwargs["anllm_ctx"] = ctx
+    kwargs["position_ids"] = ctx.q_layout.positions
+    return args, kwargs
 
-    def pre_hook(module, args, kwargs):
-        if args:  # bind positional arguments to their names once, then work on kwargs only
-            if len(args) > len(names):
-                raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
-            for name, value in zip(names, args):
-                kwargs[name] = value
-            args = ()
-        # Accept the cache under either name (`cache` in transformers >= 5.24, `past_key_values` before) and
-        # hand it to the decoder under the name its forward takes.
-        other = "past_key_values" if state.cache_name == "cache" else "cache"
-        if other in kwargs:
-            value = kwargs.pop(other)
-            if value is not None:
-                if kwargs.get(state.cache_name) is not None:
-                    raise ValueError("pass the cache as `cache=` or `past_key_values=`, not both")
-                kwargs[state.cache_name] = value
-        ctx = _build_context(module, state, kwargs)
-        kwargs["anllm_ctx"] = ctx
-        kwargs["position_ids"] = ctx.q_layout.positions
-        return args, kwargs
 
-    return pre_hook
+def _check_position_ids(given, layout: Layout) -> None:
+    """A patched model places every token at its true absolute position: the number of real (unmasked)
+    tokens before it in its row, the cache included. ``position_ids`` that say otherwise on a real token
+    would silently be replaced, so they raise; padding entries are not compared (generate() fills them
+    with placeholders)."""
+    if given is None:
+        return
+    expected = layout.positions
+    if not isinstance(given, torch.Tensor) or given.dim() != 2 or given.shape[1] != expected.shape[1] or (
+        given.shape[0] not in (1, expected.shape[0])
+    ):
+        raise ValueError(
+            f"a patched model takes position_ids of shape [batch, tokens] = {list(expected.shape)} (or none), "
+            f"got {getattr(given, 'shape', type(given).__name__)}"
+        )
+    wrong = (given.to(expected.device) != expected) & layout.valid
+    if bool(wrong.any()):
+        b, t = (int(x) for x in wrong.nonzero()[0])
+        raise ValueError(
+            f"position_ids[{b}, {t}] = {int(given[min(b, given.shape[0] - 1), t])} but the token's true absolute "
+            f"position is {int(expected[b, t])}: a patched model places each token after the real tokens before "
+            "it (attention_mask 1) in its row, the cache included. Pass no position_ids, or these positions"
+        )
 
 
 def _build_context(module, state: _PatchState, kwargs) -> ForwardContext:
