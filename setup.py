@@ -125,7 +125,8 @@ setup(
     ext_modules=[_build_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.6", "transformers>=5.0", "safetensors", "tqdm"],
-    extras_require={"gguf": ["gguf", "accelerate"], "test": ["pytest"]},
+    install_requires=["torch>=2.6", "safetensors", "tqdm"],
+    # The ops need torch only; the transformers integration (patch, AnchorCache, generate, the CLI) needs [hf].
+    extras_require={"hf": ["transformers>=5.0"], "gguf": ["transformers>=5.0", "gguf", "accelerate"], "test": ["pytest"]},
     entry_points={"console_scripts": ["anllm=anllm_ext.cli:main"]},
 )

@@ -31,7 +31,14 @@ def __getattr__(name):
         raise AttributeError(f"module 'anllm_ext' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    try:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    except ImportError as exc:
+        if exc.name != "transformers":
+            raise
+        raise ImportError(
+            f"anllm_ext.{name} needs transformers (the ops do not): pip install 'anllm_ext[hf]'"
+        ) from exc
     globals()[name] = value
     return value
 

@@ -33,15 +33,55 @@ CLOSERS = ")]}\"'”’»`*"
 
 @dataclass(frozen=True)
 class AnchorPreset:
+    """The anchor ids of a released checkpoint, with the token each id must be in its vocabulary."""
+
     mode: str  # "ac" or "ep"
     anchor_ids: Tuple[int, ...]
     pad_id: Optional[int] = None
     description: str = ""
+    anchor_tokens: Tuple[str, ...] = ()  # the token at each anchor id in the checkpoint's tokenizer
+    pad_token: Optional[str] = None  # the token at pad_id
+
+    def check(self, tokenizer) -> None:
+        """Raise ``ValueError`` unless ``tokenizer`` has this preset's tokens at its ids: a preset on another
+        vocabulary would run with anchors that are ordinary tokens (or none), silently."""
+        expected = list(zip(self.anchor_ids, self.anchor_tokens))
+        if self.pad_id is not None and self.pad_token is not None:
+            expected.append((self.pad_id, self.pad_token))
+        for token_id, text in expected:
+            found = _token_text(tokenizer, token_id)
+            if found is None or (found != text and found.strip() != text):
+                where = "is not in this vocabulary" if found is None else f"is {found!r} in this tokenizer"
+                raise ValueError(
+                    f"anchor preset {self.description!r} needs {text!r} at id {token_id}, but id {token_id} {where}; "
+                    "presets fit the released AnLLM checkpoints only. For other models use 'ep', 'ac' or ids"
+                )
+
+    def apply(self, tokenizer, model=None) -> List[int]:
+        """Check the tokenizer (:meth:`check`), give it the checkpoint's padding token when it has none (and
+        ``model.generation_config`` its ``pad_token_id``), and return the anchor ids."""
+        self.check(tokenizer)
+        if self.pad_id is not None:
+            if getattr(tokenizer, "pad_token_id", None) is None:
+                tokenizer.pad_token = _token_text(tokenizer, self.pad_id)
+            gen = getattr(model, "generation_config", None)
+            if gen is not None and getattr(gen, "pad_token_id", None) is None:
+                gen.pad_token_id = self.pad_id
+        return list(self.anchor_ids)
+
+
+def _token_text(tokenizer, token_id: int) -> Optional[str]:
+    """The token string of ``token_id`` (None when the id is outside the vocabulary)."""
+    if token_id < 0 or token_id >= len(tokenizer):
+        return None
+    text = tokenizer.convert_ids_to_tokens(token_id)
+    return text if isinstance(text, str) else None
 
 
 PRESETS = {
-    "anllm-ac": AnchorPreset("ac", (32001,), 32000, "AnLLM-AC (Llama-2-7B): <AC> = 32001, [PAD] = 32000"),
-    "anllm-ep": AnchorPreset("ep", (29889,), None, "AnLLM-EP (Llama-2-7B): '.' = 29889"),
+    "anllm-ac": AnchorPreset("ac", (32001,), 32000, "AnLLM-AC (Llama-2-7B): <AC> = 32001, [PAD] = 32000",
+                             (AC_TOKEN,), "[PAD]"),
+    "anllm-ep": AnchorPreset("ep", (29889,), None, "AnLLM-EP (Llama-2-7B): '.' = 29889", (".",)),
 }
 
 
@@ -194,10 +234,13 @@ def decode(tokenizer, ids, anchor_ids: Iterable[int] = (), skip_special_tokens: 
 
 def resolve_anchors(spec: str, tokenizer=None, model=None) -> List[int]:
     """Anchor ids from a CLI-style spec: ``ep`` (periods), ``ep:.!?``, ``ac`` (adds ``<AC>``),
-    a preset name (``anllm-ac``/``anllm-ep``) or a comma-separated list of ids."""
+    a preset name (``anllm-ac``/``anllm-ep``) or a comma-separated list of ids.
+
+    A preset given a tokenizer is checked against it and sets its padding token (:meth:`AnchorPreset.apply`)."""
     spec = spec.strip()
     if spec in PRESETS:
-        return list(PRESETS[spec].anchor_ids)
+        preset = PRESETS[spec]
+        return preset.apply(tokenizer, model) if tokenizer is not None else list(preset.anchor_ids)
     if spec == "ep" or spec.startswith("ep:"):
         if tokenizer is None:
             raise ValueError("EP anchors need the tokenizer")
