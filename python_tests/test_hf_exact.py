@@ -62,6 +62,10 @@ def stream(B, T, seed=0, anchor_p=0.15, left_pad=()):
     return ids, mask
 
 
+def on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
+
+
 def single_pass_logits(model, ids, mask=None):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -89,9 +93,9 @@ def assert_close_valid(a, b, mask, atol=2e-5, rtol=1e-5):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
-def test_cached_equals_single_pass(family, chunk):
-    model = patch(tiny_model(family), ANCHOR)
-    ids, mask = stream(1, 48, seed=1)
+def test_cached_equals_single_pass(family, chunk, device):
+    model = patch(tiny_model(family), ANCHOR).to(device)
+    ids, mask = on(device, *stream(1, 48, seed=1))
     ref = single_pass_logits(model, ids, mask)
     got, cache = cached_logits(model, ids, mask, n_prompt=36, chunk=chunk)
     assert_close_valid(got, ref, mask)
@@ -100,9 +104,9 @@ def test_cached_equals_single_pass(family, chunk):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_cached_batch_mixed_left_padding(family):
-    model = patch(tiny_model(family), ANCHOR)
-    ids, mask = stream(3, 40, seed=2, left_pad=(0, 5, 11))
+def test_cached_batch_mixed_left_padding(family, device):
+    model = patch(tiny_model(family), ANCHOR).to(device)
+    ids, mask = on(device, *stream(3, 40, seed=2, left_pad=(0, 5, 11)))
     ref = single_pass_logits(model, ids, mask)
     got, cache = cached_logits(model, ids, mask, n_prompt=30, chunk=7)
     assert_close_valid(got, ref, mask)
@@ -111,9 +115,9 @@ def test_cached_batch_mixed_left_padding(family):
         assert bool(cache.kept_layout(row).valid.all())
 
 
-def test_batch_rows_equal_rows_alone():
-    model = patch(tiny_model("llama"), ANCHOR)
-    ids, mask = stream(3, 40, seed=3, left_pad=(4, 0, 9))
+def test_batch_rows_equal_rows_alone(device):
+    model = patch(tiny_model("llama"), ANCHOR).to(device)
+    ids, mask = on(device, *stream(3, 40, seed=3, left_pad=(4, 0, 9)))
     batched, _ = cached_logits(model, ids, mask, n_prompt=28, chunk=6)
     for b in range(3):
         n = int((mask[b] == 0).sum())
@@ -122,16 +126,17 @@ def test_batch_rows_equal_rows_alone():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_single_pass_equals_eager_dense_mask_with_grads(family):
-    model = patch(tiny_model(family), ANCHOR)
+def test_single_pass_equals_eager_dense_mask_with_grads(family, device):
+    model = patch(tiny_model(family), ANCHOR).to(device)
     eager = copy.deepcopy(model)
     unpatch(eager)
     eager.set_attn_implementation("eager")
-    ids, mask = stream(2, 33, seed=4, left_pad=(0, 6))
+    ids, mask = on(device, *stream(2, 33, seed=4, left_pad=(0, 6)))
     layout = token_layout(ids, ANCHOR, mask)
     allowed = ansan_mask(layout, layout)[:, None]  # [B,1,T,T]
-    additive = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    w = torch.randn(2, 33, VOCAB)
+    additive = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)
+    w = torch.randn(2, 33, VOCAB).to(device)
     keep = mask.bool()
 
     model.train()  # dropout is 0 in these configs; training mode must work
@@ -146,9 +151,9 @@ def test_single_pass_equals_eager_dense_mask_with_grads(family):
         torch.testing.assert_close(p.grad, grads_e[name].grad, atol=2e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_padding_outputs_are_finite():
-    model = patch(tiny_model("llama"), ANCHOR)
-    ids, mask = stream(2, 20, seed=5, left_pad=(0, 8))
+def test_padding_outputs_are_finite(device):
+    model = patch(tiny_model("llama"), ANCHOR).to(device)
+    ids, mask = on(device, *stream(2, 20, seed=5, left_pad=(0, 8)))
     out = single_pass_logits(model, ids, mask)
     assert torch.isfinite(out).all()
 
@@ -172,9 +177,9 @@ def test_no_anchor_input_equals_unpatched(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_greedy_generation_equals_repeated_single_passes(family):
-    model = patch(tiny_model(family, seed=3), ANCHOR)
-    ids, mask = stream(2, 26, seed=7, left_pad=(0, 4))
+def test_greedy_generation_equals_repeated_single_passes(family, device):
+    model = patch(tiny_model(family, seed=3), ANCHOR).to(device)
+    ids, mask = on(device, *stream(2, 26, seed=7, left_pad=(0, 4)))
     n_new = 12
     out, cache = anllm_ext.generate(model, ids, mask, prefill_chunk=6, max_new_tokens=n_new,
                                     return_cache=True, pad_token_id=0)
@@ -187,9 +192,9 @@ def test_greedy_generation_equals_repeated_single_passes(family):
     assert cache.stats()["tokens_seen"] == 26 + n_new - 1
 
 
-def test_generated_anchor_triggers_compaction():
-    model = patch(tiny_model("llama", seed=3), ANCHOR)
-    ids, _ = stream(1, 20, seed=8, anchor_p=0.0)
+def test_generated_anchor_triggers_compaction(device):
+    model = patch(tiny_model("llama", seed=3), ANCHOR).to(device)
+    ids, = on(device, stream(1, 20, seed=8, anchor_p=0.0)[0])
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class OnlyAnchor(LogitsProcessor):  # every generated token is an anchor
@@ -207,9 +212,9 @@ def test_generated_anchor_triggers_compaction():
     assert cache.lengths() == [4]  # 5 generated anchors, the last not yet fed back
 
 
-def test_sampling_and_beam_search_run():
-    model = patch(tiny_model("llama"), ANCHOR)
-    ids, mask = stream(2, 18, seed=9, left_pad=(0, 3))
+def test_sampling_and_beam_search_run(device):
+    model = patch(tiny_model("llama"), ANCHOR).to(device)
+    ids, mask = on(device, *stream(2, 18, seed=9, left_pad=(0, 3)))
     torch.manual_seed(0)
     s = anllm_ext.generate(model, ids, mask, max_new_tokens=5, do_sample=True, top_k=10, prefill_chunk=8, pad_token_id=0)
     assert s.shape == (2, 23)
@@ -220,9 +225,9 @@ def test_sampling_and_beam_search_run():
     assert torch.equal(b, ref)
 
 
-def test_dynamic_cache_on_patched_model_is_exact():
-    model = patch(tiny_model("llama"), ANCHOR)
-    ids, mask = stream(2, 30, seed=10, left_pad=(3, 0))
+def test_dynamic_cache_on_patched_model_is_exact(device):
+    model = patch(tiny_model("llama"), ANCHOR).to(device)
+    ids, mask = on(device, *stream(2, 30, seed=10, left_pad=(3, 0)))
     ref = single_pass_logits(model, ids, mask)
     with torch.no_grad():
         out = model(input_ids=ids[:, :20], attention_mask=mask[:, :20], use_cache=True)
@@ -234,9 +239,9 @@ def test_dynamic_cache_on_patched_model_is_exact():
     assert_close_valid(torch.cat(steps, 1), ref, mask)
 
 
-def test_peak_bounded_by_anchors_open_segment_and_chunk():
-    model = patch(tiny_model("llama"), ANCHOR)
-    ids, _ = stream(1, 300, seed=11, anchor_p=0.1)
+def test_peak_bounded_by_anchors_open_segment_and_chunk(device):
+    model = patch(tiny_model("llama"), ANCHOR).to(device)
+    ids, = on(device, stream(1, 300, seed=11, anchor_p=0.1)[0])
     chunk = 32
     cache, _ = prefill(model, ids, chunk_size=chunk)
     lay = token_layout(ids, ANCHOR)
@@ -279,13 +284,13 @@ def test_errors_are_clear():
         AnchorCache(model.config).crop(-1)
 
 
-def test_beam_search_with_many_generated_anchors():
+def test_beam_search_with_many_generated_anchors(device):
     """Beams that generate different anchors: the AnchorCache (rows reordered with the beams) and
     transformers' DynamicCache on the patched model (layout rows follow the reordering) agree, and the
     best beam's score equals a single masked pass over the final sequence."""
     many = list(range(7, 27))  # 20 of 64 ids are anchors: beams close segments at different places
-    model = patch(tiny_model("llama", seed=5), many)
-    ids, mask = stream(2, 20, seed=13, left_pad=(0, 5))
+    model = patch(tiny_model("llama", seed=5), many).to(device)
+    ids, mask = on(device, *stream(2, 20, seed=13, left_pad=(0, 5)))
     kw = dict(max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
     a = anllm_ext.generate(model, ids, mask, prefill_chunk=6, **kw)
@@ -293,7 +298,7 @@ def test_beam_search_with_many_generated_anchors():
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.sequences_scores, b.sequences_scores, atol=1e-4, rtol=1e-4)
     gen = a.sequences[:, 20:]
-    assert bool(torch.isin(gen, torch.tensor(many)).any())
+    assert bool(torch.isin(gen, torch.tensor(many, device=device)).any())
     # the sequence score is the length-normalised sum of the chosen tokens' log-probs of one pass
     full_mask = torch.cat([mask, torch.ones_like(gen)], 1)
     logp = torch.log_softmax(single_pass_logits(model, a.sequences, full_mask)[:, 19:-1], -1)
@@ -325,16 +330,16 @@ def test_gradient_checkpointing_and_inputs_embeds():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_cached_and_single_pass(dtype):
+def test_reduced_precision_cached_and_single_pass(dtype, device):
     """bf16/fp16 models: the patched pass and anchor-cached inference agree with the fp32 computation
     about as well as transformers' own attention at that dtype does."""
-    model32 = tiny_model("llama")
-    ids, mask = stream(2, 40, seed=6)  # no padding: eager attention at low precision turns it into NaN
+    model32 = tiny_model("llama").to(device)
+    ids, mask = on(device, *stream(2, 40, seed=6))  # no padding: eager attention at low precision turns it into NaN
     layout = token_layout(ids, ANCHOR, mask)
     dense = ansan_mask(layout, layout)[:, None]
 
     def eager_logits(m, dt):
-        additive = torch.zeros(dense.shape, dtype=dt).masked_fill(~dense, torch.finfo(dt).min)
+        additive = torch.zeros(dense.shape, dtype=dt, device=device).masked_fill(~dense, torch.finfo(dt).min)
         with torch.no_grad():
             return m(input_ids=ids, attention_mask=additive, position_ids=layout.positions, use_cache=False).logits.float()
 
