@@ -34,7 +34,7 @@ def __getattr__(name):
     try:
         value = getattr(importlib.import_module(f".{module}", __name__), name)
     except ImportError as exc:
-        if exc.name != "transformers":
+        if (exc.name or "").partition(".")[0] != "transformers":
             raise
         raise ImportError(
             f"anllm_ext.{name} needs transformers (the ops do not): pip install 'anllm_ext[hf]'"
