@@ -104,3 +104,26 @@ class AnchorConfig:
             if ac not in self.anchor_ids:
                 raise ValueError(f"the tokenizer maps {self.ac_token!r} to {ac}, not to an anchor id {self.anchor_ids}")
 
+
+
+def make_anchor_config(mode: str, tokenizer, model=None, punctuation: str = ".", anchor_ids=None,
+                       ac_init: str = "period") -> AnchorConfig:
+    """The anchor configuration for ``mode`` on this tokenizer (and model).
+
+    ``"ac"`` adds ``<AC>`` to the tokenizer and the model's embeddings (``ac_init``: ``"period"`` copies the
+    row of ``"."`` as the authors' code does, ``"mean"`` the mean row as the paper says); ``"ep"`` takes every
+    token ending a sentence with ``punctuation``; ``"ids"`` takes ``anchor_ids`` as given.
+    """
+    from .anchors import AC_TOKEN, add_ac_token, ep_anchor_ids
+
+    if mode == "ac":
+        return AnchorConfig("ac", [add_ac_token(tokenizer, model, init=ac_init)], ac_token=AC_TOKEN)
+    if mode == "ep":
+        return AnchorConfig("ep", ep_anchor_ids(tokenizer, punctuation), punctuation=punctuation)
+    if mode == "ids":
+        if not anchor_ids:
+            raise ValueError("anchor mode 'ids' needs anchor_ids")
+        config = AnchorConfig("ids", list(anchor_ids))
+        config.check_tokenizer(tokenizer)
+        return config
+    raise ValueError(f"anchor mode must be one of {MODES}, got {mode!r}")

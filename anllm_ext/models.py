@@ -141,10 +141,42 @@ def load_model(
     path = default_model_dir(verbose=verbose) if model is None else Path(model).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (only local directories are supported)")
+    if (path / "adapter_config.json").is_file():
+        return load_adapter(path, dtype, device, attn_implementation, verbose)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     mdl = AutoModelForCausalLM.from_pretrained(
         str(path), local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
     )
+    mdl.to(device).eval()
+    return mdl, tok
+
+
+def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementation: str = "sdpa",
+                 verbose: bool = False):
+    """(model, tokenizer) from a LoRA adapter directory written by ``anllm train --lora``: its base model
+    (``base_model`` in ``anllm_config.json``: ``"bundled"`` or a path), the ``<AC>`` row added as in training,
+    the adapter merged in, and the anchor configuration attached (so ``anllm_ext.patch(model)`` needs no ids)."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import CONFIG_FILE, AnchorConfig
+
+    own = path / CONFIG_FILE
+    if not own.is_file():
+        raise FileNotFoundError(f"{path} is a PEFT adapter without {CONFIG_FILE}: load it with peft on its base model")
+    base = json.loads(own.read_text(encoding="utf-8")).get("base_model", "bundled")
+    base_dir = default_model_dir(verbose=verbose) if base == "bundled" else Path(base)
+    config = AnchorConfig.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    mdl = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+    )
+    if mdl.get_input_embeddings().weight.shape[0] < len(tok):  # AC mode: the trained <AC> row is in the adapter
+        mdl.resize_token_embeddings(len(tok), mean_resizing=False)
+    mdl = PeftModel.from_pretrained(mdl, str(path)).merge_and_unload()
+    config.attach(mdl)
     mdl.to(device).eval()
     return mdl, tok
 

@@ -1,0 +1,209 @@
+"""Training and evaluation data for AnLLMs: local files -> documents -> token blocks -> padded batches.
+
+Rules (SPEC sections 2 and 5):
+
+- Files are read with Hugging Face ``datasets``: plain text (each *file* is one document), JSONL/JSON and
+  parquet (each *row* is one document, its text in ``text_field``).
+- AC mode appends the ``<AC>`` token after every sentence (:func:`anllm_ext.anchors.insert_ac`); EP mode
+  keeps the text, its sentence-final periods being the anchors.
+- A document longer than ``block_size`` tokens is cut into blocks at anchor boundaries (sentence ends),
+  as many whole sentences per block as fit; only a single sentence longer than a block is cut inside.
+- One block per row, **no packing**: rows never see each other, and a batch is padded to its longest
+  row (dynamic padding), as in the paper's recipe. Packing several documents into one row would let a
+  document's tokens see the previous document's anchors under the AnSAN mask (anchors stay visible to
+  every later token); per-row blocks avoid that without a document id in the layout.
+- Labels: every real token, anchors included; -100 on padding (the model shifts labels itself).
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+
+from .anchors import insert_ac
+from .config import AnchorConfig
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+IGNORE_INDEX = -100
+
+
+def _kind(path: str) -> Optional[str]:
+    name = path.lower()
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    return None
+
+
+def list_data_files(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> Dict[str, List[str]]:
+    """Files grouped by loader (``text`` / ``json`` / ``parquet``); directories are searched recursively."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    groups: Dict[str, List[str]] = {}
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if os.path.isfile(f))
+            found = [f for f in found if _kind(f)]
+            if not found:
+                raise ValueError(f"{p} holds no text ({'/'.join(TEXT_SUFFIXES)}), JSONL or parquet files")
+        elif os.path.isfile(p):
+            if _kind(p) is None:
+                raise ValueError(f"{p}: unknown file type (text {TEXT_SUFFIXES}, JSON {JSON_SUFFIXES}, parquet)")
+            found = [p]
+        else:
+            raise FileNotFoundError(f"no such file or directory: {p}")
+        for f in found:
+            groups.setdefault(_kind(f), []).append(f)
+    return groups
+
+
+def load_documents(paths, text_field: str = "text"):
+    """A ``datasets.Dataset`` with one document per row in the column ``text``.
+
+    Text files give one document each (``sample_by="document"``); JSONL/parquet rows give one each,
+    read from ``text_field``. Empty documents are dropped; no document at all is an error.
+    """
+    import datasets
+
+    parts = []
+    for kind, files in list_data_files(paths).items():
+        if kind == "text":
+            ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+        else:
+            ds = datasets.load_dataset(kind, data_files=files, split="train")
+            if text_field not in ds.column_names:
+                raise ValueError(f"{files[0]}: rows have no field {text_field!r} (fields: {ds.column_names})")
+            if text_field != "text":
+                ds = ds.map(lambda r: {"text": r[text_field]})
+        parts.append(ds.select_columns(["text"]))
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    ds = ds.filter(lambda r: isinstance(r["text"], str) and r["text"].strip() != "")
+    if len(ds) == 0:
+        raise ValueError(f"no non-empty document in {paths}")
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# Documents -> blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def anchor_text(text: str, config: AnchorConfig) -> str:
+    """The text as the model sees it: AC mode inserts the anchor token after every sentence."""
+    if config.mode == "ac" and config.ac_token not in text:
+        return insert_ac(text, config.ac_token)
+    return text
+
+
+def split_blocks(ids: Sequence[int], anchor_ids: Iterable[int], block_size: int) -> List[List[int]]:
+    """Cut ``ids`` into blocks of at most ``block_size`` tokens, at anchors where possible.
+
+    Whole segments (up to and including their anchor) are packed greedily into a block; a segment
+    longer than ``block_size`` is cut into ``block_size`` pieces.
+    """
+    if block_size < 2:
+        raise ValueError("block_size must be >= 2")
+    anchors = set(int(a) for a in anchor_ids)
+    segments, start = [], 0
+    for i, t in enumerate(ids):
+        if t in anchors:
+            segments.append(ids[start : i + 1])
+            start = i + 1
+    if start < len(ids):
+        segments.append(ids[start:])
+    blocks: List[List[int]] = []
+    current: List[int] = []
+    for seg in segments:
+        if len(current) + len(seg) <= block_size:
+            current.extend(seg)
+            continue
+        if current:
+            blocks.append(current)
+            current = []
+        while len(seg) > block_size:
+            blocks.append(list(seg[:block_size]))
+            seg = seg[block_size:]
+        current = list(seg)
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def encode_document(text: str, tokenizer, config: AnchorConfig, block_size: int, min_tokens: int = 2) -> List[List[int]]:
+    """One document -> token blocks (BOS first in every block when the tokenizer uses one)."""
+    ids = tokenizer(anchor_text(text, config), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    blocks = split_blocks(ids, config.anchor_ids, block_size - len(bos))
+    return [bos + b for b in blocks if len(b) + len(bos) >= min_tokens]
+
+
+def encode_documents(texts: Iterable[str], tokenizer, config: AnchorConfig, block_size: int) -> List[List[int]]:
+    """Every document's blocks, in order."""
+    out: List[List[int]] = []
+    for text in texts:
+        out.extend(encode_document(text, tokenizer, config, block_size))
+    return out
+
+
+def tokenize_dataset(ds, tokenizer, config: AnchorConfig, block_size: int, num_proc: Optional[int] = None):
+    """``datasets`` map: documents (column ``text``) -> blocks (column ``input_ids``, one block per row)."""
+    config.check_tokenizer(tokenizer)
+
+    def encode(batch):
+        return {"input_ids": encode_documents(batch["text"], tokenizer, config, block_size)}
+
+    out = ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
+                 desc=f"anchor blocks ({config.mode}, {block_size} tokens)")
+    if len(out) == 0:
+        raise ValueError("the documents gave no block of at least 2 tokens")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnchorDataCollator:
+    """Pads a list of ``{"input_ids": [...]}`` to the longest row (right padding, attention mask 0) and
+    sets labels = input ids on real tokens (anchors included), ``-100`` on padding.
+
+    ``pad_to_multiple_of`` rounds the padded length up (fewer distinct shapes)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: Optional[int] = None
+
+    def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("empty batch")
+        rows = [list(f["input_ids"]) for f in features]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("a row of the batch has no tokens")
+        T = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = len(r)
+            ids[b, :n] = torch.tensor(r, dtype=torch.long)
+            mask[b, :n] = 1
+            labels[b, :n] = ids[b, :n]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

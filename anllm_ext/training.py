@@ -1,0 +1,339 @@
+"""AnSAN training: turn a causal LM into an anchor-based LLM with the Hugging Face ``Trainer``.
+
+The model is patched (:func:`anllm_ext.patch`), so every training forward runs under the AnSAN mask
+through the fused kernel and its backward; the rest is transformers' own ``Trainer`` (checkpoints,
+resume, logging, gradient accumulation and checkpointing, bf16, DDP under ``torchrun``, FSDP and
+DeepSpeed through ``--fsdp`` / ``--deepspeed``) and optionally PEFT LoRA.
+
+Python API::
+
+    from anllm_ext.training import AnLLMArguments, AnLLMTrainingArguments, train
+    result = train(AnLLMArguments(data=["docs/"], anchor_mode="ac"),
+                   AnLLMTrainingArguments(output_dir="out", max_steps=100))
+
+CLI: ``anllm train --data DIR --anchor-mode ac --output-dir out --max-steps 100`` (every
+``TrainingArguments`` option is accepted too). Defaults follow the paper (SPEC section 5): lr 2e-5
+constant after 20 warm-up steps, weight decay 0, loss on all tokens including anchors, no packing.
+
+A run ends with held-out perplexity in three modes (full attention, one AnSAN pass, the anchor-cached
+path with chunked prefill and compaction) and the KV kept, written to ``anllm_results.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+RESULTS_FILE = "anllm_results.json"
+
+
+@dataclass
+class AnLLMArguments:
+    """What to train and on which data (the anchor side of a run)."""
+
+    data: List[str] = field(default_factory=list, metadata={"help": "training files or directories (text, JSONL, parquet)"})
+    model: Optional[str] = field(default=None, metadata={"help": "local model directory (default: bundled SmolLM2-135M)"})
+    anchor_mode: Optional[str] = field(default=None, metadata={
+        "help": "ac (add <AC> after every sentence), ep (sentence-final punctuation) or ids; default: the "
+                "model's saved anchor configuration, else ep"})
+    anchor_ids: Optional[List[int]] = field(default=None, metadata={"help": "explicit anchor ids (mode ids)"})
+    punctuation: str = field(default=".", metadata={"help": "EP anchors: sentence-final punctuation"})
+    ac_init: str = field(default="period", metadata={"help": "AC embedding init: period (authors' code) or mean (paper)"})
+    text_field: str = field(default="text", metadata={"help": "the text field of JSONL / parquet rows"})
+    block_size: int = field(default=512, metadata={"help": "tokens per training row (documents split at sentences)"})
+    eval_data: List[str] = field(default_factory=list, metadata={"help": "held-out files (default: a split of --data)"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "share of documents held out when --eval-data is absent"})
+    eval_blocks: int = field(default=32, metadata={"help": "held-out blocks scored at the start and end (0: none)"})
+    eval_before: bool = field(default=True, metadata={"help": "also score the model before training"})
+    prefill_chunk: int = field(default=128, metadata={"help": "chunk size of the anchor-cached evaluation"})
+    max_tokens: Optional[int] = field(default=None, metadata={"help": "stop after this many training tokens (all ranks)"})
+    max_minutes: Optional[float] = field(default=None, metadata={"help": "stop after this many minutes of training"})
+    lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (PEFT) instead of all weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules (comma list or all-linear)"})
+    adapter_dtype: str = field(default="bfloat16", metadata={"help": "dtype the LoRA adapter is saved in (float32, bfloat16, float16)"})
+    merge_lora: bool = field(default=True, metadata={"help": "also save the merged model (loads without peft)"})
+    threads: int = field(default=0, metadata={"help": "torch threads per process (0: torch's default)"})
+
+    def __post_init__(self):
+        if self.anchor_mode is not None and self.anchor_mode not in ("ac", "ep", "ids"):
+            raise ValueError(f"unknown anchor mode {self.anchor_mode!r}: use ac, ep or ids")
+        if self.anchor_ids and self.anchor_mode not in (None, "ids"):
+            raise ValueError("anchor_ids go with anchor_mode='ids'")
+        if self.block_size < 8:
+            raise ValueError("block_size must be >= 8")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+
+
+@dataclass
+class AnLLMTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the paper's defaults (SPEC section 5)."""
+
+    output_dir: Optional[str] = field(default="anllm-out", metadata={"help": "where checkpoints and the model go"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (paper: 2e-5)"})
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "paper: constant after warm-up"})
+    warmup_steps: float = field(default=20, metadata={"help": "warm-up steps (paper: 20)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "paper: 0"})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "rows per device and step"})
+    logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
+    save_steps: float = field(default=200, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "checkpoints kept"})
+    report_to: Optional[str] = field(default="none", metadata={"help": "loggers (tensorboard, wandb, ...)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collator's columns"})
+    include_num_input_tokens_seen: Optional[str] = field(default="non_padding", metadata={"help": "count real tokens"})
+    group_by_length: bool = field(default=True, metadata={"help": "batch rows of similar length (less padding)"})
+
+
+class BudgetCallback(TrainerCallback):
+    """Stops training after a token budget (real tokens, all ranks) or a wall-clock budget."""
+
+    def __init__(self, max_tokens: Optional[int] = None, max_minutes: Optional[float] = None):
+        self.max_tokens, self.max_minutes = max_tokens, max_minutes
+        self._start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.max_tokens is not None and state.num_input_tokens_seen >= self.max_tokens:
+            control.should_training_stop = True
+        if self.max_minutes is not None and time.monotonic() - self._start >= 60.0 * self.max_minutes:
+            control.should_training_stop = True
+        return control
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps of a run
+# --------------------------------------------------------------------------------------------------
+
+
+def load_for_training(args: AnLLMArguments):
+    """(model, tokenizer, anchor config): the model loaded in fp32, patched with its anchors."""
+    from .config import AnchorConfig, make_anchor_config
+    from .hf import patch
+    from .models import load_model
+
+    model, tok = load_model(args.model)
+    saved = AnchorConfig.from_model(model)
+    if saved is not None and args.anchor_mode in (None, saved.mode) and not args.anchor_ids:
+        config = saved
+    else:
+        config = make_anchor_config(args.anchor_mode or "ep", tok, model, punctuation=args.punctuation,
+                                    anchor_ids=args.anchor_ids, ac_init=args.ac_init)
+    config.check_tokenizer(tok)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    config.attach(model)
+    patch(model, config.anchor_ids)
+    model.train()
+    return model, tok, config
+
+
+def build_datasets(args: AnLLMArguments, tok, config, seed: int):
+    """(train blocks, held-out blocks) as ``datasets.Dataset`` with ``input_ids``; documents, not blocks, are
+    split, so no held-out text is trained on."""
+    from .data import load_documents, tokenize_dataset
+
+    docs = load_documents(args.data, args.text_field)
+    if args.eval_data:
+        train_docs, eval_docs = docs, load_documents(args.eval_data, args.text_field)
+    elif args.eval_blocks and args.eval_fraction > 0:
+        if len(docs) < 2:
+            raise ValueError("one document cannot be split into training and held-out parts; pass --eval-data")
+        split = docs.train_test_split(test_size=args.eval_fraction, seed=seed)
+        train_docs, eval_docs = split["train"], split["test"]
+    else:
+        train_docs, eval_docs = docs, None
+    train_ds = tokenize_dataset(train_docs, tok, config, args.block_size)
+    eval_ds = None
+    if eval_docs is not None and args.eval_blocks:
+        eval_ds = tokenize_dataset(eval_docs, tok, config, args.block_size).shuffle(seed=seed)
+        eval_ds = eval_ds.select(range(min(args.eval_blocks, len(eval_ds))))
+    return train_ds, eval_ds
+
+
+def add_lora(model, args: AnLLMArguments, config):
+    """Wrap the patched model in a PEFT LoRA model; in AC mode the ``<AC>`` embedding row trains too."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    extra = {}
+    if config.mode == "ac":
+        extra["trainable_token_indices"] = {"embed_tokens": list(config.anchor_ids)}
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                      task_type="CAUSAL_LM", **extra)
+    return get_peft_model(model, lora)
+
+
+def evaluate_blocks(model, eval_ds, args: AnLLMArguments, label: str) -> Optional[dict]:
+    """Held-out perplexity in the three modes (see :func:`anllm_ext.evaluation.perplexity`)."""
+    if eval_ds is None or len(eval_ds) == 0:
+        return None
+    from .evaluation import perplexity
+
+    if hasattr(model, "get_base_model"):  # PEFT: the patched transformers model, LoRA layers in place
+        model = model.get_base_model()
+    was_training = model.training
+    model.eval()
+    try:
+        result = perplexity(model, [list(r) for r in eval_ds["input_ids"]], prefill_chunk=args.prefill_chunk)
+    finally:
+        model.train(was_training)
+    result = result.to_dict() if hasattr(result, "to_dict") else result
+    print(f"anllm train: held-out perplexity {label}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def save_anllm(trainer, model, tok, config, args: AnLLMArguments, output_dir: str) -> str:
+    """Save the trained AnLLM so that ``load_model(output_dir)`` + ``patch(model)`` restore it.
+
+    Full fine-tuning: the model (its ``config.json`` carries the anchors), tokenizer, ``anllm_config.json``.
+    LoRA: the adapter in ``output_dir/adapter`` (small; the anchors beside it) and, with ``merge_lora``, the
+    merged model in ``output_dir`` itself, so plain transformers loads it without peft.
+    """
+    out = Path(output_dir)
+    if args.lora:
+        adapter_dir = out / "adapter"
+        # the <AC> row travels as PEFT's trainable-token delta: never the whole (resized) embedding matrix
+        model.save_pretrained(adapter_dir, save_embedding_layers=False)
+        _cast_safetensors(adapter_dir, getattr(torch, args.adapter_dtype))
+        tok.save_pretrained(adapter_dir)
+        config.save_pretrained(adapter_dir)
+        _record_base(adapter_dir, args.model)
+        if not args.merge_lora:
+            return str(adapter_dir)
+        merged = model.merge_and_unload()
+        config.attach(merged)
+        merged.save_pretrained(out)
+    else:
+        trainer.save_model(str(out))
+    tok.save_pretrained(out)
+    config.save_pretrained(out)
+    return str(out)
+
+
+def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
+    """Store the floating-point tensors of every safetensors file in ``directory`` as ``dtype`` (a bf16
+    adapter is half the size; peft casts it back to the model's dtype when loading)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in directory.glob("*.safetensors"):
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _record_base(adapter_dir: Path, base: Optional[str]) -> None:
+    """Name the base model in ``anllm_config.json``: ``"bundled"`` for the default model, else its path."""
+    path = adapter_dir / "anllm_config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["base_model"] = "bundled" if base is None else str(Path(base).resolve())
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
+    """Run AnSAN training end to end; returns (and writes to ``anllm_results.json``) the run's results."""
+    from transformers import Trainer, set_seed
+
+    from .data import AnchorDataCollator
+
+    if not args.data:
+        raise ValueError("no training data: pass data=[files or directories]")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_seed(training_args.seed)
+    model, tok, config = load_for_training(args)
+    with training_args.main_process_first(desc="tokenize"):
+        train_ds, eval_ds = build_datasets(args, tok, config, training_args.seed)
+    is_main = training_args.process_index == 0
+    results = {"anchor_config": config.to_dict(), "train_blocks": len(train_ds),
+               "train_tokens_available": int(sum(len(r) for r in train_ds["input_ids"])),
+               "eval_blocks": 0 if eval_ds is None else len(eval_ds)}
+    if is_main and args.eval_before:
+        results["eval_before"] = evaluate_blocks(model, eval_ds, args, "before training")
+    if args.lora:
+        model = add_lora(model, args, config)
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=train_ds, processing_class=tok,
+        data_collator=AnchorDataCollator(tok.pad_token_id),
+        callbacks=[BudgetCallback(args.max_tokens, args.max_minutes)],
+    )
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    results.update(train_seconds=time.time() - started, train_steps=trainer.state.global_step,
+                   train_tokens=int(trainer.state.num_input_tokens_seen), train_loss=output.training_loss,
+                   log_history=trainer.state.log_history)
+    if not is_main:
+        return results
+    saved = save_anllm(trainer, model, tok, config, args, training_args.output_dir)
+    results["saved_to"] = saved
+    eval_model = model.get_base_model() if args.lora and not args.merge_lora else (
+        model if not args.lora else _reload_merged(saved))
+    results["eval_after"] = evaluate_blocks(eval_model, eval_ds, args, "after training")
+    write_results(results, training_args.output_dir)
+    return results
+
+
+def _reload_merged(path: str):
+    from .hf import patch
+    from .models import load_model
+
+    merged, _ = load_model(path)
+    return patch(merged)
+
+
+def write_results(results: dict, output_dir: str) -> Path:
+    path = Path(output_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    print(f"anllm train: results in {path}", flush=True)
+    return path
+
+
+def _json_default(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: `anllm train` (every field of AnLLMArguments and of TrainingArguments is an option)
+# --------------------------------------------------------------------------------------------------
+
+_DATACLASSES = (AnLLMArguments, AnLLMTrainingArguments)
+
+
+def add_train_parser(subparsers) -> None:
+    from transformers import HfArgumentParser
+
+    fields_parser = HfArgumentParser(_DATACLASSES, add_help=False)
+    p = subparsers.add_parser(
+        "train", parents=[fields_parser], help="AnSAN training (continual pretraining) of a causal LM",
+        description="Train a causal LM under the AnSAN mask with the Hugging Face Trainer. Every "
+                    "transformers TrainingArguments option is accepted (--bf16, --gradient-checkpointing, "
+                    "--deepspeed, --fsdp, --resume-from-checkpoint, ...).")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(ns) -> int:
+    import dataclasses
+
+    values = vars(ns)
+    parsed = [cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
+              for cls in _DATACLASSES]
+    results = train(*parsed)
+    after = results.get("eval_after")
+    if after:
+        print(json.dumps({"eval_after": after}, indent=2))
+    return 0

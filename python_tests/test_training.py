@@ -1,0 +1,298 @@
+"""AnSAN training: the data rules, the Trainer run, saving/loading an AnLLM, LoRA, and bad inputs.
+
+The pipeline tests use the bundled SmolLM2 tokenizer (the real vocabulary: EP periods merged with other
+characters, the added <AC> token) on a tiny random Llama so that training steps take a fraction of a second.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import anllm_ext
+from anllm_ext.config import AnchorConfig, make_anchor_config
+from anllm_ext.data import AnchorDataCollator, encode_document, load_documents, split_blocks, tokenize_dataset
+from anllm_ext.layout import token_layout
+from anllm_ext.reference import ansan_mask
+from helpers import needs_smollm2
+
+TEXT = (
+    "The keeper climbed the stairs. He trimmed the wick and wound the clock. Ships saw the beam! Did they "
+    "trust it? Sailors trusted that rhythm more than any chart.\n\nIn the winter of the storm the keeper did "
+    "not sleep. He kept the light burning while the waves broke over the windows. The town put up a plaque."
+)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from anllm_ext.models import default_model_dir
+
+    if not default_model_dir(convert=False).exists() and not os.environ.get("CI"):
+        pytest.skip("bundled model not converted")
+    return default_model_dir()
+
+
+def tiny_llama_dir(tokenizer_dir, path, seed=0):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a model directory."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer_dir, tmp_path_factory):
+    return tiny_llama_dir(tokenizer_dir, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three documents as text files, plus a held-out one."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "train").mkdir()
+    for i in range(3):
+        (root / "train" / f"doc{i}.txt").write_text(TEXT * (i + 1))
+    (root / "eval.txt").write_text(TEXT)
+    return root
+
+
+def tok_and_model(path):
+    from anllm_ext.models import load_model
+
+    return load_model(path)
+
+
+# ------------------------------------------------------------------------------------------ data rules
+def test_split_blocks_cuts_at_anchors_and_only_inside_overlong_segments():
+    A = 9
+    ids = [1, 2, A, 3, 4, 5, A, 6, A, 7, 7, 7, 7, 7, 7, 7, A, 8]
+    blocks = split_blocks(ids, [A], block_size=5)
+    assert sum(blocks, []) == ids  # nothing lost or reordered
+    assert all(len(b) <= 5 for b in blocks)
+    assert blocks[0] == [1, 2, A] and blocks[1] == [3, 4, 5, A] and blocks[2] == [6, A]
+    assert blocks[3] == [7, 7, 7, 7, 7] and blocks[4] == [7, 7, A, 8]
+    with pytest.raises(ValueError, match="block_size"):
+        split_blocks(ids, [A], 1)
+
+
+@needs_smollm2
+def test_ac_blocks_have_an_anchor_after_every_sentence(tiny_dir):
+    model, tok = tok_and_model(tiny_dir)
+    config = make_anchor_config("ac", tok, model)
+    blocks = encode_document(TEXT, tok, config, block_size=512)
+    assert len(blocks) == 1
+    ac = config.anchor_ids[0]
+    sentences = anllm_ext.split_sentences(TEXT)
+    assert blocks[0].count(ac) == len(sentences) == 8
+    assert blocks[0][-1] == ac
+    # small blocks end at a sentence's anchor
+    for b in encode_document(TEXT, tok, config, block_size=24):
+        assert len(b) <= 24 and b[-1] == ac
+
+
+@needs_smollm2
+def test_ep_blocks_split_at_periods(tiny_dir):
+    _, tok = tok_and_model(tiny_dir)
+    config = make_anchor_config("ep", tok)
+    blocks = encode_document(TEXT, tok, config, block_size=20)
+    assert len(blocks) > 2
+    for b in blocks[:-1]:
+        assert b[-1] in config.anchor_ids or len(b) == 20
+
+
+def test_collator_pads_right_and_masks_labels():
+    batch = AnchorDataCollator(pad_token_id=0)([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert AnchorDataCollator(0, pad_to_multiple_of=4)([{"input_ids": [1]}])["input_ids"].shape == (1, 4)
+    with pytest.raises(ValueError, match="no tokens"):
+        AnchorDataCollator(0)([{"input_ids": []}])
+
+
+@needs_smollm2
+def test_rows_never_see_each_other(tiny_dir):
+    """A padded training batch: every row's logits equal the row run alone, and the layout the patched model
+    uses follows the SPEC mask rule inside each row (padding invisible)."""
+    model, tok = tok_and_model(tiny_dir)
+    config = make_anchor_config("ep", tok)
+    anllm_ext.patch(model, config.anchor_ids)
+    rows = encode_document(TEXT * 2, tok, config, block_size=40)[:3]
+    batch = AnchorDataCollator(tok.pad_token_id)([{"input_ids": r} for r in rows])
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for b, r in enumerate(rows):
+            alone = model(input_ids=torch.tensor([r])).logits[0]
+            torch.testing.assert_close(together[b, : len(r)], alone, atol=1e-5, rtol=1e-5)
+    lay = token_layout(batch["input_ids"], config.anchor_ids, batch["attention_mask"])
+    allowed = ansan_mask(lay, lay)
+    for b, r in enumerate(rows):
+        assert not allowed[b, :, len(r):].any() and not allowed[b, len(r):, :].any()
+
+
+def test_load_documents_text_jsonl_parquet(tmp_path):
+    import datasets
+
+    (tmp_path / "a.txt").write_text("First document. Two sentences.")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "rows.jsonl").write_text('{"body": "Row one."}\n{"body": "Row two."}\n')
+    datasets.Dataset.from_dict({"body": ["Parquet row."]}).to_parquet(str(tmp_path / "p.parquet"))
+    docs = load_documents(tmp_path, text_field="body")
+    assert sorted(docs["text"]) == sorted(["First document. Two sentences.", "Row one.", "Row two.", "Parquet row."])
+    with pytest.raises(ValueError, match="no field 'text'"):
+        load_documents(tmp_path / "rows.jsonl")
+    with pytest.raises(ValueError, match="no non-empty document"):
+        load_documents(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError):
+        load_documents(tmp_path / "missing.txt")
+    (tmp_path / "x.bin").write_bytes(b"\0")
+    with pytest.raises(ValueError, match="unknown file type"):
+        load_documents(tmp_path / "x.bin")
+
+
+# ------------------------------------------------------------------------------------------ the loss
+@needs_smollm2
+def test_training_loss_and_grads_equal_eager_dense_mask(tiny_dir):
+    """The loss the Trainer optimises (patched model, collated batch with labels) and its gradients equal
+    eager attention with the dense AnSAN mask of the SPEC rule."""
+    model, tok = tok_and_model(tiny_dir)
+    config = make_anchor_config("ep", tok)
+    rows = encode_document(TEXT * 2, tok, config, block_size=48)[:3]
+    batch = AnchorDataCollator(tok.pad_token_id)([{"input_ids": r} for r in rows])
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    anllm_ext.patch(model, config.anchor_ids)
+    model.train(), eager.train()
+    lay = token_layout(batch["input_ids"], config.anchor_ids, batch["attention_mask"])
+    allowed = ansan_mask(lay, lay)[:, None]
+    dense = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    loss_p = model(**batch).loss
+    loss_e = eager(input_ids=batch["input_ids"], attention_mask=dense, position_ids=lay.positions,
+                   labels=batch["labels"]).loss
+    loss_p.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_p, loss_e, atol=1e-5, rtol=1e-5)
+    grads = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------ runs
+def run_train(tmp_path, model_dir, data, **overrides):
+    from anllm_ext.training import AnLLMArguments, AnLLMTrainingArguments, train
+
+    anllm = dict(data=[str(data)], model=model_dir, anchor_mode="ep", block_size=48, eval_blocks=4,
+                 eval_before=True, prefill_chunk=16)
+    targs = dict(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4,
+                 learning_rate=3e-3, warmup_steps=0, logging_steps=1, save_steps=1000, seed=0,
+                 disable_tqdm=True, use_cpu=True)
+    for k, v in overrides.items():
+        (anllm if k in AnLLMArguments.__dataclass_fields__ else targs)[k] = v
+    return train(AnLLMArguments(**anllm), AnLLMTrainingArguments(**targs))
+
+
+@needs_smollm2
+def test_train_reduces_loss_saves_and_restores_anchor_inference(tmp_path, tiny_dir, corpus):
+    res = run_train(tmp_path, tiny_dir, corpus / "train", eval_data=[str(corpus / "eval.txt")])
+    losses = [h["loss"] for h in res["log_history"] if "loss" in h]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    before, after = res["eval_before"]["modes"], res["eval_after"]["modes"]
+    assert after["ansan"]["perplexity"] < before["ansan"]["perplexity"]
+    # the anchor-cached path scores what one masked pass scores
+    assert abs(after["cached"]["nll"] - after["ansan"]["nll"]) < 1e-4
+    assert after["cached"]["kv_kept"] < 1.0
+    out = tmp_path / "out"
+    saved = json.loads((out / "anllm_results.json").read_text())
+    assert saved["train_steps"] == 12 and saved["anchor_config"]["mode"] == "ep"
+    # load back: patch(model) with no ids restores the trained anchors
+    from anllm_ext.models import load_model
+
+    model, tok = load_model(out)
+    assert AnchorConfig.from_model(model).anchor_ids == res["anchor_config"]["anchor_ids"]
+    anllm_ext.patch(model)
+    assert anllm_ext.hf.patched_anchor_ids(model).tolist() == res["anchor_config"]["anchor_ids"]
+
+
+@needs_smollm2
+def test_saved_model_loads_with_plain_transformers_without_anllm_ext(tmp_path, tiny_dir, corpus):
+    run_train(tmp_path, tiny_dir, corpus / "train", max_steps=1, eval_blocks=0)
+    code = (
+        "import sys; sys.modules['anllm_ext'] = None\n"
+        "import torch, transformers as tf\n"
+        f"m = tf.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r})\n"
+        "print(m.config.anllm['mode'], m(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "ep"
+
+
+def test_patch_without_ids_on_a_model_without_anchor_config_raises():
+    import transformers as tf
+
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16,
+                                               num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="carries no anchor configuration"):
+        anllm_ext.patch(model)
+    AnchorConfig("ids", [3]).attach(model)
+    anllm_ext.patch(model)
+    assert anllm_ext.hf.patched_anchor_ids(model).tolist() == [3]
+
+
+@needs_smollm2
+def test_lora_ac_adapter_round_trip(tmp_path, tiny_dir, corpus):
+    """LoRA in AC mode: the <AC> row trains, the adapter is small, and the adapter directory, the merged
+    directory and the in-memory model give the same logits."""
+    res = run_train(tmp_path, tiny_dir, corpus / "train", anchor_mode="ac", lora=True, lora_r=4, max_steps=3,
+                    eval_blocks=2, adapter_dtype="float32")
+    from anllm_ext.models import load_model
+
+    out = tmp_path / "out"
+    adapter_bytes = os.path.getsize(out / "adapter" / "adapter_model.safetensors")
+    full_bytes = os.path.getsize(out / "model.safetensors")
+    assert adapter_bytes < full_bytes / 4  # no embedding matrix in the adapter
+    merged, tok = load_model(out)
+    from_adapter, _ = load_model(out / "adapter")
+    ac = tok.convert_tokens_to_ids("<AC>")
+    assert AnchorConfig.from_model(from_adapter).anchor_ids == [ac] == res["anchor_config"]["anchor_ids"]
+    base, _ = load_model(tiny_dir)
+    assert not torch.equal(merged.get_input_embeddings().weight[ac], base.get_input_embeddings().weight[tok.convert_tokens_to_ids(".")])
+    ids = tok(anllm_ext.insert_ac(TEXT), return_tensors="pt")["input_ids"]
+    anllm_ext.patch(merged), anllm_ext.patch(from_adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, from_adapter(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+@needs_smollm2
+def test_bad_inputs_give_clear_errors(tmp_path, tiny_dir, corpus):
+    from anllm_ext.training import AnLLMArguments
+
+    with pytest.raises(ValueError, match="unknown anchor mode"):
+        AnLLMArguments(data=["x"], anchor_mode="xx")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="no non-empty document"):
+        run_train(tmp_path, tiny_dir, empty)
+    with pytest.raises(ValueError, match="no training data"):
+        from anllm_ext.training import AnLLMTrainingArguments, train
+
+        train(AnLLMArguments(), AnLLMTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True))
+    # a tokenizer whose vocabulary has no sentence-final period
+    _, tok = tok_and_model(tiny_dir)
+    with pytest.raises(ValueError, match="no token of this vocabulary ends a sentence with '¶'"):
+        make_anchor_config("ep", tok, punctuation="¶")
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        make_anchor_config("ids", tok, anchor_ids=[10 ** 7])
