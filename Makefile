@@ -13,7 +13,7 @@ TRANSFORMERS_OLDEST ?= 5.0.0
 VENV_TF_OLDEST      ?= .venv-tf-oldest
 HF_TESTS            := $(notdir $(wildcard python_tests/test_hf_*.py))
 
-.PHONY: demo test test-latest test-transformers-oldest test-gpu-image install bench bench-cpp bench-cpp-smoke clean
+.PHONY: demo test test-latest test-transformers-oldest test-gpu-image install bench bench-cpp bench-cpp-smoke docs clean
 
 $(VENV)/.deps: Makefile
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -87,6 +87,18 @@ bench-cpp: install
 
 bench-cpp-smoke: install
 	PYTHON=$(PY) benchmarks/run_cpp.sh --benchmark_min_time=0.01 --T=256
+
+## The documentation site (Sphinx + MyST; API reference from the docstrings, CLI reference from the
+## argument parser): build/docs/html/index.html. Warnings are errors, so a renamed function or a broken
+## link fails. Run from docs/ so the installed extension is documented (the source tree has no _C).
+DOCS_DEPS ?= sphinx==9.0.4 myst-parser==5.2.0 sphinx-argparse==0.6.1 matplotlib
+$(VENV)/.docs-deps: $(VENV)/.deps
+	$(PY) -m pip install -q $(DOCS_DEPS)
+	touch $@
+
+docs: install $(VENV)/.docs-deps
+	cd docs && ../$(PY) -m sphinx -b html -W --keep-going -q -d ../build/docs/doctrees . ../build/docs/html
+	@echo "docs: build/docs/html/index.html"
 
 clean:
 	rm -rf build benchmarks/build *.egg-info $(VENV) $(VENV_TF_OLDEST)

@@ -27,6 +27,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+#: The special token that AC mode appends after every sentence (and every few-shot demonstration).
 AC_TOKEN = "<AC>"
 CLOSERS = ")]}\"'”’»`*"
 
@@ -78,6 +79,7 @@ def _token_text(tokenizer, token_id: int) -> Optional[str]:
     return text if isinstance(text, str) else None
 
 
+#: :class:`AnchorPreset` of the released AnLLM checkpoints (Llama-2 vocabulary): ``"anllm-ac"``, ``"anllm-ep"``.
 PRESETS = {
     "anllm-ac": AnchorPreset("ac", (32001,), 32000, "AnLLM-AC (Llama-2-7B): <AC> = 32001, [PAD] = 32000",
                              (AC_TOKEN,), "[PAD]"),
