@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.set_defaults(func=cmd_generate)
+    from .evaluation import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 

@@ -35,6 +35,7 @@ JSONL schema of a multiple-choice file, one object per line::
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -182,8 +183,8 @@ class ModeResult:
     """Quality, KV and time of one mode.
 
     ``kv_kept``: KV slots kept after the work / slots a full cache holds for the same tokens (1.0 for
-    ``full`` and ``ansan``); ``kv_peak``: the most slots in use at once in each batch (padding of the chunk
-    in flight included), summed over batches / the same full slots; ``c_down = 1 - kv_kept``; ``t_up``: the ``full`` mode's seconds /
+    ``full`` and ``ansan``); ``kv_peak``: per sequence, the most slots held at once during the prefill
+    (kept slots + the chunk in flight, padding excluded), summed / the same full slots; ``c_down = 1 - kv_kept``; ``t_up``: the ``full`` mode's seconds /
     this mode's seconds (None without a ``full`` run).
     """
 
@@ -263,17 +264,36 @@ def _check_blocks(blocks) -> List[List[int]]:
 
 
 def _perplexity_batch(model, mode: str, batch: List[List[int]], prefill_chunk: int, kv: dict):
-    from .generation import prefill
-
     if mode in ("full", "ansan"):
         return _sequence_logprobs(model, batch)
     ids, mask = _pad_right(batch, _pad_id(model), _model_device(model))
-    cache, logits = prefill(model, ids, mask, chunk_size=prefill_chunk, return_logits=True)
+    cache, logits, peak = prefill_with_peak(model, ids, mask, prefill_chunk, return_logits=True)
     st = cache.stats()
     kv["kept"] += sum(st["kept_slots"])
     kv["full"] += sum(st["full_cache_slots"])
-    kv["peak"] += cache.peak_slots
+    kv["peak"] += peak
     return _rows_logprobs(logits, ids, [len(b) for b in batch])
+
+
+def prefill_with_peak(model, ids: torch.Tensor, mask: torch.Tensor, chunk_size: int, return_logits: bool = False):
+    """:func:`anllm_ext.prefill` into a new AnchorCache, plus the peak KV slots of real tokens: per row, the
+    most slots held at once (kept slots before a chunk + the chunk's real tokens), summed over rows."""
+    from .cache import AnchorCache
+    from .generation import prefill
+
+    kept_after = []  # slots per row after each chunk's forward (compacted; padding never stays)
+    cache = AnchorCache(model.config)
+    cache.callbacks.append(lambda c, n: kept_after.append(c.lengths()))
+    cache, logits = prefill(model, ids, mask, cache=cache, chunk_size=chunk_size, return_logits=return_logits)
+    cache.callbacks.clear()
+    peak = 0
+    for b in range(ids.shape[0]):
+        before, row_peak = 0, 0
+        for k, s in enumerate(range(0, ids.shape[1], chunk_size)):
+            row_peak = max(row_peak, before + int(mask[b, s : s + chunk_size].sum()))
+            before = kept_after[k][b]
+        peak += row_peak
+    return cache, logits, peak
 
 
 def perplexity(
@@ -576,7 +596,7 @@ def _context_groups(requests, batch_size: int) -> List[List[Tuple[Tuple[int, ...
     for i, (ctx, _) in enumerate(requests):
         groups.setdefault(tuple(ctx), []).append(i)
     packs, current, size = [], [], 0
-    for ctx, members in groups.items():
+    for ctx, members in sorted(groups.items(), key=lambda g: -len(g[0])):  # similar lengths pad little
         if current and size + len(members) > batch_size:
             packs.append(current)
             current, size = [], 0
@@ -588,7 +608,6 @@ def _context_groups(requests, batch_size: int) -> List[List[Tuple[Tuple[int, ...
 
 
 def _score_cached(model, requests, batch_size, prefill_chunk, progress) -> ContinuationScores:
-    from .generation import prefill
     from .hf import cache_kwarg
 
     device = _model_device(model)
@@ -601,11 +620,11 @@ def _score_cached(model, requests, batch_size, prefill_chunk, progress) -> Conti
     for pack in _context_groups(requests, batch_size):
         # 1) prefill the contexts once (left-padded: every row's last column is its last context token)
         ids, mask = _pad_left([list(ctx) for ctx, _ in pack], pad, device)
-        cache, last = prefill(model, ids, mask, chunk_size=prefill_chunk)
+        cache, last, pack_peak = prefill_with_peak(model, ids, mask, prefill_chunk)
         st = cache.stats()
         kept += sum(st["kept_slots"])
         full += sum(st["full_cache_slots"])
-        peak += cache.peak_slots
+        peak += pack_peak
         # 2) one row per continuation, against its context's compacted rows
         rows = [g for g, (_, members) in enumerate(pack) for _ in members]
         members = [i for _, ms in pack for i in ms]
@@ -753,3 +772,157 @@ def format_table(modes: Dict[str, ModeResult], quality: Sequence[str]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_results(records: Sequence[dict], path, title: Optional[str] = None) -> None:
+    """PNG of quality vs KV kept, one point per mode (and per shot count): accuracy for multiple
+    choice, perplexity for text. ``records``: ``to_dict()`` outputs. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("plotting needs matplotlib (pip install matplotlib)") from e
+    kinds = [k for k in ("multiple_choice", "perplexity") if any(r["task"] == k for r in records)]
+    if not kinds:
+        raise ValueError("no results to plot")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
+    markers = {"full": "s", "ansan": "^", "cached": "o"}
+    for ax, kind in zip(axes[0], kinds):
+        for r in (r for r in records if r["task"] == kind):
+            label = f"{r['config']['shots']}-shot" if kind == "multiple_choice" else "text"
+            for mode, m in r["modes"].items():
+                y = m["accuracy"] if kind == "multiple_choice" else m["perplexity"]
+                ax.scatter(100 * m["kv_kept"], y, marker=markers.get(mode, "x"), s=60)
+                ax.annotate(f"{mode} {label}", (100 * m["kv_kept"], y), textcoords="offset points", xytext=(5, 4),
+                            fontsize=8)
+        ax.set_xlabel("KV kept vs full cache (%)")
+        ax.set_ylabel("accuracy" if kind == "multiple_choice" else "perplexity")
+        ax.set_xlim(0, 105)
+        ax.grid(alpha=0.3)
+        ax.set_title("multiple choice" if kind == "multiple_choice" else "perplexity")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: ``anllm eval``
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_model_anchors(model, tokenizer, spec: Optional[str]) -> Tuple[List[int], str, Optional[str]]:
+    """(anchor ids, style, AC token) from a CLI spec, or from the anchor configuration a trained AnLLM
+    carries (``spec=None``; plain models then default to ``"ep"``). Style: ``"ac"``, ``"ep"`` or ``"ids"``."""
+    from .anchors import AC_TOKEN, PRESETS, resolve_anchors
+
+    if spec is None:
+        from .config import AnchorConfig
+
+        saved = AnchorConfig.from_model(model)
+        if saved is not None:
+            return list(saved.anchor_ids), saved.mode, saved.ac_token
+        spec = "ep"
+    spec = spec.strip()
+    ids = resolve_anchors(spec, tokenizer, model)
+    if spec in PRESETS:
+        style = PRESETS[spec].mode
+    elif spec == "ac":
+        style = "ac"
+    elif spec == "ep" or spec.startswith("ep:"):
+        style = "ep"
+    else:
+        style = "ids"
+    return ids, style, AC_TOKEN if style == "ac" else None
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``eval`` to ``anllm``'s subcommands (the parser and its function live here)."""
+    e = subparsers.add_parser("eval", help="perplexity and multiple-choice accuracy: full attention vs anchor inference",
+                              description=__doc__.split("\n\n")[0])
+    e.add_argument("--model", default=None, help="local model directory (default: bundled SmolLM2-135M-Instruct)")
+    e.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text files for perplexity")
+    e.add_argument("--mc", default=None, metavar="JSONL", help="multiple-choice questions (question, choices, answer)")
+    e.add_argument("--anchors", default=None,
+                   help="ep, ep:<chars>, ac, anllm-ac/anllm-ep or ids '13,30' (default: the anchors a trained "
+                        "AnLLM carries, else ep)")
+    e.add_argument("--mode", default=",".join(MODES), help=f"comma-separated modes from {MODES}")
+    e.add_argument("--shots", type=int, nargs="+", default=[0], help="demonstrations per question (several: one run each)")
+    e.add_argument("--limit", type=int, default=None, help="score the first N questions")
+    e.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draw")
+    e.add_argument("--demo-end", choices=("auto",) + DEMO_ENDS, default="auto",
+                   help="what ends a demonstration (auto: <AC> for ac anchors, a period for ep, nothing for ids)")
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    e.add_argument("--prefill-chunk", type=int, default=256, help="prefill chunk of the cached mode")
+    e.add_argument("--block-size", type=int, default=512, help="tokens per perplexity block")
+    e.add_argument("--max-blocks", type=int, default=16, help="perplexity blocks at most (0: all)")
+    e.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    e.add_argument("--plot", default=None, metavar="PNG", help="write quality vs KV kept as a PNG (matplotlib)")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+    return e
+
+
+def cmd_eval(args) -> int:
+    from .hf import patch
+    from .models import load_model
+
+    if args.text is None and args.mc is None:
+        raise ValueError("nothing to evaluate: give --text FILE... and/or --mc FILE.jsonl")
+    modes = _check_modes(m.strip() for m in args.mode.split(",") if m.strip())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    questions = load_multiple_choice(args.mc) if args.mc else None  # bad files fail before the model loads
+    texts = []
+    for f in args.text or []:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"text file {f} does not exist")
+        texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
+    model, tok = load_model(args.model, dtype=dtype, device=args.device, verbose=True)
+    ids, style, ac_token = resolve_model_anchors(model, tok, args.anchors)
+    patch(model, ids)
+    name = args.model or "bundled SmolLM2-135M-Instruct"
+    print(f"model: {name} ({type(model).__name__}, {args.dtype}, {torch.get_num_threads()} threads); "
+          f"anchors: {args.anchors or style} ({len(ids)} ids); modes: {', '.join(modes)}")
+    records = []
+    if texts:
+        blocks = text_blocks(tok, texts, args.block_size, args.max_blocks or None, ac_token)
+        res = perplexity(model, blocks, modes, args.prefill_chunk, args.batch_size, args.progress)
+        print(f"\nperplexity: {len(blocks)} blocks of <= {args.block_size} tokens from {len(texts)} file(s)")
+        print(res.table())
+        if res.max_abs_diff_cached_vs_ansan is not None:
+            print(f"cached vs ansan: max |token log-prob difference| {res.max_abs_diff_cached_vs_ansan:.2e}")
+        records.append({**res.to_dict(), "source": [str(f) for f in args.text]})
+    demo_end = args.demo_end if args.demo_end != "auto" else {"ac": "ac", "ep": "period"}.get(style, "none")
+    for shots in args.shots if questions else []:
+        cfg = MultipleChoiceConfig(shots=shots, seed=args.seed, limit=args.limit, modes=modes,
+                                   batch_size=args.batch_size, prefill_chunk=args.prefill_chunk, demo_end=demo_end,
+                                   ac_token=ac_token or "<AC>", progress=args.progress)
+        res = multiple_choice(model, tok, questions, cfg, source=str(args.mc))
+        print(f"\nmultiple choice: {len(res.answers)} questions from {args.mc}, {shots}-shot, demonstrations end: "
+              f"{demo_end}")
+        print(res.table())
+        if res.max_abs_diff_cached_vs_ansan is not None:
+            print(f"cached vs ansan: max |option log-likelihood difference| {res.max_abs_diff_cached_vs_ansan:.2e}")
+        records.append(res.to_dict())
+    meta = {"model": name, "dtype": args.dtype, "anchors": args.anchors or style, "threads": torch.get_num_threads()}
+    if args.json:
+        _to_json({"meta": meta, "results": records}, args.json)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot_results(records, args.plot, title=f"{name}, anchors {meta['anchors']}")
+        print(f"wrote {args.plot}")
+    return 0

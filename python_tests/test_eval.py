@@ -73,6 +73,13 @@ def test_perplexity_cached_equals_one_pass(tiny):
     assert res["cached"].kv_kept_slots == kept
     assert res["cached"].kv_full_slots == sum(len(b) for b in blocks)
     assert res["cached"].c_down == pytest.approx(1 - kept / sum(len(b) for b in blocks))
+    # peak: per block, the most slots held at once = kept before a chunk + the chunk, simulated by hand
+    def kept_after(b, e):
+        anchors = [i for i, t in enumerate(b[:e]) if t == ANCHOR]
+        return len(anchors) + (e - 1 - anchors[-1] if anchors else e)
+
+    peak = sum(max((kept_after(b, s) if s else 0) + min(9, len(b) - s) for s in range(0, len(b), 9)) for b in blocks)
+    assert res["cached"].kv_peak == pytest.approx(peak / sum(len(b) for b in blocks))
     assert res["cached"].kv_kept < res["cached"].kv_peak < 1.0
 
 
@@ -141,3 +148,122 @@ def test_scores_match_hand_computation_and_batching(tiny, mode):
         ctxs = {tuple(c) for c, _ in reqs}
         assert one.kv_full_slots == sum(len(c) for c in ctxs)
         assert one.kv_kept_slots < one.kv_full_slots
+
+
+# ------------------------------------------------------------------------------------ multiple choice
+
+QUESTIONS = [
+    {"question": "What is the capital of France?", "choices": ["Paris", "Lyon", "Nice", "Lille"], "answer": 0},
+    {"question": "What is the capital of Italy?", "choices": ["Milan", "Rome", "Turin", "Naples"], "answer": 1},
+    {"question": "What is the capital of Spain?", "choices": ["Seville", "Valencia", "Madrid", "Bilbao"], "answer": 2},
+    {"question": "What is the capital of Peru?", "choices": ["Cusco", "Lima", "Arequipa"], "answer": 1},
+    {"question": "What is the capital of Japan?", "choices": ["Osaka", "Kyoto", "Tokyo", "Nagoya"], "answer": 2},
+    {"question": "What is the capital of Kenya?", "choices": ["Nairobi", "Mombasa", "Kisumu", "Nakuru"], "answer": 0},
+]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from anllm_ext.models import default_model_dir
+
+    return AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tokenizer):
+    """A tiny random Llama over the SmolLM2 vocabulary, patched with the EP anchors of that vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from anllm_ext.anchors import ep_anchor_ids
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    anllm_ext.patch(model, ep_anchor_ids(tokenizer))
+    yield model
+    anllm_ext.unpatch(model)
+
+
+def test_load_multiple_choice_and_bad_rows(tmp_path):
+    qs = ev.load_multiple_choice(_write_jsonl(tmp_path / "ok.jsonl", QUESTIONS[:2] + [""] + QUESTIONS[2:3]))
+    assert [q.answer for q in qs] == [0, 1, 2] and qs[2].row.endswith("ok.jsonl:4")
+    bad = [
+        ('{"question": "Q?", "choices": ["a", "b"], "answer": 0', "bad.jsonl:2: malformed JSON"),
+        ({"question": "Q?", "choices": ["a", "b"], "answer": 2}, "bad.jsonl:2: answer index 2 is out of range for 2"),
+        ({"question": "Q?", "choices": ["a", "b"], "answer": -1}, "bad.jsonl:2: answer index -1 is out of range"),
+        ({"question": "Q?", "choices": ["a", "b"]}, r"bad.jsonl:2: missing key\(s\) \['answer'\]"),
+        ({"question": "Q?", "choices": ["a"], "answer": 0}, "bad.jsonl:2: 'choices' must be a list of at least 2"),
+        ({"question": "Q?", "choices": ["a", "a"], "answer": 0}, "bad.jsonl:2: choices repeat"),
+        ({"question": "", "choices": ["a", "b"], "answer": 0}, "bad.jsonl:2: 'question' must be a non-empty"),
+        ({"question": "Q?", "choices": ["a", "b"], "answer": "0"}, "bad.jsonl:2: 'answer' must be an integer"),
+        ("[1, 2]", "bad.jsonl:2: expected a JSON object"),
+    ]
+    for row, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            ev.load_multiple_choice(_write_jsonl(tmp_path / "bad.jsonl", [QUESTIONS[0], row]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.load_multiple_choice(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="holds no questions"):
+        ev.load_multiple_choice(_write_jsonl(tmp_path / "empty.jsonl", [""]))
+
+
+def _questions():
+    return [ev.Question(q["question"], q["choices"], q["answer"], f"q:{i}") for i, q in enumerate(QUESTIONS)]
+
+
+def test_fewshot_prompts():
+    qs = _questions()
+    cfg = ev.MultipleChoiceConfig(shots=3, seed=7, demo_end="ac")
+    ctx = ev.build_context(qs, 2, cfg)
+    assert ctx == ev.build_context(qs, 2, cfg)  # seeded
+    parts = ctx.split("\n\n")
+    assert len(parts) == 4 and parts[-1] == "Question: What is the capital of Spain?\nAnswer:"
+    assert all(p.endswith("<AC>") for p in parts[:3]) and "Spain" not in "".join(parts[:3])  # never itself
+    ep = ev.build_context(qs, 2, ev.MultipleChoiceConfig(shots=3, seed=7, demo_end="period")).split("\n\n")
+    assert all(p.endswith(".") and not p.endswith("..") for p in ep[:3])
+    assert ev.build_context(qs, 2, ev.MultipleChoiceConfig(shots=0)) == parts[-1]
+    with pytest.raises(ValueError, match="6 shots need at least 7 questions"):
+        ev.build_context(qs, 0, ev.MultipleChoiceConfig(shots=6))
+    with pytest.raises(ValueError, match="demo_end must be one of"):
+        ev.MultipleChoiceConfig(demo_end="comma")
+
+
+@needs_smollm2
+def test_multiple_choice_scores_by_hand(tokenizer, tiny_vocab):
+    qs = _questions()
+    cfg = ev.MultipleChoiceConfig(shots=2, demo_end="period", modes=("full", "ansan", "cached"), batch_size=5,
+                                  prefill_chunk=7, progress=False)
+    res = ev.multiple_choice(tiny_vocab, tokenizer, qs, cfg)
+    # the log-likelihood of every option, computed by hand from one unpadded forward of the whole text
+    for mode, ref_mode in (("full", "full"), ("ansan", "ansan"), ("cached", "ansan")):
+        with ev.model_mode(tiny_vocab, ref_mode):
+            for qi, q in enumerate(qs):
+                ctx = tokenizer(ev.build_context(qs, qi, cfg))["input_ids"]
+                for ci, c in enumerate(q.choices):
+                    cont = tokenizer(" " + c, add_special_tokens=False)["input_ids"]
+                    lp, _ = _continuation_by_hand(tiny_vocab, ctx, cont)
+                    assert res.scores[mode][qi][ci] == pytest.approx(lp, abs=1e-4), (mode, qi, ci)
+        s = res.scores[mode]
+        acc = sum(max(range(len(x)), key=x.__getitem__) == q.answer for x, q in zip(s, qs)) / len(qs)
+        norm = sum(max(range(len(x)), key=lambda c: x[c] / len(q.choices[c])) == q.answer for x, q in zip(s, qs)) / len(qs)
+        assert res[mode].accuracy == acc and res[mode].accuracy_norm == norm
+    assert res.max_abs_diff_cached_vs_ansan < 1e-4
+    assert res["cached"].accuracy == res["ansan"].accuracy
+    # two demonstrations end with an EP anchor each: the cache drops them down to anchors
+    assert res["cached"].kv_kept < 0.6 and res["full"].kv_kept == 1.0
+    one = ev.multiple_choice(tiny_vocab, tokenizer, qs, ev.MultipleChoiceConfig(
+        shots=2, demo_end="period", batch_size=1, prefill_chunk=7, progress=False))
+    for mode in ev.MODES:  # batch 1 (one option per forward) gives the same scores
+        for a, b in zip(one.scores[mode], res.scores[mode]):
+            assert a == pytest.approx(b, abs=1e-5)
+    d = json.loads(res.to_json(with_scores=True))
+    assert d["modes"]["cached"]["accuracy"] == res["cached"].accuracy and len(d["scores"]["full"]) == len(qs)
+    assert "accuracy_norm" in res.table()

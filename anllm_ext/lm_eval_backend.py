@@ -1,0 +1,177 @@
+"""lm-evaluation-harness backend: ``--model anllm`` runs standard tasks under anchor inference.
+
+Importing this module registers the model type ``anllm`` with lm-eval (an optional dependency:
+``pip install lm-eval``). lm-eval has no plugin discovery, so run its CLI through this module::
+
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 python -m anllm_ext.lm_eval_backend run --model anllm \\
+        --model_args pretrained=DIR,anchors=ep,mode=cached --tasks anllm_capitals_ep --include_path tasks
+
+or from Python: ``import anllm_ext.lm_eval_backend`` then ``lm_eval.simple_evaluate(model="anllm", ...)``.
+
+model_args:
+    ``pretrained``: a local model directory (default: the bundled SmolLM2-135M-Instruct);
+    ``anchors``: ``ep``, ``ep:<chars>``, ``ac``, ``anllm-ac``/``anllm-ep`` or ids separated by ``;``
+    (``13;30``; a comma would end the argument) - default: the anchors a trained AnLLM carries, else ``ep``;
+    ``mode``: ``full`` (plain model), ``ansan`` (one masked pass per sequence) or ``cached`` (default:
+    AnchorCache with chunked prefill and compaction; requests sharing a context prefill it once);
+    ``prefill_chunk`` (256), ``batch_size`` (8), ``max_length`` (the model's), ``max_gen_toks`` (256),
+    ``dtype`` (``float32``/``bfloat16``/``float16``), ``device`` (``cpu``), ``threads``.
+
+``loglikelihood`` scores (context, continuation) pairs with :func:`anllm_ext.evaluation.score_continuations`;
+``loglikelihood_rolling`` cuts each text into lm-eval's rolling windows and scores them like
+:func:`anllm_ext.evaluation.perplexity` (the cached mode prefills each window in chunks);
+``generate_until`` decodes greedily (or as the task's ``gen_kwargs`` ask) with ``anllm_ext.generate``
+(cached) or ``model.generate`` (full: unpatched; ansan: patched, full DynamicCache) and cuts the text
+at the first stop string.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+try:
+    import lm_eval.models  # noqa: F401  lm-eval loads its built-in models only into an empty registry
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # pragma: no cover - exercised only without lm-eval
+    raise ImportError("the lm-evaluation-harness backend needs lm-eval: pip install lm-eval") from e
+
+from .evaluation import MODES, _perplexity_batch, model_mode, resolve_model_anchors, score_continuations
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "auto": torch.float32}
+
+
+@register_model("anllm")
+class AnLLMEvalModel(TemplateLM):
+    """A patched Hugging Face causal LM evaluated in one of ``anllm_ext.evaluation.MODES``."""
+
+    def __init__(self, pretrained: Optional[str] = None, anchors: Optional[str] = None, mode: str = "cached",
+                 prefill_chunk: int = 256, batch_size=8, max_length: Optional[int] = None, max_gen_toks: int = 256,
+                 dtype: str = "float32", device: Optional[str] = None, threads: int = 0, **kwargs):
+        super().__init__()
+        from .hf import patch
+        from .models import load_model
+
+        unknown = sorted(k for k in kwargs if k not in ("max_batch_size", "trust_remote_code", "parallelize"))
+        if unknown:
+            raise ValueError(f"anllm: unknown model_args {unknown}")
+        if mode not in MODES:
+            raise ValueError(f"anllm: mode must be one of {MODES}, got {mode!r}")
+        if str(dtype) not in _DTYPES:
+            raise ValueError(f"anllm: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.mode = mode
+        self.prefill_chunk = int(prefill_chunk)
+        self.batch_size_per_forward = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_gen_toks = int(max_gen_toks)
+        model, tok = load_model(pretrained, dtype=_DTYPES[str(dtype)], device=device or "cpu")
+        spec = None if anchors is None else str(anchors).replace(";", ",")
+        self.anchor_ids, self.anchor_style, _ = resolve_model_anchors(model, tok, spec)
+        patch(model, self.anchor_ids)
+        self.model, self.tokenizer = model, tok
+        self._max_length = int(max_length) if max_length else int(
+            getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+    # ------------------------------------------------------------------ tokenizer facts lm-eval asks for
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None, **kwargs):
+        pairs = []
+        for _, ctx, cont in requests:
+            keep = self.max_length + 1 - len(cont)  # as lm-eval's HF backend: cut the context from the left
+            if keep < 1:
+                raise ValueError(f"anllm: a continuation of {len(cont)} tokens exceeds max_length {self.max_length}")
+            pairs.append((list(ctx)[-keep:], list(cont)))
+        bs = int(override_bs) if override_bs else self.batch_size_per_forward
+        with model_mode(self.model, self.mode), torch.no_grad():
+            sc = score_continuations(self.model, pairs, self.mode, bs, self.prefill_chunk, progress=not disable_tqdm)
+        out = list(zip(sc.logprobs, sc.greedy))
+        for (key, _, _), answer in zip(requests, out):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        results = []
+        with model_mode(self.model, self.mode), torch.no_grad():
+            for req in requests:
+                (text,) = req.args
+                windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1))
+                total = 0.0
+                for ctx, cont in windows:
+                    kv = {"kept": 0, "full": 0, "peak": 0}
+                    ((lp, _),) = _perplexity_batch(self.model, self.mode, [list(ctx) + list(cont)], self.prefill_chunk, kv)
+                    total += float(lp[-len(cont):].double().sum())
+                self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+                results.append(total)
+        return results
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        from .generation import generate
+
+        out = []
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        for req in requests:
+            context, gen_kwargs = req.args
+            kw = dict(gen_kwargs or {})
+            until = kw.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            if eos_text and eos_text not in until:
+                until.append(eos_text)
+            max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            do_sample = bool(kw.pop("do_sample", False))
+            if not do_sample:
+                kw.pop("temperature", None)
+                kw.pop("top_p", None)
+            ids = torch.tensor([self.tok_encode(context)], device=self.device)
+            ids = ids[:, -max(1, self.max_length - max_new):]
+            mask = torch.ones_like(ids)
+            common = dict(max_new_tokens=max_new, do_sample=do_sample, stop_strings=until, tokenizer=self.tokenizer,
+                          pad_token_id=self.eot_token_id, **kw)
+            with model_mode(self.model, self.mode), torch.no_grad():
+                if self.mode == "cached":
+                    seq = generate(self.model, ids, mask, prefill_chunk=self.prefill_chunk, **common)
+                else:
+                    seq = self.model.generate(input_ids=ids, attention_mask=mask, **common)
+            text = self.tok_decode(seq[0, ids.shape[1]:].tolist())
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            out.append(text)
+        return out
+
+
+def main() -> None:
+    """lm-eval's own CLI, with ``anllm`` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

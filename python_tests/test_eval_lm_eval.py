@@ -1,0 +1,111 @@
+"""The lm-evaluation-harness backend (``--model anllm``) on the shipped local task (tasks/), offline.
+
+Skipped only when lm-eval is not installed (CI installs it)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import needs_smollm2
+
+lm_eval = pytest.importorskip("lm_eval")
+
+import anllm_ext.lm_eval_backend  # noqa: E402,F401  (registers "anllm")
+from anllm_ext import evaluation as ev  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = needs_smollm2  # the tiny models use the bundled tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from anllm_ext.models import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    d = tmp_path_factory.mktemp("tiny_llama_lm_eval")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def _evaluate(model, model_args, shots=2, limit=5, task="anllm_capitals_ep"):
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], num_fewshot=shots, limit=limit,
+                                  batch_size=4, device="cpu", task_manager=TaskManager(include_path=str(REPO / "tasks")),
+                                  log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                  fewshot_random_seed=0)
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    scores = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+    return out["results"][task], scores
+
+
+def test_backend_modes_on_local_task(tiny_dir):
+    """full == lm-eval's own hf backend; cached == ansan; k-shot prompts with EP-ended demonstrations."""
+    ref, ref_scores = _evaluate("hf", f"pretrained={tiny_dir},dtype=float32")
+    full, full_scores = _evaluate("anllm", f"pretrained={tiny_dir},anchors=ep,mode=full")
+    ansan, ansan_scores = _evaluate("anllm", f"pretrained={tiny_dir},anchors=ep,mode=ansan")
+    cached, cached_scores = _evaluate("anllm", f"pretrained={tiny_dir},anchors=ep,mode=cached,prefill_chunk=16")
+    assert len(ref_scores) == 5 and all(len(s) == 4 for s in ref_scores)
+    torch.testing.assert_close(torch.tensor(full_scores), torch.tensor(ref_scores), atol=1e-4, rtol=0)
+    assert full["acc,none"] == ref["acc,none"] and full["acc_norm,none"] == ref["acc_norm,none"]
+    torch.testing.assert_close(torch.tensor(cached_scores), torch.tensor(ansan_scores), atol=1e-4, rtol=0)
+    assert cached["acc,none"] == ansan["acc,none"]
+    assert (torch.tensor(ansan_scores) - torch.tensor(full_scores)).abs().max() > 1e-3  # the mask is in effect
+
+
+def _model(tiny_dir, mode, **kw):
+    from lm_eval.api.registry import get_model
+
+    return get_model("anllm")(pretrained=tiny_dir, anchors="ep", mode=mode, **kw)
+
+
+def test_backend_rolling_and_generation(tiny_dir):
+    text = "The sun rose. Birds sang in the old trees. The day began slowly, and the town woke up."
+    req = SimpleNamespace(args=(text,))
+    rolling = {m: _model(tiny_dir, m, max_length=12, prefill_chunk=5) for m in ev.MODES}
+    got = {m: lm.loglikelihood_rolling([req], disable_tqdm=True)[0] for m, lm in rolling.items()}
+    # with max_length >= the text, the rolling log-likelihood is the perplexity pass over [eot] + text
+    lm = _model(tiny_dir, "full")
+    ids = [lm.eot_token_id] + lm.tok_encode(text)
+    whole = ev.perplexity(lm.model, [ids], modes=("full",), progress=False)["full"]
+    assert lm.loglikelihood_rolling([req], disable_tqdm=True)[0] == pytest.approx(-whole.nll * whole.tokens, abs=1e-3)
+    assert got["cached"] == pytest.approx(got["ansan"], abs=1e-3)
+    assert got["full"] != pytest.approx(got["ansan"], abs=1e-2)
+    gen = SimpleNamespace(args=("Once upon a time. There was", {"until": ["\n\n"], "max_gen_toks": 6}))
+    texts = {m: _model(tiny_dir, m).generate_until([gen], disable_tqdm=True)[0] for m in ("ansan", "cached")}
+    assert texts["ansan"] == texts["cached"] and isinstance(texts["cached"], str)
+
+
+def test_backend_bad_args(tiny_dir):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        _model(tiny_dir, "fast")
+    with pytest.raises(ValueError, match=r"unknown model_args \['anchor'\]"):
+        _model(tiny_dir, "cached", anchor="ep")
+
+
+def test_cli_on_smollm2():
+    """`python -m anllm_ext.lm_eval_backend run --model anllm` on the bundled SmolLM2, end to end."""
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "anllm_ext.lm_eval_backend", "run", "--model", "anllm",
+           "--model_args", "mode=cached,threads=2", "--tasks", "anllm_capitals_ep", "--include_path", "tasks",
+           "--limit", "6", "--num_fewshot", "1", "--batch_size", "8"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "anllm_capitals_ep" in p.stdout and "acc" in p.stdout
