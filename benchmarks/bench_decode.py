@@ -1,38 +1,108 @@
-"""Decode-step speed and prefill memory of anchor-based inference vs transformers' DynamicCache.
+"""Decode-step speed and KV memory of anchor-based inference against the caches a user would run instead.
 
 SmolLM2-135M-Instruct (bundled), fp32, CPU, EP anchors (sentence-final periods), a long context of
-English prose (Python documentation, Debian python3.11-doc). One run measures:
+English prose (Python documentation, Debian python3.11-doc). The configurations (``--configs``):
 
-  A. anchor cache: chunked prefill of the context (compaction after each chunk), then greedy decode
-     steps (real-time compaction when a decoded token is an anchor);
-  B. DynamicCache holding the full context (unpatched model, sdpa), then the same number of steps;
-  C. DynamicCache holding as many slots as the anchor cache keeps after prefill (unpatched, sdpa).
+  A. anchor cache (``AnchorCache``): chunked prefill of the context (compaction after each chunk), then
+     greedy decode steps (real-time compaction when a decoded token is an anchor);
+  B. transformers' ``DynamicCache`` holding the full context (unpatched model, sdpa attention);
+  C. a ``DynamicCache`` holding as many slots as A keeps after the prefill (it re-concatenates the
+     whole cache every step);
+  S. transformers' ``StaticCache`` of that many slots plus the decode steps (preallocated, ``index_copy_``
+     writes; attends over its whole length with a mask, as transformers runs it);
+  P. a preallocated cache of the same slots: the new K/V are copied into a buffer, SDPA attends over
+     the slots in use (a view, no mask). Nothing in a same-slots cache is cheaper than this.
 
-and prints per-step decode times (median) and the ratios the issue asks for:
-  full / anchor  (target >= 1.8),  anchor / same-slots  (target <= 1.10),
-  anchor prefill peak KV / full KV  (target <= 0.10).
+C, S and P hold the same slots as A, so B / (C, S or P) is the ceiling of B / A for this model, and
+A / P is the cost of the anchor machinery. Prefill: A and B run the same chunk size.
 
     .venv/bin/python benchmarks/bench_decode.py --context 8190 --threads 2
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
 
 import torch
 
+from common import add_common_args, print_header, run_info, write_json
 
-def full_prefill(model, ids, chunk):
-    """Prefill an unpatched model's DynamicCache (chunked, only to bound the activation memory)."""
-    from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+def williams_orders(n: int):
+    """Round orders in which every configuration directly precedes every other one equally often (a
+    Williams design): a full-cache step leaves the CPU caches full of dirty lines that whoever runs
+    next pays to write back, so that cost must fall on all alike."""
+    first, lo, hi = [0], 1, n - 1
+    while lo <= hi:
+        first.append(lo)
+        lo += 1
+        if lo <= hi:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
+def preallocated_cache(config, capacity: int):
+    """A transformers cache whose layers write into buffers of ``capacity`` slots allocated once and
+    return views of the slots in use: the write cost of a StaticCache with the attention cost of a
+    DynamicCache of the same slots."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.used = 0
+
+        def lazy_initialization(self, key_states, value_states):
+            B, H, _, D = key_states.shape
+            self.device = key_states.device
+            self.keys = key_states.new_empty(B, H, capacity, D)
+            self.values = value_states.new_empty(B, value_states.shape[1], capacity, value_states.shape[3])
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            T = key_states.shape[2]
+            if self.used + T > capacity:
+                raise RuntimeError(f"preallocated cache full ({capacity} slots)")
+            self.keys.narrow(2, self.used, T).copy_(key_states)
+            self.values.narrow(2, self.used, T).copy_(value_states)
+            self.used += T
+            return self.keys.narrow(2, 0, self.used), self.values.narrow(2, 0, self.used)
+
+        def get_seq_length(self) -> int:
+            return self.used
+
+    return Cache(layers=[PreallocatedLayer() for _ in range(config.num_hidden_layers)])
+
+
+def baseline_prefill(model, ids, chunk, cache):
+    """Prefill an unpatched model's cache in chunks; returns (cache, next token, seconds)."""
+    from anllm_ext.hf import cache_kwarg
+
+    t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, ids.shape[1], chunk):
-            out = model(input_ids=ids[:, s : s + chunk], cache=cache, use_cache=True, logits_to_keep=1)
-    return cache, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=ids[:, s : s + chunk], use_cache=True, logits_to_keep=1,
+                        **{cache_kwarg(model): cache})
+    return cache, out.logits[:, -1:].argmax(-1), time.perf_counter() - t0
+
+
+def kv_bytes_allocated(cache) -> int:
+    """Bytes of the K/V tensors a transformers cache holds (its whole buffers, used or not)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def main(argv=None) -> int:
@@ -40,107 +110,151 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=8190, help="context tokens before decoding")
     p.add_argument("--steps", type=int, default=96, help="timed decode steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--prefill-chunk", type=int, default=256, help="anchor-cache prefill chunk")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prefill chunk of A and B alike")
+    p.add_argument("--configs", default="ABCSP", help="which configurations to run (letters, see above)")
     p.add_argument("--model", default=None, help="local model dir (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--skip-full", action="store_true", help="skip the full-context DynamicCache run")
+    add_common_args(p)
     args = p.parse_args(argv)
+    configs = [c for c in "ABCSP" if c in args.configs.upper()]
+    if "A" not in configs:
+        p.error("--configs must include A (the anchor cache)")
 
     torch.set_num_threads(args.threads)
+    import transformers
+    from transformers import DynamicCache, StaticCache
+
     from anllm_ext import ep_anchor_ids, patch, prefill
-    from anllm_ext.cache import cache_kv_bytes
     from anllm_ext.models import load_model, sample_text
 
+    info = run_info("bench_decode", args)
+    print_header(info)
     model, tok = load_model(args.model)
     anchors = ep_anchor_ids(tok)
-    text = sample_text(6 * args.context)
-    ids = tok(text, return_tensors="pt")["input_ids"][:, : args.context]
+    ids = tok(sample_text(6 * args.context), return_tensors="pt")["input_ids"][:, : args.context]
     if ids.shape[1] < args.context:
         print(f"warning: only {ids.shape[1]} tokens of text available", file=sys.stderr)
     T = ids.shape[1]
     n_anchor = int(torch.isin(ids, torch.tensor(anchors)).sum())
-    print(f"model {type(model).__name__} fp32, {torch.get_num_threads()} threads, context {T} tokens, "
-          f"{n_anchor} EP anchors, transformers {__import__('transformers').__version__}, torch {torch.__version__}")
+    print(f"model {type(model).__name__} fp32, context {T} tokens, {n_anchor} EP anchors, "
+          f"{args.steps} timed steps, configurations {''.join(configs)}")
 
-    # Two model objects sharing nothing but the weights' values: the anchor one is patched, the
-    # baseline one keeps transformers' sdpa attention. Decode steps of the configurations are
-    # interleaved so that load changes on a shared machine hit all alike, and the order rotates each
-    # round (A C B, C B A, B A C, ...) so that each configuration follows each other one equally often:
-    # a full-cache step leaves the caches full of dirty lines that whoever runs next pays to write back.
-    import copy
-
-    # Both models run on heap copies of the weights, so no configuration runs on the loaded model's
-    # memory mapping of the safetensors file while the others run on a copy. (With the anchor model on
-    # the mapping, A / C measured 0.987-1.008 over six runs; with both on copies, 0.973-0.983 over six.
-    # An A-against-A test of mapping vs copy showed no difference, so the cause is not understood; the
-    # equal set-up is the fair one either way.)
+    # Both models run on heap copies of the weights (none on the loaded model's memory mapping of the
+    # safetensors file): the anchor model is patched, the baseline keeps transformers' sdpa attention.
     base = copy.deepcopy(model)
     model = copy.deepcopy(model)
     patch(model, anchors)
+    results = {"context_tokens": T, "anchors_in_context": n_anchor, "steps": args.steps, "prefill": {}}
 
     # A. anchor cache
     t0 = time.perf_counter()
     cache_a, last = prefill(model, ids, chunk_size=args.prefill_chunk)
     t_pre_a = time.perf_counter() - t0
-    st = cache_a.stats()
-    kept = st["kept_slots"][0]
-    slot_bytes = st["kv_bytes"] / max(kept, 1)
-    full_bytes = T * slot_bytes
-    print(f"A anchor cache : prefill {t_pre_a:.1f} s ({T / t_pre_a:.0f} tok/s, chunk {args.prefill_chunk}), "
-          f"kept {kept} slots, peak in use {st['peak_kv_bytes'] / 2**20:.1f} MiB, "
-          f"peak allocated {st['peak_allocated_kv_bytes'] / 2**20:.1f} MiB")
+    kept = cache_a.stats()["kept_slots"][0]
+    results["prefill"]["A"] = {"seconds": t_pre_a, "tokens_per_s": T / t_pre_a, "chunk": args.prefill_chunk}
+    print(f"A anchor cache: prefill {t_pre_a:.1f} s ({T / t_pre_a:.0f} tok/s, chunk {args.prefill_chunk}), "
+          f"kept {kept} slots")
     runs = {"A": [model, cache_a, last[:, -1:].argmax(-1), []]}
 
-    # C. DynamicCache with as many slots as the anchor cache keeps
-    cache_c, first_c = full_prefill(base, ids[:, -kept:], 512)
-    runs["C"] = [base, cache_c, first_c, []]
+    same = ids[:, -kept:]  # the same-slots caches prefill this many tokens (their content is irrelevant)
+    slots_needed = kept + args.warmup + args.steps
+    if "C" in configs:
+        cache, nxt, _ = baseline_prefill(base, same, args.prefill_chunk, DynamicCache(config=base.config))
+        runs["C"] = [base, cache, nxt, []]
+    if "S" in configs:
+        cache, nxt, _ = baseline_prefill(base, same, args.prefill_chunk,
+                                         StaticCache(config=base.config, max_cache_len=slots_needed))
+        runs["S"] = [base, cache, nxt, []]
+    if "P" in configs:
+        cache, nxt, _ = baseline_prefill(base, same, args.prefill_chunk, preallocated_cache(base.config, slots_needed))
+        runs["P"] = [base, cache, nxt, []]
+    full_bytes = None
+    if "B" in configs:
+        cache_b, nxt, t_pre_b = baseline_prefill(base, ids, args.prefill_chunk, DynamicCache(config=base.config))
+        full_bytes = kv_bytes_allocated(cache_b)
+        results["prefill"]["B"] = {"seconds": t_pre_b, "tokens_per_s": T / t_pre_b, "chunk": args.prefill_chunk}
+        print(f"B DynamicCache, full {T} slots: prefill {t_pre_b:.1f} s ({T / t_pre_b:.0f} tok/s, "
+              f"chunk {args.prefill_chunk}), KV {full_bytes / 2**20:.1f} MiB")
+        runs["B"] = [base, cache_b, nxt, []]
 
-    # B. DynamicCache with the full context
-    if not args.skip_full:
-        t0 = time.perf_counter()
-        cache_b, first_b = full_prefill(base, ids, 1024)
-        t_pre_b = time.perf_counter() - t0
-        full_bytes = cache_kv_bytes(cache_b)
-        print(f"B DynamicCache, full {T} slots: prefill {t_pre_b:.1f} s ({T / t_pre_b:.0f} tok/s), "
-              f"KV {full_bytes / 2**20:.1f} MiB")
-        runs["B"] = [base, cache_b, first_b, []]
+    keys = [c for c in configs if c in runs]
+    orders = williams_orders(len(keys))
+    from anllm_ext.hf import cache_kwarg
 
+    kwarg = {k: cache_kwarg(runs[k][0]) for k in keys}  # "cache" (transformers >= 5.24) or "past_key_values"
     with torch.no_grad():
-        keys = list(runs)
         for i in range(args.warmup + args.steps):
-            for key in keys[i % len(keys):] + keys[: i % len(keys)]:
-                run = runs[key]
+            for j in orders[i % len(orders)]:
+                run = runs[keys[j]]
                 mdl, cache, nxt, times = run
                 t0 = time.perf_counter()
-                out = mdl(input_ids=nxt, cache=cache, use_cache=True)
+                out = mdl(input_ids=nxt, use_cache=True, **{kwarg[keys[j]]: cache})
                 run[2] = out.logits[:, -1:].argmax(-1)
                 t1 = time.perf_counter()
                 if i >= args.warmup:
                     times.append(t1 - t0)
-    times_a, times_c = runs["A"][3], runs["C"][3]
-    print(f"decode ms/step (median of {args.steps}, interleaved): anchor {1e3 * statistics.median(times_a):.1f}, "
-          f"DynamicCache {kept} slots {1e3 * statistics.median(times_c):.1f}"
-          + ("" if args.skip_full else f", DynamicCache full {T} slots {1e3 * statistics.median(runs['B'][3]):.1f}"))
-    if not args.skip_full:
-        times_b = runs["B"][3]
-    st = cache_a.stats()  # after decoding: compaction kept it small
 
-    ma, mc = statistics.median(times_a), statistics.median(times_c)
-    # Paired ratios: the configurations' steps of one round run back to back, so the median of the
-    # per-round ratios cancels the load swings of a shared machine better than a ratio of medians.
-    ac = statistics.median(a / c for a, c in zip(times_a, times_c))
+    med = {k: statistics.median(runs[k][3]) for k in keys}
+    print(f"\ndecode ms/step (median of {args.steps}, interleaved): "
+          + ", ".join(f"{k} {1e3 * m:.1f}" for k, m in med.items()))
+
+    def paired(num, den):
+        """Median of the per-round ratios (the steps of one round run back to back, so load swings of a
+        shared machine cancel better than in a ratio of medians), and the ratio of the medians."""
+        return (statistics.median(a / b for a, b in zip(runs[num][3], runs[den][3])), med[num] / med[den])
+
+    ratios = {}
+    lines = [("B", "A", "full DynamicCache / anchor cache (target >= 1.8)")]
+    lines += [("A", c, f"anchor cache / same-slots {name} (target <= 1.10)")
+              for c, name in (("C", "DynamicCache"), ("S", "StaticCache"), ("P", "preallocated cache"))]
+    lines += [("B", c, f"ceiling: full / same-slots {name}")
+              for c, name in (("C", "DynamicCache"), ("S", "StaticCache"), ("P", "preallocated cache"))]
     print("\nratios (median of per-round ratios; ratio of the medians in brackets):")
-    if not args.skip_full:
-        mb = statistics.median(times_b)
-        ba = statistics.median(b / a for a, b in zip(times_a, times_b))
-        print(f"  decode step, full DynamicCache / anchor cache     = {ba:.2f}x [{mb / ma:.2f}x]  (target >= 1.8)")
-        bc = statistics.median(b / c for b, c in zip(times_b, times_c))
-        print(f"  (ceiling: full / same-slots DynamicCache           = {bc:.2f}x [{mb / mc:.2f}x])")
-    print(f"  decode step, anchor cache / same-slots DynamicCache = {ac:.3f} [{ma / mc:.3f}]  (target <= 1.10)")
-    print(f"  peak KV in use (prefill+decode), anchor / full    = {st['peak_kv_bytes'] / full_bytes:.3f}   (target <= 0.10)")
-    print(f"  peak KV allocated, anchor / full                  = {st['peak_allocated_kv_bytes'] / full_bytes:.3f}")
-    print(f"  KV after decoding, anchor / full                  = {st['kv_bytes'] / full_bytes:.3f}   "
-          f"(reduction {100 * st['reduction']:.1f}%)")
+    for num, den, label in lines:
+        if num in med and den in med:
+            r, rm = paired(num, den)
+            ratios[f"{num}/{den}"] = {"paired_median": r, "ratio_of_medians": rm, "what": label}
+            print(f"  decode step {num} / {den}: {r:.3f} [{rm:.3f}]  {label}")
+    same_slots = [c for c in "CSP" if c in med]
+    if same_slots:
+        fastest = min(same_slots, key=lambda c: med[c])
+        r, rm = paired("A", fastest)
+        ratios["A/fastest same-slots"] = {"paired_median": r, "ratio_of_medians": rm, "against": fastest}
+        print(f"  anchor cache / fastest same-slots cache ({fastest}): {r:.3f} [{rm:.3f}]"
+              f"  ({'faster' if r < 1 else 'slower'} than it)")
+
+    st = cache_a.stats()  # after decoding: compaction kept it small
+    slot_bytes = st["kv_bytes"] / max(sum(st["kept_slots"]), 1)
+    if full_bytes is None:
+        full_bytes = T * slot_bytes
+    memory = {
+        "full_kv_bytes": full_bytes,
+        "peak_allocated_kv_bytes": st["peak_allocated_kv_bytes"],
+        "peak_in_use_kv_bytes": st["peak_kv_bytes"],
+        "allocated_after_decode_kv_bytes": st["allocated_kv_bytes"],
+        "in_use_after_decode_kv_bytes": st["kv_bytes"],
+        "reduction_in_use_after_decode": st["reduction"],
+    }
+    results["memory"] = memory
+    print("\nKV memory of the anchor cache against the full cache (allocated = the buffers' capacity, "
+          "growth slack included; in use = the slots holding tokens):")
+    print(f"  peak allocated, prefill + decode / full   = {memory['peak_allocated_kv_bytes'] / full_bytes:.3f}"
+          f"   ({memory['peak_allocated_kv_bytes'] / 2**20:.1f} MiB; the headline, target <= 0.10)")
+    print(f"  peak in use, prefill + decode / full      = {memory['peak_in_use_kv_bytes'] / full_bytes:.3f}"
+          f"   ({memory['peak_in_use_kv_bytes'] / 2**20:.1f} MiB)")
+    print(f"  after decoding: allocated / full          = {memory['allocated_after_decode_kv_bytes'] / full_bytes:.3f}")
+    print(f"  after decoding: in use / full             = {memory['in_use_after_decode_kv_bytes'] / full_bytes:.3f}"
+          f"   (reduction {100 * st['reduction']:.1f}%)")
+    if "B" in results["prefill"]:
+        pa, pb = results["prefill"]["A"]["tokens_per_s"], results["prefill"]["B"]["tokens_per_s"]
+        results["prefill"]["A/B tokens_per_s"] = pa / pb
+        print(f"\nprefill at chunk {args.prefill_chunk}: anchor {pa:.0f} tok/s, full {pb:.0f} tok/s ({pa / pb:.2f}x)")
+
+    results["decode_ms_median"] = {k: 1e3 * m for k, m in med.items()}
+    results["decode_ms_all"] = {k: [1e3 * t for t in runs[k][3]] for k in keys}
+    results["kept_slots_after_prefill"] = kept
+    results["ratios"] = ratios
+    info["transformers"] = transformers.__version__
+    write_json(info, results, args.json)
     return 0
 
 

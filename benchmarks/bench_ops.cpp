@@ -2,20 +2,27 @@
 //
 //   attention (B=1, Hq=9, Hkv=3, D=64, fp32, an anchor every 24 tokens, T=4096 by default):
 //     anllm::anchor_attention_fwd/bwd vs at::scaled_dot_product_attention with the dense AnSAN mask
-//     and vs causal SDPA;
+//     and vs causal SDPA, each with enable_gqa (K/V not copied) and on K/V expanded with
+//     repeat_interleave (what older code does); the ratios use the faster of the two;
 //   compaction (30 layers x K,V [1,3,8192,64] fp32 keeping 350 slots):
 //     anllm::compact_ in place vs an index gather per tensor (the authors' way) vs a plain copy of the
 //     kept bytes.
-// After the runs it prints the ratios of medians measured in this run. Flags: Google Benchmark's own,
-// plus --T=N to change the sequence length.
+// It prints the machine, torch version, threads and date first, and after the runs the ratios of the
+// times measured in this run. Results go to a JSON file: Google Benchmark's own (--benchmark_out, default
+// results/bench_ops_cpp-<UTC time>.json) plus <that file>.ratios.json with the ratios. Flags: Google
+// Benchmark's own, plus --T=N to change the sequence length.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <vector>
@@ -73,18 +80,25 @@ void BM_AnchorAttentionFwd(benchmark::State& state) {
   for (auto _ : state) benchmark::DoNotOptimize(anchor_fwd(p));
 }
 
-void BM_SdpaDenseMaskFwd(benchmark::State& state) {
+// SDPA baselines: kCausal picks causal vs the dense AnSAN mask; kGqa picks enable_gqa on the Hkv heads
+// vs K/V repeated to Hq heads.
+at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, bool gqa) {
   const Problem& p = problem();
-  for (auto _ : state)
-    benchmark::DoNotOptimize(at::scaled_dot_product_attention(p.q, p.k_rep, p.v_rep, p.mask));
+  return at::scaled_dot_product_attention(q, k, v, causal ? std::optional<at::Tensor>() : p.mask, 0.0, causal,
+                                          std::nullopt, /*enable_gqa=*/gqa);
 }
 
-void BM_SdpaCausalFwd(benchmark::State& state) {
+template <bool kCausal, bool kGqa>
+void sdpa_forward(benchmark::State& state) {
   const Problem& p = problem();
-  for (auto _ : state)
-    benchmark::DoNotOptimize(
-        at::scaled_dot_product_attention(p.q, p.k_rep, p.v_rep, {}, 0.0, /*is_causal=*/true));
+  const at::Tensor& k = kGqa ? p.k : p.k_rep;
+  const at::Tensor& v = kGqa ? p.v : p.v_rep;
+  for (auto _ : state) benchmark::DoNotOptimize(sdpa(p.q, k, v, kCausal, kGqa));
 }
+void BM_SdpaDenseMaskFwd(benchmark::State& state) { sdpa_forward<false, false>(state); }
+void BM_SdpaCausalFwd(benchmark::State& state) { sdpa_forward<true, false>(state); }
+void BM_SdpaDenseMaskGqaFwd(benchmark::State& state) { sdpa_forward<false, true>(state); }
+void BM_SdpaCausalGqaFwd(benchmark::State& state) { sdpa_forward<true, true>(state); }
 
 void BM_AnchorAttentionBwd(benchmark::State& state) {
   const Problem& p = problem();
@@ -103,19 +117,20 @@ void BM_AnchorAttentionBwd(benchmark::State& state) {
                                      p.valid, p.pos, p.seg, p.anchor, p.valid, p.scale));
 }
 
-template <bool kCausal>
+template <bool kCausal, bool kGqa>
 void sdpa_backward(benchmark::State& state) {
   const Problem& p = problem();
-  auto q = p.q.clone().requires_grad_(), k = p.k_rep.clone().requires_grad_(),
-       v = p.v_rep.clone().requires_grad_();
-  auto out = kCausal ? at::scaled_dot_product_attention(q, k, v, {}, 0.0, true)
-                     : at::scaled_dot_product_attention(q, k, v, p.mask);
+  auto q = p.q.clone().requires_grad_(), k = (kGqa ? p.k : p.k_rep).clone().requires_grad_(),
+       v = (kGqa ? p.v : p.v_rep).clone().requires_grad_();
+  auto out = sdpa(q, k, v, kCausal, kGqa);
   auto dout = at::randn_like(out);
   for (auto _ : state)
     benchmark::DoNotOptimize(torch::autograd::grad({out}, {q, k, v}, {dout}, /*retain_graph=*/true));
 }
-void BM_SdpaDenseMaskBwd(benchmark::State& state) { sdpa_backward<false>(state); }
-void BM_SdpaCausalBwd(benchmark::State& state) { sdpa_backward<true>(state); }
+void BM_SdpaDenseMaskBwd(benchmark::State& state) { sdpa_backward<false, false>(state); }
+void BM_SdpaCausalBwd(benchmark::State& state) { sdpa_backward<true, false>(state); }
+void BM_SdpaDenseMaskGqaBwd(benchmark::State& state) { sdpa_backward<false, true>(state); }
+void BM_SdpaCausalGqaBwd(benchmark::State& state) { sdpa_backward<true, true>(state); }
 
 // ---- compaction ----
 constexpr int64_t kLayers = 30, kCacheHeads = 3, kCap = 8192, kKept = 350;
@@ -198,9 +213,13 @@ void BM_CopyKeptBytes(benchmark::State& state) {
 BENCHMARK(BM_AnchorAttentionFwd)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_SdpaDenseMaskFwd)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_SdpaCausalFwd)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_SdpaDenseMaskGqaFwd)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_SdpaCausalGqaFwd)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_AnchorAttentionBwd)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_SdpaDenseMaskBwd)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_SdpaCausalBwd)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_SdpaDenseMaskGqaBwd)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_SdpaCausalGqaBwd)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_CompactInPlace)->ArgName("cold")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_CompactIndexGather)->ArgName("cold")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_CompactIndexSelect)->ArgName("cold")->Arg(1)->Arg(0)->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -220,36 +239,99 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 };
 
+std::string utc_now(const char* format) {
+  char buf[64];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(buf, sizeof buf, format, std::gmtime(&now));
+  return buf;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::vector<std::string> extra;  // storage for the arguments added below
   std::vector<char*> args;
+  bool has_out = false;
   for (int i = 0; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--T=", 4) == 0)
+    if (std::strncmp(argv[i], "--T=", 4) == 0) {
       g_T = std::stoll(argv[i] + 4);
-    else
-      args.push_back(argv[i]);
+      continue;
+    }
+    has_out |= std::strncmp(argv[i], "--benchmark_out=", 16) == 0;
+    args.push_back(argv[i]);
+  }
+  std::string out_path;
+  if (!has_out) {  // every run writes its JSON
+    std::filesystem::create_directories("results");
+    out_path = "results/bench_ops_cpp-" + utc_now("%Y-%m-%dT%H%M%SZ") + ".json";
+    extra = {"--benchmark_out=" + out_path, "--benchmark_out_format=json"};
+    for (auto& e : extra) args.push_back(e.data());
+  } else {
+    for (char* a : args)
+      if (std::strncmp(a, "--benchmark_out=", 16) == 0) out_path = a + 16;
   }
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
-  std::printf("torch threads: %d, T=%lld\n", at::get_num_threads(), static_cast<long long>(g_T));
+  const std::string date = utc_now("%Y-%m-%dT%H:%M:%SZ");
+  // Google Benchmark prints (and writes to the JSON) the host, CPUs, caches and load; these add the rest.
+  benchmark::AddCustomContext("torch_version", TORCH_VERSION);
+  benchmark::AddCustomContext("torch_threads", std::to_string(at::get_num_threads()));
+  benchmark::AddCustomContext("T", std::to_string(g_T));
+  benchmark::AddCustomContext("date_utc", date);
+  std::printf("# bench_ops (C++)  %s\n# torch %s, %d torch threads, T=%lld\n", date.c_str(), TORCH_VERSION,
+              at::get_num_threads(), static_cast<long long>(g_T));
   RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   auto& s = reporter.seconds;
+  std::vector<std::pair<std::string, double>> ratios;
   auto ratio = [&](const char* label, const char* num, const char* den) {
-    if (s.count(num) && s.count(den)) std::printf("%-50s %8.2f\n", label, s[num] / s[den]);
+    if (!s.count(num) || !s.count(den)) return;
+    ratios.emplace_back(label, s[num] / s[den]);
+    std::printf("%-58s %8.2f\n", label, s[num] / s[den]);
   };
-  std::printf("\nratios of this run (higher = ours faster, except the last):\n");
-  ratio("fwd speed-up vs SDPA + dense mask", "BM_SdpaDenseMaskFwd", "BM_AnchorAttentionFwd");
-  ratio("fwd speed-up vs causal SDPA", "BM_SdpaCausalFwd", "BM_AnchorAttentionFwd");
-  ratio("bwd speed-up vs SDPA + dense mask", "BM_SdpaDenseMaskBwd", "BM_AnchorAttentionBwd");
-  ratio("bwd speed-up vs causal SDPA", "BM_SdpaCausalBwd", "BM_AnchorAttentionBwd");
+  // The faster of the two SDPA variants (enable_gqa, repeat_interleave) against ours.
+  auto best_ratio = [&](const char* label, const char* a, const char* b, const char* den) {
+    if (!s.count(a) || !s.count(b) || !s.count(den)) return;
+    const double r = std::min(s[a], s[b]) / s[den];
+    ratios.emplace_back(label, r);
+    std::printf("%-58s %8.2f\n", label, r);
+  };
+  std::printf("\nratios of this run (higher = ours faster, except the time / plain copy ones):\n");
+  best_ratio("fwd speed-up vs SDPA + dense mask (faster variant)", "BM_SdpaDenseMaskFwd", "BM_SdpaDenseMaskGqaFwd",
+             "BM_AnchorAttentionFwd");
+  ratio("fwd speed-up vs SDPA + dense mask, repeat_interleave", "BM_SdpaDenseMaskFwd", "BM_AnchorAttentionFwd");
+  ratio("fwd speed-up vs SDPA + dense mask, enable_gqa", "BM_SdpaDenseMaskGqaFwd", "BM_AnchorAttentionFwd");
+  best_ratio("fwd speed-up vs causal SDPA (faster variant)", "BM_SdpaCausalFwd", "BM_SdpaCausalGqaFwd",
+             "BM_AnchorAttentionFwd");
+  ratio("fwd speed-up vs causal SDPA, repeat_interleave", "BM_SdpaCausalFwd", "BM_AnchorAttentionFwd");
+  ratio("fwd speed-up vs causal SDPA, enable_gqa", "BM_SdpaCausalGqaFwd", "BM_AnchorAttentionFwd");
+  best_ratio("bwd speed-up vs SDPA + dense mask (faster variant)", "BM_SdpaDenseMaskBwd", "BM_SdpaDenseMaskGqaBwd",
+             "BM_AnchorAttentionBwd");
+  ratio("bwd speed-up vs SDPA + dense mask, repeat_interleave", "BM_SdpaDenseMaskBwd", "BM_AnchorAttentionBwd");
+  ratio("bwd speed-up vs SDPA + dense mask, enable_gqa", "BM_SdpaDenseMaskGqaBwd", "BM_AnchorAttentionBwd");
+  best_ratio("bwd speed-up vs causal SDPA (faster variant)", "BM_SdpaCausalBwd", "BM_SdpaCausalGqaBwd",
+             "BM_AnchorAttentionBwd");
+  ratio("bwd speed-up vs causal SDPA, repeat_interleave", "BM_SdpaCausalBwd", "BM_AnchorAttentionBwd");
+  ratio("bwd speed-up vs causal SDPA, enable_gqa", "BM_SdpaCausalGqaBwd", "BM_AnchorAttentionBwd");
   ratio("compaction (cold) speed-up vs index gather", "BM_CompactIndexGather/cold:1", "BM_CompactInPlace/cold:1");
   ratio("compaction (cold) time / plain copy of kept bytes", "BM_CompactInPlace/cold:1", "BM_CopyKeptBytes/cold:1");
   ratio("compaction (warm) speed-up vs index gather", "BM_CompactIndexGather/cold:0", "BM_CompactInPlace/cold:0");
   ratio("compaction (cold) speed-up vs index_select", "BM_CompactIndexSelect/cold:1", "BM_CompactInPlace/cold:1");
   ratio("compaction (warm) speed-up vs index_select", "BM_CompactIndexSelect/cold:0", "BM_CompactInPlace/cold:0");
   ratio("compaction (warm) time / plain copy of kept bytes", "BM_CompactInPlace/cold:0", "BM_CopyKeptBytes/cold:0");
+  if (!out_path.empty()) {
+    const std::string ratio_path = out_path + ".ratios.json";
+    if (FILE* f = std::fopen(ratio_path.c_str(), "w")) {
+      std::fprintf(f, "{\n  \"date_utc\": \"%s\",\n  \"torch_version\": \"%s\",\n  \"torch_threads\": %d,\n"
+                      "  \"T\": %lld,\n  \"ratios\": {",
+                   date.c_str(), TORCH_VERSION, at::get_num_threads(), static_cast<long long>(g_T));
+      for (size_t i = 0; i < ratios.size(); ++i)
+        std::fprintf(f, "%s\n    \"%s\": %.6g", i ? "," : "", ratios[i].first.c_str(), ratios[i].second);
+      std::fprintf(f, "\n  }\n}\n");
+      std::fclose(f);
+      std::printf("\nresults written to %s and %s\n", out_path.c_str(), ratio_path.c_str());
+    }
+  }
   benchmark::Shutdown();
   return 0;
 }
