@@ -42,6 +42,8 @@ def _require_tensors(named) -> None:
 
 def _scale_for(q: torch.Tensor, scale: Optional[float]) -> float:
     """The softmax scale: 1/sqrt(head dim) unless given."""
+    if scale is None and (q.dim() == 0 or q.shape[-1] == 0):  # no default scale to derive
+        raise ValueError(f"anllm: q must be [B, H, T, D] with a head dim >= 1, got shape {tuple(q.shape)}")
     return float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
@@ -109,6 +111,9 @@ def anchor_attention_append_(
     dispatcher call (what :class:`~anllm_ext.AnchorCache` does in every layer). Not differentiable.
     """
     _require_tensors((("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)))
+    if not torch.compiler.is_compiling() and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
+        # one buffer for both: the values would overwrite the keys
+        raise ValueError("anllm: k_cache and v_cache share memory; pass two separate buffers")
     scale = _scale_for(q, scale)
     if q.dim() and q.stride(-1) != 1:
         q = q.contiguous()
