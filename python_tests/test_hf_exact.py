@@ -164,13 +164,16 @@ def test_no_anchor_input_equals_unpatched(family):
     ids, _ = stream(2, 30, seed=6, anchor_p=0.0)
     assert not bool((ids == ANCHOR).any())
     ref = single_pass_logits(model, ids)
-    gen_ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    # no anchor generated either (both runs suppress it): then the tokens must be the same
+    gen_kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, suppress_tokens=[ANCHOR])
+    gen_ref = model.generate(ids, **gen_kw)
     patch(model, ANCHOR)
     got = single_pass_logits(model, ids)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
-    gen = anllm_ext.generate(model, ids, max_new_tokens=6, prefill_chunk=8, pad_token_id=0)
-    if not bool((gen[:, 30:] == ANCHOR).any()):  # same tokens as long as no anchor is generated
-        assert torch.equal(gen, gen_ref)
+    gen = anllm_ext.generate(model, ids, prefill_chunk=8, **gen_kw)
+    assert not bool((gen[:, 30:] == ANCHOR).any())
+    assert torch.equal(gen, gen_ref)
+    assert torch.equal(model.generate(ids, **gen_kw), gen_ref)  # the default AnchorCache
     unpatch(model)
     torch.testing.assert_close(single_pass_logits(model, ids), ref, atol=0, rtol=0)
     assert model.config._attn_implementation == "sdpa"
@@ -221,7 +224,8 @@ def test_sampling_and_beam_search_run(device):
     b = anllm_ext.generate(model, ids, mask, max_new_tokens=5, num_beams=3, prefill_chunk=8, pad_token_id=0)
     assert b.shape == (2, 23)
     # beam search with the anchor cache equals beam search with a full cache (patched, exact mask)
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0,
+                         cache_implementation="dynamic")
     assert torch.equal(b, ref)
 
 
@@ -294,7 +298,7 @@ def test_beam_search_with_many_generated_anchors(device):
     kw = dict(max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
     a = anllm_ext.generate(model, ids, mask, prefill_chunk=6, **kw)
-    b = model.generate(ids, attention_mask=mask, **kw)
+    b = model.generate(ids, attention_mask=mask, cache_implementation="dynamic", **kw)  # DynamicCache
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.sequences_scores, b.sequences_scores, atol=1e-4, rtol=1e-4)
     gen = a.sequences[:, 20:]
