@@ -13,7 +13,7 @@ TRANSFORMERS_OLDEST ?= 5.0.0
 VENV_TF_OLDEST      ?= .venv-tf-oldest
 HF_TESTS            := $(notdir $(wildcard python_tests/test_hf_*.py))
 
-.PHONY: demo test test-latest test-transformers-oldest test-gpu-image install bench bench-cpp bench-cpp-smoke docs clean
+.PHONY: demo test test-latest test-transformers-oldest test-gpu-image install bench bench-cpp bench-cpp-smoke docs clean sanitize fuzz soak
 
 $(VENV)/.deps: Makefile
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -87,6 +87,23 @@ bench-cpp: install
 
 bench-cpp-smoke: install
 	PYTHON=$(PY) benchmarks/run_cpp.sh --benchmark_min_time=0.01 --T=256
+
+## Reliability. `sanitize`: the CPU kernels built with ASan + UBSan in build/sanitized/ (the installed
+## extension is untouched), then the op fuzz driver against that build (FUZZ_ARGS; fails on any
+## sanitizer report or fuzz failure). `fuzz`: the fuzz driver against the regular build. `soak`: the
+## tiny-Llama long run (>= 100k tokens) and the SmolLM2 soak (SOAK_ARGS; hours on 2 cores).
+FUZZ_ARGS ?= --calls 10000
+SOAK_ARGS ?= --tokens 100000 --batch 8 --json results/soak_smollm2.json
+
+sanitize: $(VENV)/.deps
+	PYTHON=$(abspath $(PY)) tools/build_sanitized.sh $(FUZZ_ARGS)
+
+fuzz: install
+	$(PY) tools/fuzz_ops.py $(FUZZ_ARGS)
+
+soak: install
+	cd python_tests && ../$(PY) -m pytest -q -p no:cacheprovider test_soak.py
+	$(PY) tools/soak_smollm2.py $(SOAK_ARGS)
 
 ## The documentation site (Sphinx + MyST; API reference from the docstrings, CLI reference from the
 ## argument parser): build/docs/html/index.html. Warnings are errors, so a renamed function or a broken

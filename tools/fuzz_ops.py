@@ -38,7 +38,8 @@ def _parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--import-from", default=None,
-                   help="import anllm_ext from this source tree (default: the one holding this file)")
+                   help="import anllm_ext from this source tree (default: the one holding this file if it has "
+                        "an in-place build, else the installed package)")
     p.add_argument("--max-failures", type=int, default=20, help="stop after this many failures")
     p.add_argument("--trace", action="store_true", help="print every call's op and seed before it runs (crashes)")
     p.add_argument("--include-known", action="store_true", help="also run calls that hit a known crash")
@@ -46,8 +47,14 @@ def _parse_args(argv=None):
 
 
 ARGS = _parse_args() if __name__ == "__main__" else None
-if ARGS is not None:  # standalone: the source tree this file belongs to, or the one given
-    sys.path.insert(0, os.path.abspath(ARGS.import_from or os.path.join(os.path.dirname(__file__), "..")))
+if ARGS is not None:
+    # Standalone: the tree given, else this file's source tree when it holds an in-place build, else the
+    # installed anllm_ext.
+    import glob
+
+    _tree = ARGS.import_from or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    if ARGS.import_from or glob.glob(os.path.join(_tree, "anllm_ext", "_C*.so")):
+        sys.path.insert(0, os.path.abspath(_tree))
 
 import torch  # noqa: E402
 
