@@ -1,11 +1,15 @@
 """`anllm generate` on a tiny local model directory (fast) and argument errors."""
 
+import re
+
 import pytest
 import torch
 
+import anllm_ext
 from anllm_ext import cli
+from anllm_ext.layout import token_layout
 
-from helpers import needs_smollm2
+from helpers import kept_slots, needs_smollm2
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +28,74 @@ def tiny_model_dir(tmp_path_factory):
     return str(d)
 
 
+PROMPT = "The sun rose. Birds sang. The day began"
+N_NEW = 5
+
+
+def parse_report(out):
+    """{row label: [full cache, anchor cache]} from the table, the generated text and the summary lines."""
+    table = {}
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) == 3 and cells[0] in ("KV slots kept", "KV bytes", "peak KV bytes", "prefill tokens/s",
+                                            "decode tokens/s"):
+            table[cells[0]] = cells[1:]
+    text = out.split("--- generated (anchor cache) ---\n", 1)[1].split("\n-----", 1)[0]
+    return table, text
+
+
+def expected_runs(model_dir, anchors_spec):
+    """The two runs the CLI reports, recomputed here: the unpatched model with a DynamicCache, and the
+    tokens the anchor cache must keep, from the layout of the tokens it saw (anchors + open segment)."""
+    from anllm_ext.anchors import decode, resolve_anchors
+    from anllm_ext.models import load_model
+
+    model, tok = load_model(model_dir)
+    anchors = resolve_anchors(anchors_spec, tok, model)
+    args = cli.build_parser().parse_args(["generate", "--prompt", PROMPT, "--anchors", anchors_spec])
+    ids = cli._load_prompt(args, tok)
+    with torch.no_grad():
+        full = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False,
+                              eos_token_id=None, pad_token_id=tok.eos_token_id)
+    anchor = anllm_ext.generate(model, ids, prefill_chunk=4, max_new_tokens=N_NEW, anchor_ids=anchors,
+                                eos_token_id=None)
+    seen = token_layout(anchor[:, :-1], anchors)  # the last generated token is never fed back
+    kept = int(kept_slots(seen).sum())
+    cfg = model.config
+    slot_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    text = decode(tok, anchor[0, ids.shape[1]:], anchor_ids=anchors, skip_special_tokens=True)
+    return dict(n_prompt=ids.shape[1], full=full, anchor=anchor, kept=kept, slot_bytes=slot_bytes, text=text)
+
+
 @needs_smollm2
 @pytest.mark.parametrize("anchors", ["ep", "ac", "13,30"])
 def test_cli_generate_on_local_dir(tiny_model_dir, capsys, anchors):
-    rc = cli.main(["generate", "--model", tiny_model_dir, "--prompt", "The sun rose. Birds sang. The day began",
-                   "--max-new-tokens", "5", "--prefill-chunk", "4", "--no-progress", "--ignore-eos",
-                   "--anchors", anchors])
+    rc = cli.main(["generate", "--model", tiny_model_dir, "--prompt", PROMPT, "--max-new-tokens", str(N_NEW),
+                   "--prefill-chunk", "4", "--no-progress", "--ignore-eos", "--anchors", anchors])
     out = capsys.readouterr().out
     assert rc == 0, out
-    for key in ("full cache", "anchor cache", "KV bytes", "peak KV bytes", "decode tokens/s", "KV reduction"):
-        assert key in out
+    table, text = parse_report(out)
+    exp = expected_runs(tiny_model_dir, anchors)
+    n_full = exp["n_prompt"] + N_NEW - 1
+    assert f"prompt: {exp['n_prompt']} tokens" in out
+    assert table["KV slots kept"] == [str(n_full), str(exp["kept"])]
+    assert exp["kept"] < n_full  # the prompt's closed segments were dropped
+    assert table["KV bytes"] == [cli._human(n_full * exp["slot_bytes"]), cli._human(exp["kept"] * exp["slot_bytes"])]
+    assert table["peak KV bytes"][0] == cli._human(n_full * exp["slot_bytes"])
+    for row in ("prefill tokens/s", "decode tokens/s"):
+        assert all(float(x) > 0 for x in table[row]), table[row]
+    assert text.strip() == exp["text"].strip()
+    reduction = 100 * (1 - exp["kept"] / n_full)
+    assert f"KV reduction (C-down): {reduction:.1f}% at the end" in out
+    same = torch.equal(exp["full"], exp["anchor"])
+    assert f"same tokens as the full cache: {'yes' if same else 'no'}" in out
+
+
+@needs_smollm2
+def test_cli_refuses_a_preset_of_another_vocabulary(tiny_model_dir, capsys):
+    rc = cli.main(["generate", "--model", tiny_model_dir, "--prompt", PROMPT, "--no-progress", "--anchors", "anllm-ac"])
+    assert rc == 2
+    assert "needs '<AC>' at id 32001" in capsys.readouterr().err
 
 
 def test_cli_errors(capsys, tmp_path):
