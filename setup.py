@@ -6,7 +6,9 @@ torch has CUDA and a CUDA toolkit is found, even on a machine without a GPU.
 Environment switches:
   ANLLM_FORCE_CPU=1        build the CPU kernels only
   ANLLM_CUDA_ARCHS="8.0;9.0"  CUDA architectures (default 8.0;9.0; TORCH_CUDA_ARCH_LIST also works)
-  ANLLM_CPU_FLAGS="..."    host compiler flags replacing the default (AVX2+FMA where the build CPU has them)
+  ANLLM_CPU_FLAGS="..."    extra host compiler flags for every C++ source (default none: the build runs on
+                           any x86-64; the attention kernels get AVX2 and AVX-512 variants anyway,
+                           chosen at run time, see ANLLM_CPU_CAPABILITY in README.md)
   MAX_JOBS=N               parallel compile jobs (honoured by torch's ninja build)
   ANLLM_EXPECT_CUDA=1      fail unless the CUDA kernels are built (CI sets it; ANLLM_FORCE_CPU=1 still wins)
 Install with `pip install --no-build-isolation .` so the extension is built against the torch you run.
@@ -14,6 +16,8 @@ Install with `pip install --no-build-isolation .` so the extension is built agai
 import glob
 import os
 import platform
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -47,19 +51,77 @@ def _nvidia_wheel_includes():
 
 
 def _cpu_flags():
-    if "ANLLM_CPU_FLAGS" in os.environ:
-        return os.environ["ANLLM_CPU_FLAGS"].split()
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return []
-    if " avx2" in info and " fma" in info and " f16c" in info:
-        # Also select ATen's AVX2 Vectorized<> specialisations (vectorised exp etc.) in our kernels.
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return []
+    """Host flags of every C++ source: none, so the build runs on any CPU of its architecture, unless
+    ANLLM_CPU_FLAGS says otherwise (e.g. "-march=native" for a build that only runs where it was made)."""
+    return os.environ.get("ANLLM_CPU_FLAGS", "").split()
+
+
+# The attention kernels (csrc/cpu/attention_kernels.h) compiled once per CPU capability, as ATen builds
+# its DEFAULT/AVX2/AVX512 kernels; csrc/anchor_attention_cpu.cpp picks one at run time.
+_CPU_VARIANT_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT", "-Wno-psabi"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+_BINUTILS = ("ld", "objcopy", "nm")
+
+
+def _cpu_variants():
+    """The variants to build: all three on x86-64 Linux with binutils (needed to keep each variant's
+    code to itself, see _localize_variant), else the baseline only."""
+    if platform.machine() not in ("x86_64", "AMD64") or not sys.platform.startswith("linux"):
+        return ["default"]
+    missing = [tool for tool in _BINUTILS if shutil.which(tool) is None]
+    if missing:
+        print(f"anllm_ext: {', '.join(missing)} not found; building the baseline CPU kernels only")
+        return ["default"]
+    return list(_CPU_VARIANT_FLAGS)
+
+
+def _localize_variant(obj, entry, prefix):
+    """Object file `obj` with every symbol but `entry` renamed `prefix.<name>` and made local.
+
+    A variant's object also holds the inline functions of the headers it includes (std::vector,
+    c10, ...), compiled with its flags. Left global (COMDAT), the linker could keep the AVX2 copy
+    for the baseline code too, which then dies with SIGILL on an older CPU. Section groups are
+    dissolved first (ld -r --force-group-allocation) so no copy is discarded in favour of another.
+    """
+    merged = obj[: -len(".o")] + ".local.o"
+    subprocess.check_call(["ld", "-r", "--force-group-allocation", "-o", merged, obj])
+    listing = subprocess.check_output(["nm", "--defined-only", "--format=posix", merged], text=True)
+    names = {line.split()[0] for line in listing.splitlines() if line.strip()}
+    renames = merged + ".renames"
+    with open(renames, "w") as f:
+        f.writelines(f"{name} {prefix}.{name}\n" for name in sorted(names) if name != entry)
+    subprocess.check_call(["objcopy", f"--redefine-syms={renames}", f"--keep-global-symbol={entry}", merged])
+    return merged
+
+
+class _BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus the CPU kernel variants: setuptools compiles all sources of an
+    extension with one set of flags, so each variant is compiled here with its own and linked in as
+    an object."""
+
+    def build_extension(self, ext):
+        for name in getattr(ext, "cpu_variants", ()):
+            ext.extra_objects.append(self._compile_cpu_variant(ext, name))
+        super().build_extension(ext)
+
+    def _compile_cpu_variant(self, ext, name):
+        flags = list(ext.extra_compile_args["cxx"]) + _CPU_VARIANT_FLAGS[name]
+        [obj] = self.compiler.compile(
+            [os.path.join("csrc", "cpu", f"attention_{name}.cpp")],
+            output_dir=os.path.join(self.build_temp, f"cpu_{name}"),
+            macros=ext.define_macros,
+            include_dirs=ext.include_dirs,
+            debug=self.debug,
+            extra_postargs={"cxx": flags, "nvcc": []},
+            depends=ext.depends,
+        )
+        if name == "default" and len(ext.cpu_variants) == 1:
+            return obj  # nothing to keep apart
+        return _localize_variant(obj, f"anllm_cpu_attention_{name}", f"anllm_cpu_{name}")
 
 
 def _build_extension():
@@ -93,10 +155,12 @@ def _build_extension():
         )
 
     if not use_cuda:
-        return cpp_extension.CppExtension(
+        ext = cpp_extension.CppExtension(
             "anllm_ext._C", sources, define_macros=version_macro, extra_compile_args={"cxx": cxx_flags},
             extra_link_args=openmp,
         )
+        ext.cpu_variants = _cpu_variants()
+        return ext
     nvcc_flags = [
         "-O3",
         "-std=c++20",
@@ -107,7 +171,7 @@ def _build_extension():
         "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ]
-    return cpp_extension.CUDAExtension(
+    ext = cpp_extension.CUDAExtension(
         "anllm_ext._C",
         sources + cuda_sources,
         include_dirs=_nvidia_wheel_includes(),
@@ -115,6 +179,8 @@ def _build_extension():
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=openmp,
     )
+    ext.cpu_variants = _cpu_variants()
+    return ext
 
 
 setup(
@@ -123,7 +189,7 @@ setup(
     description="Anchor-based LLM (AnLLM) attention and KV-cache compaction for PyTorch and transformers",
     packages=find_packages(include=["anllm_ext", "anllm_ext.*"]),
     ext_modules=[_build_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": _BuildExtension},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "safetensors", "tqdm"],
     # The ops need torch only; the transformers integration (patch, AnchorCache, generate, the CLI) needs [hf].

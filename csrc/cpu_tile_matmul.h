@@ -4,7 +4,13 @@
 // Tiles with few rows (decode steps, GQA groups) use register-blocked loops over ATen's Vectorized;
 // larger tiles use the BLAS that torch links (its Fortran `sgemm_` symbol, bound weakly at load time,
 // because torch's own cpublas is not exported). The loops also cover a torch without exported BLAS.
+// Included by the per-capability kernel sources (cpu/attention_kernels.h), inside their namespace:
+// every variant gets its own copy, compiled with its own flags.
 #pragma once
+
+#ifndef ANLLM_CPU_NS
+#error "cpu_tile_matmul.h is part of the per-capability CPU kernels; include it via cpu/attention_kernels.h"
+#endif
 
 #include <ATen/cpu/vec/vec.h>
 
@@ -19,6 +25,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace anllm {
+namespace ANLLM_CPU_NS {
 
 // Tiles are small GEMMs issued from many threads at once: BLAS-level threading only adds overhead,
 // and outside an OpenMP region MKL would start its own threads for every call.
@@ -181,4 +188,5 @@ inline void matmul_acc(float* C, int64_t ldc, const float* P, int64_t p_row, int
   }
 }
 
+}  // namespace ANLLM_CPU_NS
 }  // namespace anllm
