@@ -4,6 +4,9 @@
 processors, stopping criteria all work as usual) with an :class:`AnchorCache` and transformers'
 chunked prefill (``prefill_chunk_size``), so the peak KV memory during the prompt is anchors + open
 segment + one chunk. Decoded anchors trigger real-time compaction through the patch's forward hook.
+A patched model's own ``model.generate()`` also uses an AnchorCache by default, but runs the prompt in
+one forward unless given ``prefill_chunk_size``: use :func:`generate` for long prompts, one-off
+``anchor_ids``, a progress bar or the cache's memory figures.
 
 :func:`prefill` runs a prompt through a patched model chunk by chunk (optionally returning all
 logits), for tests, benchmarks and custom decoding loops.

@@ -13,12 +13,19 @@
    all layers and passes both in a per-forward context object as the keyword ``anllm_ctx``, which
    transformers forwards untouched to every attention call (so gradient checkpointing works too);
 3. adds a forward hook that lets an :class:`AnchorCache` commit the new tokens and compact itself
-   (all layers in one call) after every forward.
+   (all layers in one call) after every forward;
+4. overrides ``_prepare_cache_for_generation`` on the model instance, so that ``model.generate()``
+   without a cache creates an :class:`AnchorCache` where transformers would create a ``DynamicCache``
+   (``patch(..., default_cache="full")``, ``cache_implementation="dynamic"`` or an explicit cache keep
+   the full cache).
+
+The hooks are plain functions that read the patch state from the module they run on (never from a
+closure), so ``copy.deepcopy`` of a patched model yields an independently patched copy.
 
 ``unpatch(model)`` removes the hooks and restores the previous attention implementation.
 
 Caches: an :class:`~anllm_ext.cache.AnchorCache` keeps only anchors + the open segment. Any other
-transformers cache (e.g. the ``DynamicCache`` created when ``use_cache=True`` and no cache is passed)
+transformers cache (e.g. the ``DynamicCache`` a direct forward creates with ``use_cache=True`` and no cache)
 keeps everything; the layout of its tokens is remembered next to it so that later forwards with the
 same cache object still see the exact mask.
 """
