@@ -121,3 +121,30 @@ def test_append_with_new_keys_overlapping_their_slots():
         assert "overlap" in str(exc)
         return
     assert torch.equal(k_cache[:, :, 6:10], want)
+
+
+def test_append_offsets_near_int64_max_name_the_problem():
+    """Found under UBSan/ASan: offsets[b] + Tq overflowed int64 in the kernel's range check, which then
+    passed and the copy wrote far outside the cache. The wrapper rejects such offsets."""
+    cache_k, cache_v = torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
+    lay = anllm_ext.token_layout(torch.full((1, 4), 5), [1])
+    q = torch.randn(1, 1, 1, 4)
+    for bad in (2**63 - 1, 2**63 - 9, 2**62 + 1, -1, 4):
+        with pytest.raises((ValueError, RuntimeError), match="offsets"):
+            anllm_ext.anchor_attention_append_(q, q, q, cache_k, cache_v, [bad], lay[:, 3:], lay)
+
+
+@pytest.mark.xfail(strict=True, reason="append_attention.cpp: offsets[b] + T overflows int64 in the raw op's check")
+def test_raw_append_op_offsets_near_int64_max():
+    r = _run_isolated(
+        "import torch, anllm_ext\n"
+        "lay = anllm_ext.token_layout(torch.full((1, 4), 5), [1])\n"
+        "k, v, q = torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), torch.randn(1, 1, 1, 4)\n"
+        "try:\n"
+        "    torch.ops.anllm.anchor_attention_append_(q, q, q, k, v, [2**63 - 1], *lay[:, 3:].as_tuple(),\n"
+        "                                             *lay.as_tuple(), 0.5)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'offsets' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('accepted')\n")
+    assert r.returncode == 0, f"exit status {r.returncode}: {r.stderr[-500:]}"
