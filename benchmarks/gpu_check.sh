@@ -156,6 +156,8 @@ export ANLLM_CUDA_ARCHS="$ARCH" TORCH_CUDA_ARCH_LIST="$ARCH" ANLLM_EXPECT_CUDA=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
+# The scripts import the in-place build of the source tree (nothing is installed on the GPU machine).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : > "$OUTDIR/build.log"
 if ! want build; then
   log "## build: not selected (GPU_CHECK_STEPS)"
