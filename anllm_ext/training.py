@@ -62,8 +62,12 @@ class AnLLMArguments:
     adapter_dtype: str = field(default="bfloat16", metadata={"help": "dtype the LoRA adapter is saved in (float32, bfloat16, float16)"})
     merge_lora: bool = field(default=True, metadata={"help": "also save the merged model (loads without peft)"})
     threads: int = field(default=0, metadata={"help": "torch threads per process (0: torch's default)"})
+    attention: str = field(default="ansan", metadata={
+        "help": "ansan (train an AnLLM) or causal (the same run with plain causal attention: the baseline)"})
 
     def __post_init__(self):
+        if self.attention not in ("ansan", "causal"):
+            raise ValueError(f"attention must be 'ansan' or 'causal', got {self.attention!r}")
         if self.anchor_mode is not None and self.anchor_mode not in ("ac", "ep", "ids"):
             raise ValueError(f"unknown anchor mode {self.anchor_mode!r}: use ac, ep or ids")
         if self.anchor_ids and self.anchor_mode not in (None, "ids"):
@@ -91,6 +95,8 @@ class AnLLMTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collator's columns"})
     include_num_input_tokens_seen: Optional[str] = field(default="non_padding", metadata={"help": "count real tokens"})
     group_by_length: bool = field(default=True, metadata={"help": "batch rows of similar length (less padding)"})
+    ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={
+        "help": "every parameter gets a gradient in AnSAN training; True only for models with unused branches"})
 
 
 class BudgetCallback(TrainerCallback):
@@ -132,8 +138,9 @@ def load_for_training(args: AnLLMArguments):
     config.check_tokenizer(tok)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    config.attach(model)
-    patch(model, config.anchor_ids)
+    if args.attention == "ansan":
+        config.attach(model)
+        patch(model, config.anchor_ids)
     model.train()
     return model, tok, config
 
@@ -175,7 +182,7 @@ def add_lora(model, args: AnLLMArguments, config):
     return get_peft_model(model, lora)
 
 
-def evaluate_blocks(model, eval_ds, args: AnLLMArguments, label: str) -> Optional[dict]:
+def evaluate_blocks(model, eval_ds, args: AnLLMArguments, label: str, anchor_ids) -> Optional[dict]:
     """Held-out perplexity in the three modes (see :func:`anllm_ext.evaluation.perplexity`)."""
     if eval_ds is None or len(eval_ds) == 0:
         return None
@@ -186,7 +193,8 @@ def evaluate_blocks(model, eval_ds, args: AnLLMArguments, label: str) -> Optiona
     was_training = model.training
     model.eval()
     try:
-        result = perplexity(model, [list(r) for r in eval_ds["input_ids"]], prefill_chunk=args.prefill_chunk)
+        result = perplexity(model, [list(r) for r in eval_ds["input_ids"]], prefill_chunk=args.prefill_chunk,
+                            anchor_ids=anchor_ids)
     finally:
         model.train(was_training)
     result = result.to_dict() if hasattr(result, "to_dict") else result
@@ -195,14 +203,18 @@ def evaluate_blocks(model, eval_ds, args: AnLLMArguments, label: str) -> Optiona
 
 
 def save_anllm(trainer, model, tok, config, args: AnLLMArguments, output_dir: str) -> str:
-    """Save the trained AnLLM so that ``load_model(output_dir)`` + ``patch(model)`` restore it.
+    """Save the trained AnLLM so that ``load_model(path)`` + ``patch(model)`` restore it; returns the path.
 
+    Call on every rank (FSDP / DeepSpeed gather the weights in ``trainer.save_model``).
     Full fine-tuning: the model (its ``config.json`` carries the anchors), tokenizer, ``anllm_config.json``.
-    LoRA: the adapter in ``output_dir/adapter`` (small; the anchors beside it) and, with ``merge_lora``, the
-    merged model in ``output_dir`` itself, so plain transformers loads it without peft.
+    LoRA: the adapter in ``output_dir/adapter`` (small; the anchors and the base model named beside it) and,
+    with ``merge_lora``, the merged model in ``output_dir``, which plain transformers loads without peft.
     """
     out = Path(output_dir)
-    if args.lora:
+    main = trainer.is_world_process_zero()
+    if not args.lora:
+        trainer.save_model(str(out))
+    elif main:
         adapter_dir = out / "adapter"
         # the <AC> row travels as PEFT's trainable-token delta: never the whole (resized) embedding matrix
         model.save_pretrained(adapter_dir, save_embedding_layers=False)
@@ -215,11 +227,12 @@ def save_anllm(trainer, model, tok, config, args: AnLLMArguments, output_dir: st
         merged = model.merge_and_unload()
         config.attach(merged)
         merged.save_pretrained(out)
-    else:
-        trainer.save_model(str(out))
-    tok.save_pretrained(out)
-    config.save_pretrained(out)
-    return str(out)
+    if main:
+        tok.save_pretrained(out)
+        if args.attention == "ansan":  # a causal baseline is no AnLLM: it carries no anchors
+            config.save_pretrained(out)
+    trainer.accelerator.wait_for_everyone()
+    return str(out / "adapter") if args.lora and not args.merge_lora else str(out)
 
 
 def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
@@ -259,7 +272,7 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
                "train_tokens_available": int(sum(len(r) for r in train_ds["input_ids"])),
                "eval_blocks": 0 if eval_ds is None else len(eval_ds)}
     if is_main and args.eval_before:
-        results["eval_before"] = evaluate_blocks(model, eval_ds, args, "before training")
+        results["eval_before"] = evaluate_blocks(model, eval_ds, args, "before training", config.anchor_ids)
     if args.lora:
         model = add_lora(model, args, config)
     trainer = Trainer(
@@ -272,23 +285,20 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
     results.update(train_seconds=time.time() - started, train_steps=trainer.state.global_step,
                    train_tokens=int(trainer.state.num_input_tokens_seen), train_loss=output.training_loss,
                    log_history=trainer.state.log_history)
+    saved = save_anllm(trainer, model, tok, config, args, training_args.output_dir)
     if not is_main:
         return results
-    saved = save_anllm(trainer, model, tok, config, args, training_args.output_dir)
     results["saved_to"] = saved
-    eval_model = model.get_base_model() if args.lora and not args.merge_lora else (
-        model if not args.lora else _reload_merged(saved))
-    results["eval_after"] = evaluate_blocks(eval_model, eval_ds, args, "after training")
+    # score what was saved, reloaded as a user loads it (also checks the round trip)
+    results["eval_after"] = evaluate_blocks(_reload(saved), eval_ds, args, "after training", config.anchor_ids)
     write_results(results, training_args.output_dir)
     return results
 
 
-def _reload_merged(path: str):
-    from .hf import patch
+def _reload(path: str):
     from .models import load_model
 
-    merged, _ = load_model(path)
-    return patch(merged)
+    return load_model(path)[0]
 
 
 def write_results(results: dict, output_dir: str) -> Path:

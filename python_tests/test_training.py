@@ -225,6 +225,19 @@ def test_train_reduces_loss_saves_and_restores_anchor_inference(tmp_path, tiny_d
 
 
 @needs_smollm2
+def test_cli_generate_restores_a_trained_models_anchors(tmp_path, tiny_dir, corpus, capsys):
+    from anllm_ext.cli import main
+
+    run_train(tmp_path, tiny_dir, corpus / "train", anchor_mode="ac", max_steps=1, eval_blocks=0)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "out"), "--prompt", TEXT, "--max-new-tokens", "3",
+                 "--no-progress", "--anchor-only"]) == 0
+    out = capsys.readouterr().out
+    # AC mode restored: the prompt got an <AC> after each of its 8 sentences (the last one is left open)
+    assert "anchors: ac (1 ids, 7 in the prompt)" in out, out
+
+
+@needs_smollm2
 def test_saved_model_loads_with_plain_transformers_without_anllm_ext(tmp_path, tiny_dir, corpus):
     run_train(tmp_path, tiny_dir, corpus / "train", max_steps=1, eval_blocks=0)
     code = (

@@ -1,0 +1,49 @@
+"""`anllm train` under torchrun: 2 DDP processes (gloo, CPU) end with the parameters of 1 process that sees the
+same global batch. Uses the CLI, as a user launches it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import anllm_ext
+from helpers import needs_smollm2
+from test_training import TEXT, tiny_llama_dir
+
+
+def launch(prefix, model_dir, data, out, batch):
+    cmd = prefix + [
+        "-m", "anllm_ext.cli", "train", "--data", str(data), "--model", model_dir, "--anchor-mode", "ep",
+        "--output-dir", str(out), "--block-size", "40", "--per-device-train-batch-size", str(batch),
+        "--max-steps", "3", "--learning-rate", "1e-3", "--warmup-steps", "0", "--eval-blocks", "0",
+        "--group-by-length", "false", "--save-steps", "1000", "--seed", "0", "--disable-tqdm", "true",
+        "--use-cpu", "true", "--logging-steps", "1",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(Path(anllm_ext.__file__).parent.parent), OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return load_file(str(out / "model.safetensors"))
+
+
+@needs_smollm2
+def test_two_process_ddp_equals_one_process_same_global_batch(tmp_path):
+    from anllm_ext.models import default_model_dir
+
+    model_dir = tiny_llama_dir(default_model_dir(), tmp_path / "tiny")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"d{i}.txt").write_text(TEXT * (1 + i % 2))
+    one = launch([sys.executable], model_dir, data, tmp_path / "one", batch=4)
+    two = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                 model_dir, data, tmp_path / "two", batch=2)
+    start = load_file(str(Path(model_dir) / "model.safetensors"))
+    assert one.keys() == two.keys()
+    moved = 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        moved += int(not torch.equal(one[name], start[name]))
+    assert moved >= len(one) - 1  # training changed the weights (all but, at most, an unused one)
