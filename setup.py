@@ -193,6 +193,14 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "safetensors", "tqdm"],
     # The ops need torch only; the transformers integration (patch, AnchorCache, generate, the CLI) needs [hf].
-    extras_require={"hf": ["transformers>=5.0"], "gguf": ["transformers>=5.0", "gguf", "accelerate"], "test": ["pytest"]},
+    extras_require={
+        "hf": ["transformers>=5.0"],
+        "gguf": ["transformers>=5.0", "gguf", "accelerate"],
+        # anllm train: the Hugging Face Trainer, datasets, PEFT LoRA
+        "train": ["transformers>=5.0", "datasets>=3.0", "peft>=0.15", "accelerate>=1.0", "matplotlib"],
+        # anllm eval and its lm-evaluation-harness backend
+        "eval": ["transformers>=5.0", "datasets>=3.0", "lm-eval>=0.4.8", "matplotlib"],
+        "test": ["pytest"],
+    },
     entry_points={"console_scripts": ["anllm=anllm_ext.cli:main"]},
 )
