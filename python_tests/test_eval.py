@@ -267,3 +267,82 @@ def test_multiple_choice_scores_by_hand(tokenizer, tiny_vocab):
     d = json.loads(res.to_json(with_scores=True))
     assert d["modes"]["cached"]["accuracy"] == res["cached"].accuracy and len(d["scores"]["full"]) == len(qs)
     assert "accuracy_norm" in res.table()
+
+
+# ------------------------------------------------------------------------------------ CLI and SmolLM2
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer, tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    d = tmp_path_factory.mktemp("tiny_llama_eval")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)
+
+
+@needs_smollm2
+def test_cli_eval(tiny_dir, tmp_path, capsys):
+    from anllm_ext import cli
+
+    mc = _write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    text = tmp_path / "t.txt"
+    text.write_text("The sun rose. Birds sang in the trees. The day began slowly. " * 6, encoding="utf-8")
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--text", str(text), "--shots", "0", "2",
+                   "--limit", "4", "--block-size", "40", "--max-blocks", "2", "--prefill-chunk", "8", "--batch-size", "5",
+                   "--no-progress", "--json", str(out), "--plot", str(png)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    for key in ("perplexity", "accuracy", "C-down", "T-up", "2-shot", "demonstrations end: period"):
+        assert key in printed
+    d = json.loads(out.read_text())
+    assert [r["task"] for r in d["results"]] == ["perplexity", "multiple_choice", "multiple_choice"]
+    assert d["results"][2]["config"]["shots"] == 2 and d["results"][2]["questions"] == 4
+    assert d["results"][2]["max_abs_diff_cached_vs_ansan"] < 1e-4
+    assert png.stat().st_size > 1000
+    # bad inputs: nothing to evaluate, a bad row, more shots than questions
+    assert cli.main(["eval", "--model", tiny_dir, "--no-progress"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [QUESTIONS[0], {"question": "Q?", "choices": ["a", "b"], "answer": 5}])
+    assert cli.main(["eval", "--model", tiny_dir, "--mc", str(bad), "--no-progress"]) == 2
+    assert "bad.jsonl:2: answer index 5 is out of range" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--shots", "6", "--no-progress"]) == 2
+    assert "6 shots need at least 7 questions" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--mode", "full,fast", "--no-progress"]) == 2
+    assert "unknown evaluation mode 'fast'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from anllm_ext.anchors import ep_anchor_ids
+    from anllm_ext.models import load_model
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, tok = load_model()
+    anllm_ext.patch(model, ep_anchor_ids(tok))
+    yield model, tok
+    anllm_ext.unpatch(model)
+
+
+@needs_smollm2
+def test_smollm2_cached_equals_one_pass(smollm2):
+    from anllm_ext.models import sample_text
+
+    model, tok = smollm2
+    qs = _questions()
+    cfg = ev.MultipleChoiceConfig(shots=3, demo_end="period", modes=("ansan", "cached"), batch_size=8,
+                                  prefill_chunk=16, limit=3, progress=False)
+    res = ev.multiple_choice(model, tok, qs, cfg)
+    assert res.max_abs_diff_cached_vs_ansan < 2e-3  # fp32 log-likelihoods of O(10)
+    assert res["cached"].accuracy == res["ansan"].accuracy
+    assert res["cached"].kv_kept < 0.5  # three demonstrations closed by periods, dropped to their anchors
+    blocks = ev.text_blocks(tok, [sample_text(4000)], block_size=96, max_blocks=2)
+    ppl = ev.perplexity(model, blocks, modes=("ansan", "cached"), prefill_chunk=32, progress=False)
+    assert ppl.max_abs_diff_cached_vs_ansan < 2e-3
+    assert ppl["cached"].perplexity == pytest.approx(ppl["ansan"].perplexity, rel=1e-4)
+    assert ppl["cached"].kv_kept < ppl["cached"].kv_peak < 1.0
