@@ -305,12 +305,14 @@ class patched:
         self._was = is_patched(self.model)
         previous = patched_anchor_ids(self.model)
         self._previous_ids = previous
-        patch(self.model, self.anchor_ids)
+        state = self.model.__dict__.get(_STATE_ATTR)
+        self._previous_default = state.default_cache if state is not None else "anchor"
+        patch(self.model, self.anchor_ids, default_cache=self._previous_default)
         return self.model
 
     def __exit__(self, *exc):
         if self._was:
-            patch(self.model, self._previous_ids)
+            patch(self.model, self._previous_ids, default_cache=self._previous_default)
         else:
             unpatch(self.model)
         return False
@@ -365,8 +367,12 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         return result
     from transformers import DynamicCache
 
-    for name in ("cache", "past_key_values"):
-        if type(model_kwargs.get(name)) is DynamicCache:
+    made = [name for name in ("cache", "past_key_values") if model_kwargs.get(name) is not None]
+    if not made and self._supports_default_dynamic_cache():
+        # older 5.x releases (5.0) leave the default cache to the model's forward: give generate() one
+        model_kwargs[cache_kwarg(self)] = AnchorCache(self.config)
+    for name in made:
+        if type(model_kwargs[name]) is DynamicCache:
             model_kwargs[name] = AnchorCache(self.config)
     return result
 

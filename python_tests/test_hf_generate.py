@@ -134,6 +134,9 @@ def test_full_cache_switches():
             model.generate(ids, **{cache_kwarg(model): DynamicCache(config=model.config)}, **kw)]
     patch(model, ANCHOR, default_cache="full")
     runs.append(model.generate(ids, **kw))
+    with anllm_ext.patched(model, ANCHOR):  # a temporary re-patch keeps the model's default cache
+        runs.append(model.generate(ids, **kw))
+    runs.append(model.generate(ids, **kw))
     for run in runs:
         assert type(generated_cache(run)) is DynamicCache
         assert torch.equal(run.sequences, anchor.sequences)
