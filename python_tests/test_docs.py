@@ -2,7 +2,7 @@
 
 - docs/guide.md: every ```python block runs, in order, in one namespace (as a reader would paste them
   into one session), and every ```bash block that calls ``anllm`` runs through ``anllm_ext.cli.main``,
-  on the bundled SmolLM2 model.
+  on the bundled SmolLM2 model, in a temporary working directory.
 - docs/method.md: the text grid of the AnSAN mask equals what ``docs/scripts/draw_mask.py`` computes
   from ``token_layout`` and ``reference.ansan_mask``.
 """
@@ -60,8 +60,9 @@ def test_guide_has_python_and_cli_examples():
 
 
 @needs_smollm2
-def test_guide_examples_run(capsys):
+def test_guide_examples_run(capsys, tmp_path, monkeypatch):
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    monkeypatch.chdir(tmp_path)  # files the guide writes (a corpus, a trained model) land here
     namespace = run_guide((DOCS / "guide.md").read_text(encoding="utf-8"))
     printed = capsys.readouterr().out
     # the exactness check of section 1 ran (it asserts), and the CLI printed its comparison
