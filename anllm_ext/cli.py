@@ -126,6 +126,21 @@ def _load_prompt(args, tok):
     return ids
 
 
+def _anchors_for(args, tok, model):
+    """--anchors, else the anchors a trained AnLLM carries (its saved configuration), else EP periods.
+    Sets ``args.anchors`` to what was used (the prompt's AC insertion and the report read it)."""
+    from .anchors import resolve_anchors
+    from .config import AnchorConfig
+
+    if args.anchors is None:
+        saved = AnchorConfig.from_model(model)
+        if saved is not None:
+            args.anchors = "ac" if saved.mode == "ac" else f"saved {saved.mode}"
+            return list(saved.anchor_ids)
+        args.anchors = "ep"
+    return resolve_anchors(args.anchors, tok, model)
+
+
 def cmd_generate(args) -> int:
     from .anchors import decode, resolve_anchors
     from .models import load_model
@@ -134,7 +149,7 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model, tok = load_model(args.model, dtype=dtype, device=args.device, verbose=True)
-    anchors = resolve_anchors(args.anchors, tok, model)
+    anchors = _anchors_for(args, tok, model)
     ids = _load_prompt(args, tok).to(args.device)
     mask = torch.ones_like(ids)
     name = args.model or "bundled SmolLM2-135M-Instruct"
@@ -187,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-prompt-tokens", type=int, default=2048, help="truncate the prompt (0: no limit)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--prefill-chunk", type=int, default=512)
-    g.add_argument("--anchors", default="ep",
-                   help="ep (sentence-final periods), ep:<chars>, ac (add <AC>), anllm-ac/anllm-ep, or ids '13,30'")
+    g.add_argument("--anchors", default=None,
+                   help="ep (sentence-final periods), ep:<chars>, ac (add <AC>), anllm-ac/anllm-ep, or ids '13,30' "
+                        "(default: the anchors a trained AnLLM carries, else ep)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-p", type=float, default=0.9)
@@ -203,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation import add_eval_parser
 
     add_eval_parser(sub)
+    from .training import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

@@ -138,9 +138,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_dir(verbose=verbose) if model is None else Path(model).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (only local directories are supported)")
+    path = resolve_model_dir(model, verbose)
     if (path / "adapter_config.json").is_file():
         return load_adapter(path, dtype, device, attn_implementation, verbose)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -149,6 +147,31 @@ def load_model(
     )
     mdl.to(device).eval()
     return mdl, tok
+
+
+# The bundled trained AnLLM: a LoRA adapter over the bundled SmolLM2 (docs/training.md, experiment 1).
+BUNDLED_ANLLM = "smollm2-anllm"
+
+
+def bundled_anllm_dir() -> Path:
+    """Directory of the bundled trained AnLLM adapter (shipped inside the package)."""
+    path = Path(__file__).parent / "pretrained" / BUNDLED_ANLLM
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"the bundled AnLLM adapter is missing from {path}")
+    return path
+
+
+def resolve_model_dir(model=None, verbose: bool = False) -> Path:
+    """A model directory from a ``--model`` value: None (the bundled SmolLM2), ``"smollm2-anllm"`` (the bundled
+    trained AnLLM adapter) or a local directory."""
+    if model is None:
+        return default_model_dir(verbose=verbose)
+    if str(model) == BUNDLED_ANLLM:
+        return bundled_anllm_dir()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist (only local directories are supported)")
+    return path
 
 
 def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementation: str = "sdpa",
@@ -169,7 +192,13 @@ def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementat
     base = json.loads(own.read_text(encoding="utf-8")).get("base_model", "bundled")
     base_dir = default_model_dir(verbose=verbose) if base == "bundled" else Path(base)
     config = AnchorConfig.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = AutoTokenizer.from_pretrained(str(path if has_tokenizer else base_dir), local_files_only=True)
+    if config.mode == "ac" and config.ac_token not in tok.get_vocab():  # an adapter shipped without its tokenizer
+        from .anchors import add_ac_token
+
+        add_ac_token(tok, token=config.ac_token)
+    config.check_tokenizer(tok)
     mdl = AutoModelForCausalLM.from_pretrained(
         str(base_dir), local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
     )
