@@ -18,16 +18,19 @@ TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
 sys.path.insert(0, TOOLS)
 import fuzz_ops  # noqa: E402
 
-FUZZ_SECONDS = float(os.environ.get("ANLLM_FUZZ_SECONDS", 45))
+# A fixed number of calls (reproducible in CI; ~20-40 s on 2 idle cores), optionally capped in time.
+FUZZ_CALLS = int(os.environ.get("ANLLM_FUZZ_CALLS", 200))
+FUZZ_SECONDS = float(os.environ["ANLLM_FUZZ_SECONDS"]) if os.environ.get("ANLLM_FUZZ_SECONDS") else None
 
 
 def test_fuzz_short_run():
-    summary = fuzz_ops.run(calls=10**6, seconds=FUZZ_SECONDS, seed=int(os.environ.get("ANLLM_FUZZ_SEED", 0)),
+    summary = fuzz_ops.run(calls=FUZZ_CALLS, seconds=FUZZ_SECONDS, seed=int(os.environ.get("ANLLM_FUZZ_SEED", 0)),
                            max_failures=10, log=lambda msg: None)
     failures = [f"{f['op']} seed={f['seed']} ({f['kind']}): {f['message']}" for f in summary["failures"]]
     assert not failures, "\n".join(failures)
+    done = summary["calls_per_op"]
     for name, st in summary["ops"].items():  # every op really ran, valid and malformed
-        assert st["valid"] >= 10 and st["malformed"] >= 3, (name, st)
+        assert st["valid"] >= done // 4 and st["malformed"] >= done // 10, (name, st)
 
 
 def test_fuzz_detects_a_wrong_kernel(monkeypatch):

@@ -641,7 +641,7 @@ OPS = {
 
 
 def run(calls: int, seconds=None, seed: int = 0, only=None, malformed_share: float = 0.33, max_failures: int = 20,
-        log=print, trace: bool = False):
+        log=print, trace: bool = False, progress_every: float = 0.0):
     """Fuzz every op ``calls`` times (round robin) or until ``seconds`` pass; returns the summary dict."""
     names = [n for n in OPS if only is None or n in only]
     unknown = set(only or ()) - set(OPS)
@@ -649,7 +649,7 @@ def run(calls: int, seconds=None, seed: int = 0, only=None, malformed_share: flo
         raise ValueError(f"unknown ops {sorted(unknown)}; choose from {list(OPS)}")
     stats = {n: {"valid": 0, "malformed": 0, "failures": 0, "skipped_known_bug": 0} for n in names}
     failures = []
-    t0 = time.perf_counter()
+    t0 = last_progress = time.perf_counter()
     done = 0
     for i in range(calls):
         if seconds is not None and time.perf_counter() - t0 > seconds:
@@ -681,6 +681,10 @@ def run(calls: int, seconds=None, seed: int = 0, only=None, malformed_share: flo
             if len(failures) >= max_failures:
                 break
         done = i + 1
+        if progress_every and time.perf_counter() - last_progress > progress_every:
+            last_progress = time.perf_counter()  # a killed run (OOM, time limit) still leaves its counts
+            log(f"progress: {done} calls per op in {last_progress - t0:.0f} s, {len(failures)} failures, "
+                + ", ".join(f"{n} {st['valid']}/{st['malformed']}" for n, st in stats.items()))
         if len(failures) >= max_failures:
             log(f"stopping after {len(failures)} failures")
             break
@@ -708,7 +712,8 @@ def main() -> int:
     print(f"fuzzing {', '.join(only or OPS)}: {args.calls} calls per op"
           + (f", at most {args.seconds:.0f} s" if args.seconds else "") + f", seed {args.seed}")
     print(f"extension: {anllm_ext.ops._C.__file__}")
-    summary = run(args.calls, args.seconds, args.seed, only, args.malformed, args.max_failures, trace=args.trace)
+    summary = run(args.calls, args.seconds, args.seed, only, args.malformed, args.max_failures, trace=args.trace,
+                  log=lambda msg: print(msg, flush=True), progress_every=60.0)
     for name, st in summary["ops"].items():
         print(f"  {name:26s} valid {st['valid']:6d}  malformed {st['malformed']:6d}  failures {st['failures']}"
               + (f"  skipped (known bug) {st['skipped_known_bug']}" if st["skipped_known_bug"] else ""))
