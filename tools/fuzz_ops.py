@@ -369,7 +369,7 @@ def malformed_attention(rng, gen, q, k, v, q_lay, k_lay, attn):
         bad = torch.empty(k.shape, dtype=k.dtype, device="meta")
         expect_error(call(q, bad, v, q_lay, k_lay), ["device", "is on", "meta"], "k on another device")
     elif kind == 12:
-        if B == 0 or Tk == 0:
+        if B == 0 or Tk == 0 or Tq == 0:  # with no query the kernels return at once; nothing reads the keys
             return
         pos, seg, anc, val = (t.clone() for t in k_lay.as_tuple())
         b, j = rng.randrange(B), rng.randrange(Tk)
