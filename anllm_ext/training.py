@@ -114,6 +114,8 @@ class BudgetCallback(TrainerCallback):
             control.should_training_stop = True
         if self.max_minutes is not None and time.monotonic() - self._start >= 60.0 * self.max_minutes:
             control.should_training_stop = True
+        if control.should_training_stop:
+            control.should_save = True  # a checkpoint of the last step, so --resume-from-checkpoint can go on
         return control
 
 

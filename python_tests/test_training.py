@@ -309,3 +309,14 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_dir, corpus):
         make_anchor_config("ep", tok, punctuation="¶")
     with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
         make_anchor_config("ids", tok, anchor_ids=[10 ** 7])
+
+
+@needs_smollm2
+def test_token_budget_stops_and_checkpoints_the_last_step(tmp_path, tiny_dir, corpus):
+    res = run_train(tmp_path, tiny_dir, corpus / "train", max_steps=50, max_tokens=300, eval_blocks=0)
+    steps = res["train_steps"]
+    assert 1 <= steps < 50 and res["train_tokens"] >= 300
+    # the step before the last had not reached the budget: it stopped as soon as it could
+    tokens = [h["num_input_tokens_seen"] for h in res["log_history"] if "loss" in h]
+    assert tokens[-2] < 300 <= tokens[-1]
+    assert (tmp_path / "out" / f"checkpoint-{steps}").is_dir()  # resumable where it stopped
