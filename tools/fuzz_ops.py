@@ -416,10 +416,27 @@ def fuzz_attention_grad(rng, gen, malformed):
                                                   return_lse=True)
     ref_loss = (ref * g.double()).sum() + ((ref_lse.nan_to_num(neginf=0) * glse.double()).sum() if use_lse else 0)
     ref_grads = torch.autograd.grad(ref_loss, (qr, kr, vr), allow_unused=True)
-    for name, a, b, t in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+    # The error rule of the project's tests: our fp32 error against the float64 oracle at most 2x that of
+    # the plain-PyTorch oracle run in fp32 (gradients summed over many queries carry fp32 rounding of
+    # their largest terms), plus 1e-5 of the gradient's scale.
+    q3, k3, v3 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    r3, r3_lse = reference.anchor_attention_ref(q3, k3, v3, q_lay, k_lay, scale, return_lse=True)
+    loss3 = (r3 * g).sum() + ((r3_lse.nan_to_num(neginf=0) * glse).sum() if use_lse else 0)
+    plain_grads = torch.autograd.grad(loss3, (q3, k3, v3), allow_unused=True)
+    for name, a, b, c, t in zip(("dq", "dk", "dv"), grads, ref_grads, plain_grads, (q, k, v)):
         a = torch.zeros_like(t) if a is None else a
-        b = torch.zeros_like(t, dtype=torch.float64) if b is None else b
-        check_close(f"anchor_attention backward {name}", a, b.nan_to_num(), 1e-4, 1e-3)
+        b = torch.zeros_like(t, dtype=torch.float64) if b is None else b.nan_to_num()
+        c = torch.zeros_like(t) if c is None else c
+        if a.shape != b.shape:
+            raise Mismatch(f"anchor_attention backward {name}: shape {tuple(a.shape)} != {tuple(b.shape)}")
+        if a.numel() == 0:
+            continue
+        err = (a.double() - b).abs().max().item()
+        err_plain = (c.double() - b).abs().max().item()
+        bound = 2 * err_plain + 1e-5 * max(1.0, b.abs().max().item())
+        if not err <= bound:
+            raise Mismatch(f"anchor_attention backward {name}: error {err:.3g} against float64 > 2 x the fp32 "
+                           f"oracle's {err_plain:.3g} + 1e-5 of the scale (bound {bound:.3g})")
 
 
 def fuzz_append(rng, gen, malformed):
