@@ -226,10 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # the train subcommand's options come from transformers' TrainingArguments
+    except ImportError as e:
+        print(f"anllm: error: {e}; the CLI needs transformers: pip install 'anllm_ext[hf]'", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:  # ImportError: a missing extra
         print(f"anllm: error: {e}", file=sys.stderr)
         return 2
 
