@@ -188,6 +188,8 @@ setup(
     version="0.1.0",
     description="Anchor-based LLM (AnLLM) attention and KV-cache compaction for PyTorch and transformers",
     packages=find_packages(include=["anllm_ext", "anllm_ext.*"]),
+    # the bundled trained AnLLM (a LoRA adapter, ~10 MB; see docs/training.md)
+    package_data={"anllm_ext": ["pretrained/*/*.json", "pretrained/*/*.safetensors"]},
     ext_modules=[_build_extension()],
     cmdclass={"build_ext": _BuildExtension},
     python_requires=">=3.9",

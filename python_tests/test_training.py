@@ -320,3 +320,21 @@ def test_token_budget_stops_and_checkpoints_the_last_step(tmp_path, tiny_dir, co
     tokens = [h["num_input_tokens_seen"] for h in res["log_history"] if "loss" in h]
     assert tokens[-2] < 300 <= tokens[-1]
     assert (tmp_path / "out" / f"checkpoint-{steps}").is_dir()  # resumable where it stopped
+
+
+@needs_smollm2
+def test_bundled_anllm_beats_the_untrained_model_under_anchor_inference():
+    """The bundled adapter (experiment 1) loads by name with its anchors, and on text it never saw (the
+    bundled paragraph) its anchor-cached perplexity is far below the untrained model's."""
+    from anllm_ext.evaluation import perplexity
+    from anllm_ext.models import BUNDLED_PARAGRAPH, load_model
+
+    trained, tok = load_model("smollm2-anllm")
+    anllm_ext.patch(trained)
+    ids = tok(BUNDLED_PARAGRAPH)["input_ids"]
+    base, _ = load_model()
+    anchors = anllm_ext.hf.patched_anchor_ids(trained)
+    anllm_ext.patch(base, anchors)
+    ppl = {name: perplexity(m, [ids], modes=("cached",), prefill_chunk=64, progress=False)["cached"].perplexity
+           for name, m in (("trained", trained), ("base", base))}
+    assert ppl["trained"] < 0.6 * ppl["base"], ppl
