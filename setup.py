@@ -203,6 +203,7 @@ setup(
         # anllm eval and its lm-evaluation-harness backend
         "eval": ["transformers>=5.0", "datasets>=3.0", "lm-eval>=0.4.8", "matplotlib"],
         "test": ["pytest"],
+        "docs": ["sphinx>=8", "myst-parser>=4", "sphinx-argparse>=0.5", "matplotlib"],
     },
     entry_points={"console_scripts": ["anllm=anllm_ext.cli:main"]},
 )

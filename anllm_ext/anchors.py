@@ -1,4 +1,4 @@
-"""Anchor conventions of AnLLM (SPEC section 2): AC (an added ``<AC>`` token) and EP (end punctuation).
+"""Anchor conventions of AnLLM (see docs/method.md): AC (an added ``<AC>`` token) and EP (end punctuation).
 
 EP mode
     :func:`ep_anchor_ids` finds every vocabulary id whose token ends a sentence with a period. BPE

@@ -1,4 +1,4 @@
-"""AnchorCache: a transformers ``Cache`` that keeps only anchors + the open segment (SPEC section 4).
+"""AnchorCache: a transformers ``Cache`` that keeps only anchors + the open segment (see docs/method.md).
 
 Storage, per layer: preallocated K/V buffers [B, Hkv, Cap, D]; shared by all layers: per-slot layout
 buffers [B, Cap] (true absolute position, segment, anchor flag, validity) and per-row lengths. The

@@ -1,6 +1,6 @@
 """Training and evaluation data for AnLLMs: local files -> documents -> token blocks -> padded batches.
 
-Rules (SPEC sections 2 and 5):
+Rules (see docs/method.md):
 
 - Files are read with Hugging Face ``datasets``: plain text (each *file* is one document), JSONL/JSON and
   parquet (each *row* is one document, its text in ``text_field``).

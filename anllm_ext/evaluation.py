@@ -1,4 +1,4 @@
-"""Quality of a model under anchor inference (SPEC section 6): perplexity and multiple-choice accuracy.
+"""Quality of a model under anchor inference (see docs/method.md): perplexity and multiple-choice accuracy.
 
 Every evaluation runs the same work in up to three modes and reports, per mode, the quality, the KV
 kept against a full cache (the paper's C-down = 1 - kept / full) and the wall time (T-up = full time /

@@ -1,4 +1,4 @@
-"""Per-token layout of an anchor-segmented token stream (SPEC section 2).
+"""Per-token layout of an anchor-segmented token stream (see docs/method.md).
 
 A :class:`Layout` holds, for every token of a [B, T] batch, its true absolute position, its segment id,
 whether it is an anchor and whether it is a real token (not padding). The attention kernels evaluate

@@ -10,7 +10,7 @@ from .layout import Layout
 
 
 def ansan_mask(q_layout: Layout, k_layout: Layout) -> torch.Tensor:
-    """Dense AnSAN mask (SPEC section 3): bool [B, Tq, Tk], True where query i may attend to key j.
+    """Dense AnSAN mask (see docs/method.md): bool [B, Tq, Tk], True where query i may attend to key j.
 
     allowed(i, j) = V(i) and V(j) and pos(j) <= pos(i) and (seg(j) == seg(i) or (A(j) and not A(i)))
     """

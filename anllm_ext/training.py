@@ -12,7 +12,7 @@ Python API::
                    AnLLMTrainingArguments(output_dir="out", max_steps=100))
 
 CLI: ``anllm train --data DIR --anchor-mode ac --output-dir out --max-steps 100`` (every
-``TrainingArguments`` option is accepted too). Defaults follow the paper (SPEC section 5): lr 2e-5
+``TrainingArguments`` option is accepted too). Defaults follow the paper (see docs/method.md): lr 2e-5
 constant after 20 warm-up steps, weight decay 0, loss on all tokens including anchors, no packing.
 
 A run ends with held-out perplexity in three modes (full attention, one AnSAN pass, the anchor-cached
@@ -80,7 +80,7 @@ class AnLLMArguments:
 
 @dataclass
 class AnLLMTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with the paper's defaults (SPEC section 5)."""
+    """``TrainingArguments`` with the paper's defaults (see docs/method.md)."""
 
     output_dir: Optional[str] = field(default="anllm-out", metadata={"help": "where checkpoints and the model go"})
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate (paper: 2e-5)"})
@@ -157,7 +157,7 @@ def build_datasets(args: AnLLMArguments, tok, config, seed: int):
         train_docs, eval_docs = docs, load_documents(args.eval_data, args.text_field)
     elif args.eval_blocks and args.eval_fraction > 0:
         if len(docs) < 2:
-            raise ValueError("one document cannot be split into training and held-out parts; pass --eval-data")
+            raise ValueError("one document cannot be split into training and held-out parts; pass --eval_data")
         split = docs.train_test_split(test_size=args.eval_fraction, seed=seed)
         train_docs, eval_docs = split["train"], split["test"]
     else:
