@@ -875,6 +875,19 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return e
 
 
+def _anchor_blocks(tok, texts, block_size: int, max_blocks: int, anchor_ids, ac_token) -> List[List[int]]:
+    """Blocks as ``anllm train`` scores its held-out text (:mod:`anllm_ext.data`): ``<AC>`` after every sentence in
+    AC mode, documents cut at anchors (sentence ends) into blocks of at most ``block_size`` tokens."""
+    from .config import AnchorConfig
+    from .data import encode_documents
+
+    config = AnchorConfig("ac" if ac_token else "ids", list(anchor_ids), ac_token=ac_token)
+    blocks = encode_documents(texts, tok, config, block_size)
+    if not blocks:
+        raise ValueError("the texts hold fewer than 2 tokens")
+    return blocks[:max_blocks] if max_blocks else blocks
+
+
 def cmd_eval(args) -> int:
     from .hf import patch
     from .models import load_model
@@ -899,7 +912,7 @@ def cmd_eval(args) -> int:
           f"anchors: {args.anchors or style} ({len(ids)} ids); modes: {', '.join(modes)}")
     records = []
     if texts:
-        blocks = text_blocks(tok, texts, args.block_size, args.max_blocks or None, ac_token)
+        blocks = _anchor_blocks(tok, texts, args.block_size, args.max_blocks, ids, ac_token)
         res = perplexity(model, blocks, modes, args.prefill_chunk, args.batch_size, args.progress)
         print(f"\nperplexity: {len(blocks)} blocks of <= {args.block_size} tokens from {len(texts)} file(s)")
         print(res.table())
