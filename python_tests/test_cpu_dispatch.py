@@ -88,11 +88,16 @@ def cpu_supports(capability):
     return True
 
 
-def run_python(code, *args, env_extra=None, cwd=ROOT, pythonpath=None):
+# The subprocesses import the anllm_ext this test imported (installed in CI, the source tree with its in-place
+# build in a developer's tree), never a source tree without the compiled extension from the working directory.
+IMPORTED_FROM = os.path.dirname(os.path.dirname(os.path.abspath(anllm_ext.__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_python(code, *args, env_extra=None, cwd=TESTS_DIR, pythonpath=None):
     env = {k: v for k, v in os.environ.items() if k != "ANLLM_CPU_CAPABILITY"}
     env.update(env_extra or {})
-    if pythonpath is not None:
-        env["PYTHONPATH"] = pythonpath
+    env["PYTHONPATH"] = pythonpath if pythonpath is not None else IMPORTED_FROM
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

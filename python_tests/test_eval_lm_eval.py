@@ -102,7 +102,10 @@ def test_backend_bad_args(tiny_dir):
 
 def test_cli_on_smollm2():
     """`python -m anllm_ext.lm_eval_backend run --model anllm` on the bundled SmolLM2, end to end."""
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    # the anllm_ext this test imported (installed in CI), not the source tree in the working directory
+    # (PYTHONSAFEPATH: `-m` does not put the working directory first on sys.path)
+    imported_from = os.path.dirname(os.path.dirname(os.path.abspath(anllm_ext.__file__)))
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=imported_from, PYTHONSAFEPATH="1")
     cmd = [sys.executable, "-m", "anllm_ext.lm_eval_backend", "run", "--model", "anllm",
            "--model_args", "mode=cached,threads=2", "--tasks", "anllm_capitals_ep", "--include_path", "tasks",
            "--limit", "6", "--num_fewshot", "1", "--batch_size", "8"]
