@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+import anllm_ext
 from anllm_ext import _C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
