@@ -68,6 +68,9 @@ class AnLLMEvalModel(TemplateLM):
         self.prefill_chunk = int(prefill_chunk)
         self.batch_size_per_forward = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for (lm-eval's --device defaults to cuda) but no GPU is "
+                             "available: pass --device cpu")
         model, tok = load_model(pretrained, dtype=_DTYPES[str(dtype)], device=device or "cpu")
         spec = None if anchors is None else str(anchors).replace(";", ",")
         self.anchor_ids, self.anchor_style, _ = resolve_model_anchors(model, tok, spec)

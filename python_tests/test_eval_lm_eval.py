@@ -108,7 +108,7 @@ def test_cli_on_smollm2():
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=imported_from, PYTHONSAFEPATH="1")
     cmd = [sys.executable, "-m", "anllm_ext.lm_eval_backend", "run", "--model", "anllm",
            "--model_args", "mode=cached,threads=2", "--tasks", "anllm_capitals_ep", "--include_path", "tasks",
-           "--limit", "6", "--num_fewshot", "1", "--batch_size", "8"]
+           "--limit", "6", "--num_fewshot", "1", "--batch_size", "8", "--device", "cpu"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "anllm_capitals_ep" in p.stdout and "acc" in p.stdout
