@@ -35,10 +35,11 @@ install: $(VENV)/.built
 ## The main job: generate on the bundled default model (SmolLM2-135M), full cache vs anchor cache.
 ## The bundled trained AnLLM (SmolLM2-135M + a LoRA adapter trained with AnSAN, docs/training.md): anchor
 ## cache vs full cache; then, for contrast, the untrained SmolLM2 under the same anchor inference.
+DEMO_PROMPT ?= docs/experiments/demo_prompt.txt
 demo: install
-	$(VENV)/bin/anllm generate --model smollm2-anllm
+	$(VENV)/bin/anllm generate --model smollm2-anllm --prompt-file $(DEMO_PROMPT) --max-new-tokens 48
 	@echo; echo "=== for contrast: the untrained SmolLM2-135M under anchor inference (EP anchors) ==="
-	$(VENV)/bin/anllm generate --anchor-only --anchors ep
+	$(VENV)/bin/anllm generate --anchor-only --anchors ep --prompt-file $(DEMO_PROMPT) --max-new-tokens 48
 
 ## All tests (CPU; CUDA cases too when a GPU is present) with the pinned transformers (DEPS), then the
 ## transformers-facing tests again with the oldest supported transformers.

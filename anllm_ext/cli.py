@@ -121,6 +121,8 @@ def _load_prompt(args, tok):
     if args.anchors.strip() in ("ac", "anllm-ac") and AC_TOKEN not in text:
         text = insert_ac(text, close_last=False)  # AC mode: <AC> after every sentence of the prompt
     ids = tok(text, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty")
     if args.max_prompt_tokens and ids.shape[1] > args.max_prompt_tokens:
         ids = ids[:, : args.max_prompt_tokens]
     return ids
@@ -185,7 +187,9 @@ def cmd_generate(args) -> int:
         print(f"decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
         same = torch.equal(full["ids"], anc["ids"])
         print(f"same tokens as the full cache: {'yes' if same else 'no'}")
-        if not same:
+        from .config import AnchorConfig
+
+        if not same and AnchorConfig.from_model(model) is None:
             print("note: a model not trained with AnSAN (anchor attention) loses quality under anchor inference; "
                   "the memory and speed mechanics are the same")
     return 0

@@ -103,3 +103,11 @@ def test_cli_errors(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["nonsense"])
+
+
+@needs_smollm2
+def test_empty_prompt_is_a_clear_error(capsys):
+    from anllm_ext.cli import main
+
+    assert main(["generate", "--prompt", "", "--no-progress", "--anchor-only", "--max-new-tokens", "1"]) == 2
+    assert "anllm: error: the prompt is empty" in capsys.readouterr().err
