@@ -103,13 +103,9 @@ def model_mode(model, mode: str, anchor_ids=None):
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    from .generation import _progress_bar
+
+    return _progress_bar(total, desc, enabled, unit="it")
 
 
 def _pad_right(rows: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
