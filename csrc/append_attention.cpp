@@ -31,6 +31,29 @@ std::tuple<at::Tensor, at::Tensor> call_attention_fwd(
   return op.call(q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid, scale);
 }
 
+// [first, last] byte a tensor's elements can touch in its storage (numel() > 0).
+std::pair<int64_t, int64_t> byte_extent(const at::Tensor& t) {
+  int64_t lo = t.storage_offset(), hi = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) (t.stride(d) >= 0 ? hi : lo) += (t.size(d) - 1) * t.stride(d);
+  return {lo * t.element_size(), (hi + 1) * t.element_size() - 1};
+}
+
+// The new keys/values are copied row by row into the cache: a source that is a view of the cache would
+// be read after some of its rows were overwritten. Conservative (whole extents), which no real caller
+// trips: new keys come from the projections, never from the cache's own memory.
+void check_new_tokens_outside_cache(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                                    const at::Tensor& v_cache) {
+  const std::pair<const at::Tensor*, const char*> news[] = {{&k_new, "k_new"}, {&v_new, "v_new"}};
+  const std::pair<const at::Tensor*, const char*> caches[] = {{&k_cache, "k_cache"}, {&v_cache, "v_cache"}};
+  for (const auto& [src, src_name] : news)
+    for (const auto& [dst, dst_name] : caches) {
+      if (src->numel() == 0 || dst->numel() == 0 || !src->storage().is_alias_of(dst->storage())) continue;
+      const auto a = byte_extent(*src), c = byte_extent(*dst);
+      ANLLM_CHECK(a.second < c.first || c.second < a.first, src_name, " overlaps the memory of ", dst_name,
+                  " (a view of the cache); pass the new keys/values in their own tensors");
+    }
+}
+
 // Validates the cache side of the call; the attention inputs are checked by anchor_attention_fwd.
 void check_append_inputs(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                          const at::Tensor& k_cache, const at::Tensor& v_cache, at::IntArrayRef offsets,
@@ -57,9 +80,10 @@ void check_append_inputs(const at::Tensor& q, const at::Tensor& k_new, const at:
   ANLLM_CHECK(static_cast<int64_t>(offsets.size()) == B, "offsets must have one entry per row (", B,
               "), got ", offsets.size());
   ANLLM_CHECK(Tk >= 0 && Tk <= cap, "the key layout describes ", Tk, " slots but the cache holds ", cap);
-  for (int64_t b = 0; b < B; ++b)
-    ANLLM_CHECK(offsets[b] >= 0 && offsets[b] + T <= Tk, "offsets[", b, "] = ", offsets[b], " puts ", T,
+  for (int64_t b = 0; b < B; ++b)  // offsets[b] <= Tk - T, not offsets[b] + T <= Tk: no int64 overflow
+    ANLLM_CHECK(offsets[b] >= 0 && offsets[b] <= Tk - T, "offsets[", b, "] = ", offsets[b], " puts ", T,
                 " new tokens outside the ", Tk, " slots the key layout describes");
+  check_new_tokens_outside_cache(k_new, v_new, k_cache, v_cache);
 }
 
 // dst[b, h, offsets[b] + t, :] = src[b, h, t, :] for CPU tensors of one dtype, contiguous in the last

@@ -67,6 +67,8 @@ token_layout_cpu(const at::Tensor& input_ids, const at::Tensor& anchor_ids, cons
   for (int64_t b = 0; b < B; ++b) {
     const int64_t p0 = start_pos_c.data_ptr<int64_t>()[b];
     int64_t n_valid = 0, s = start_seg_c.data_ptr<int64_t>()[b];
+    ANLLM_CHECK(p0 >= 0 && p0 <= std::numeric_limits<int64_t>::max() - T, "start position of row ", b, " is ",
+                p0, "; positions must stay in [0, 2^63 - 1] over the chunk's ", T, " tokens");
     ANLLM_CHECK(s >= std::numeric_limits<int32_t>::min() && s <= std::numeric_limits<int32_t>::max() - T,
                 "segment ids of row ", b, " would leave the int32 range (start segment ", s, ")");
     for (int64_t t = 0; t < T; ++t) {

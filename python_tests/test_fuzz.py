@@ -1,9 +1,10 @@
 """A short run of the op fuzz driver (tools/fuzz_ops.py; the long run and the sanitizer build are
 `make fuzz` / `make sanitize`), and reproducers of what it found.
 
-Valid calls must equal the oracle, malformed ones must raise an error naming the problem. The bugs it
-found in kernel files are reproduced below as strict xfails: each starts passing (and so fails the
-suite, until its xfail mark and its KNOWN_BUGS entry in tools/fuzz_ops.py are removed) once fixed.
+Valid calls must equal the oracle, malformed ones must raise an error naming the problem. Each bug it
+found in a kernel file keeps a reproducer below (they were strict xfails until fixed). A bug found and
+not yet fixed goes into KNOWN_BUGS in tools/fuzz_ops.py (the driver then skips such calls) with a strict
+xfail here.
 """
 import os
 import subprocess
@@ -89,20 +90,17 @@ def test_backward_of_an_empty_batch():  # was a SIGFPE (B=0 divided the backward
     assert r.returncode == 0, f"exit status {r.returncode}: {r.stderr[-500:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS layout_start_position_overflow: int64 overflow in token_layout_cpu")
 def test_layout_start_position_overflow_is_an_error():
     with pytest.raises((ValueError, RuntimeError), match="position"):
         anllm_ext.token_layout(torch.zeros(1, 4, dtype=torch.long), [1], start=(2**63 - 2, 0))
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS compact_rejects_empty_tensors")
 def test_compact_empty_caches():
     keys, values = [torch.zeros(0, 2, 8, 4)], [torch.zeros(0, 2, 8, 4)]
     keep, lengths = torch.zeros(0, 8, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
     assert anllm_ext.compact_kv_(keys, values, keep, lengths).shape == (0,)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS compact_overlapping_views")
 def test_compact_rejects_overlapping_views():
     base = torch.randn(1, 2, 10, 4)
     keep, lengths = torch.rand(1, 8) < 0.5, torch.tensor([8])
@@ -110,7 +108,6 @@ def test_compact_rejects_overlapping_views():
         anllm_ext.compact_slots_([base[:, :, :8], base[:, :, 2:10]], keep, lengths)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_BUGS append_new_overlaps_cache")
 def test_append_with_new_keys_overlapping_their_slots():
     k_cache, v_cache = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
     lay = anllm_ext.token_layout(torch.full((1, 10), 5), [1])
@@ -136,7 +133,6 @@ def test_append_offsets_near_int64_max_name_the_problem():
             anllm_ext.anchor_attention_append_(q, q, q, cache_k, cache_v, [bad], lay[:, 3:], lay)
 
 
-@pytest.mark.xfail(strict=True, reason="append_attention.cpp: offsets[b] + T overflows int64 in the raw op's check")
 def test_raw_append_op_offsets_near_int64_max():
     r = _run_isolated(
         "import torch, anllm_ext\n"
