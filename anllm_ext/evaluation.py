@@ -352,27 +352,29 @@ def perplexity(
 
 
 def text_blocks(tokenizer, texts: Sequence[str], block_size: int = 512, max_blocks: Optional[int] = None,
-                ac_token: Optional[str] = None) -> List[List[int]]:
-    """Token blocks of ``block_size`` from texts (each text tokenized whole, then cut; the short tail of a
-    text is kept when it has at least 2 tokens). ``ac_token``: insert it after every sentence first (AC)."""
-    from .anchors import insert_ac
+                ac_token: Optional[str] = None, anchor_ids: Optional[Sequence[int]] = None) -> List[List[int]]:
+    """Token blocks of at most ``block_size`` tokens, cut as ``anllm train`` cuts its held-out text
+    (:mod:`anllm_ext.data`): BOS first when the tokenizer uses one, each text on its own, cut at anchors
+    (sentence ends) where possible, so a block ends on a whole segment. ``ac_token``: AC mode, the token
+    is inserted after every sentence and is the anchor. ``anchor_ids``: the anchors to cut at (default:
+    the ``ac_token``'s id in AC mode, else the tokenizer's sentence-final punctuation, as EP mode)."""
+    from .anchors import ep_anchor_ids
+    from .config import AnchorConfig
+    from .data import encode_documents
 
     if block_size < 2:
         raise ValueError("block_size must be >= 2")
-    blocks: List[List[int]] = []
-    for text in texts:
-        if ac_token:
-            text = insert_ac(text, ac_token)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for s in range(0, len(ids), block_size):
-            piece = ids[s : s + block_size]
-            if len(piece) >= 2:
-                blocks.append(piece)
-            if max_blocks is not None and len(blocks) >= max_blocks:
-                return blocks
+    if ac_token is not None:
+        ac_id = tokenizer.convert_tokens_to_ids(ac_token)
+        if ac_id is None or ac_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no token {ac_token!r}; add it first (anllm_ext.add_ac_token)")
+        config = AnchorConfig("ac", list(anchor_ids) if anchor_ids is not None else [ac_id], ac_token=ac_token)
+    else:
+        config = AnchorConfig("ids", list(anchor_ids) if anchor_ids is not None else ep_anchor_ids(tokenizer))
+    blocks = encode_documents(texts, tokenizer, config, block_size)
     if not blocks:
         raise ValueError("the texts hold fewer than 2 tokens")
-    return blocks
+    return blocks[:max_blocks] if max_blocks else blocks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -871,19 +873,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return e
 
 
-def _anchor_blocks(tok, texts, block_size: int, max_blocks: int, anchor_ids, ac_token) -> List[List[int]]:
-    """Blocks as ``anllm train`` scores its held-out text (:mod:`anllm_ext.data`): ``<AC>`` after every sentence in
-    AC mode, documents cut at anchors (sentence ends) into blocks of at most ``block_size`` tokens."""
-    from .config import AnchorConfig
-    from .data import encode_documents
-
-    config = AnchorConfig("ac" if ac_token else "ids", list(anchor_ids), ac_token=ac_token)
-    blocks = encode_documents(texts, tok, config, block_size)
-    if not blocks:
-        raise ValueError("the texts hold fewer than 2 tokens")
-    return blocks[:max_blocks] if max_blocks else blocks
-
-
 def cmd_eval(args) -> int:
     from .hf import patch
     from .models import load_model
@@ -908,7 +897,7 @@ def cmd_eval(args) -> int:
           f"anchors: {args.anchors or style} ({len(ids)} ids); modes: {', '.join(modes)}")
     records = []
     if texts:
-        blocks = _anchor_blocks(tok, texts, args.block_size, args.max_blocks, ids, ac_token)
+        blocks = text_blocks(tok, texts, args.block_size, args.max_blocks, ac_token=ac_token, anchor_ids=ids)
         res = perplexity(model, blocks, modes, args.prefill_chunk, args.batch_size, args.progress)
         print(f"\nperplexity: {len(blocks)} blocks of <= {args.block_size} tokens from {len(texts)} file(s)")
         print(res.table())

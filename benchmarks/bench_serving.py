@@ -198,7 +198,10 @@ def main(argv=None) -> int:
             run_b = min(max_batch, args.budget_batch_cap)
             row = {"cache": kind, "context": T, "kv_bytes_per_row": per_row, "max_batch": max_batch,
                    "measured_batch": run_b, "capped": run_b < max_batch, "decode_tokens_per_s": float("nan")}
-            if run_b >= 1:
+            same = [r for r in runs if (r["cache"], r["context"], r["batch"]) == (kind, T, run_b)]
+            if same:  # measured above at this batch already
+                row["decode_tokens_per_s"] = same[0]["decode_tokens_per_s"]
+            elif run_b >= 1:
                 ids = _prompts(tok, run_b, T).to(args.device)
                 row["decode_tokens_per_s"] = run_one(model, anchors, ids, kind, args.new_tokens,
                                                      args.prefill_chunk)["decode_tokens_per_s"]

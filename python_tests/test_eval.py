@@ -346,3 +346,26 @@ def test_smollm2_cached_equals_one_pass(smollm2):
     assert ppl.max_abs_diff_cached_vs_ansan < 2e-3
     assert ppl["cached"].perplexity == pytest.approx(ppl["ansan"].perplexity, rel=1e-4)
     assert ppl["cached"].kv_kept < ppl["cached"].kv_peak < 1.0
+
+
+@needs_smollm2
+def test_text_blocks_follow_the_training_data_rules(smollm2):
+    """text_blocks (the API and `anllm eval --text`) cuts text as `anllm train` cuts its held-out text: BOS
+    first (when the tokenizer adds one), at most block_size tokens, cut after an anchor unless one segment fills a whole block, and
+    nothing lost or reordered."""
+    from anllm_ext.anchors import ep_anchor_ids
+    from anllm_ext.data import _adds_bos
+    from anllm_ext.models import sample_text
+
+    _, tok = smollm2
+    bos = [tok.bos_token_id] if _adds_bos(tok) else []
+    anchors = set(ep_anchor_ids(tok))
+    text = sample_text(6000)
+    blocks = ev.text_blocks(tok, [text], block_size=64)
+    assert all(b[: len(bos)] == bos and len(b) <= 64 for b in blocks)
+    assert all(b[-1] in anchors or len(b) == 64 for b in blocks[:-1])
+    assert sum(b[-1] in anchors for b in blocks[:-1]) > len(blocks) // 2
+    assert [t for b in blocks for t in b[len(bos):]] == tok(text, add_special_tokens=False)["input_ids"]
+    assert ev.text_blocks(tok, [text], block_size=64, max_blocks=3) == blocks[:3]
+    with pytest.raises(ValueError, match="no token"):
+        ev.text_blocks(tok, [text], ac_token="<not-a-token>")
