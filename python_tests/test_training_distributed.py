@@ -47,3 +47,29 @@ def test_two_process_ddp_equals_one_process_same_global_batch(tmp_path):
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
         moved += int(not torch.equal(one[name], start[name]))
     assert moved >= len(one) - 1  # training changed the weights (all but, at most, an unused one)
+
+
+def test_fsdp2_two_processes_equal_one_process(tmp_path):
+    """The patched model under torch's FSDP2 (`fully_shard`, gloo on CPU): 2 sharded processes x 2 rows end
+    with the parameters of 1 process x 4 rows. (accelerate, hence the Trainer's --fsdp, runs FSDP only on
+    accelerators and falls back to DDP on CPU; this checks the anchor kernels under FSDP2's sharded
+    parameters and gradient reduce-scatter.)"""
+    worker = str(Path(__file__).with_name("fsdp2_worker.py"))
+    env = dict(os.environ, PYTHONPATH=str(Path(anllm_ext.__file__).parent.parent), OMP_NUM_THREADS="1")
+    runs = {}
+    for name, prefix in (("one", [sys.executable]),
+                         ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        out = tmp_path / f"{name}.pt"
+        run = subprocess.run(prefix + [worker, str(out)], capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        runs[name] = torch.load(out)
+    assert int(runs["two"].pop("__sharded_tensors__")) == len(runs["one"])  # every parameter was sharded
+    assert runs["one"].keys() == runs["two"].keys()
+    sys.path.insert(0, str(Path(worker).parent))
+    from fsdp2_worker import build_model
+
+    start = build_model().state_dict()
+    assert all(not torch.equal(runs["one"][n], start[n]) for n in start)  # every parameter trained
+    for name in runs["one"]:
+        torch.testing.assert_close(runs["two"][name], runs["one"][name], atol=2e-5, rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
