@@ -175,37 +175,45 @@ def test_presets_refuse_the_smollm2_vocabulary():
         resolve_anchors("anllm-ep", tok)
 
 
-def test_autocast_cpu_bf16():
-    """Under torch.autocast (CPU, bf16) RoPE leaves q/k in fp32 and v in bf16: the patched model attends in
-    bf16 (as SDPA does) and stays as close to the fp32 computation as transformers' eager attention does."""
-    model32 = tiny_model("llama")
+AUTOCAST_CASES = [("cpu", torch.bfloat16)] + [
+    pytest.param("cuda", dt, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))
+    for dt in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("device_type,dtype", AUTOCAST_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_autocast(device_type, dtype):
+    """Under torch.autocast (CPU bf16; CUDA fp16 and bf16) RoPE leaves q/k in fp32 and v in the autocast dtype:
+    the patched model attends in that dtype (as SDPA does) and stays as close to the fp32 computation as
+    transformers' eager attention does, in one pass, cached decoding and a training step."""
+    model32 = tiny_model("llama").to(device_type)
     ids, mask = stream(2, 40, seed=6)  # no padding: eager attention at low precision turns it into NaN
+    ids, mask = ids.to(device_type), mask.to(device_type)
     layout = token_layout(ids, ANCHOR, mask)
-    additive = torch.zeros(ansan_mask(layout, layout)[:, None].shape).masked_fill(
-        ~ansan_mask(layout, layout)[:, None], torch.finfo(torch.float32).min)
+    allowed = ansan_mask(layout, layout)[:, None]
+    additive = torch.zeros(allowed.shape, device=device_type).masked_fill(~allowed, torch.finfo(torch.float32).min)
     eager = copy.deepcopy(model32)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
         ref32 = eager(input_ids=ids, attention_mask=additive, position_ids=layout.positions).logits
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            eager_bf16 = eager(input_ids=ids, attention_mask=additive, position_ids=layout.positions).logits.float()
-    torch_err = (eager_bf16 - ref32).abs().max().item()
-    assert torch_err > 0  # autocast really computed in bf16
+        with torch.autocast(device_type, dtype=dtype):
+            eager_low = eager(input_ids=ids, attention_mask=additive, position_ids=layout.positions).logits.float()
+    torch_err = (eager_low - ref32).abs().max().item()
+    assert torch_err > 0  # autocast really computed in low precision
 
     model = patch(copy.deepcopy(model32), ANCHOR)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type, dtype=dtype):
         single = single_pass_logits(model, ids, mask).float()
         cached, cache = cached_logits(model, ids, mask, n_prompt=30, chunk=8)
         dyn = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
                              cache_implementation="dynamic")
-    assert cache.layers[0].keys.dtype == cache.layers[0].values.dtype == torch.bfloat16
+    assert cache.layers[0].keys.dtype == cache.layers[0].values.dtype == dtype
     assert dyn.shape == (2, 43)
     for got in (single, cached.float()):
         err = (got - ref32).abs().max().item()
         assert err <= 2 * torch_err + 1e-2, (err, torch_err)
     # training step under autocast: fp32 parameters get finite gradients close to the fp32 ones
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type, dtype=dtype):
         model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().square().mean().backward()
     g = model.model.layers[0].self_attn.q_proj.weight.grad
     assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0

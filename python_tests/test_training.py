@@ -5,6 +5,7 @@ characters, the added <AC> token) on a tiny random Llama so that training steps 
 """
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -222,6 +223,24 @@ def test_train_reduces_loss_saves_and_restores_anchor_inference(tmp_path, tiny_d
     assert AnchorConfig.from_model(model).anchor_ids == res["anchor_config"]["anchor_ids"]
     anllm_ext.patch(model)
     assert anllm_ext.hf.patched_anchor_ids(model).tolist() == res["anchor_config"]["anchor_ids"]
+
+
+@needs_smollm2
+def test_train_bf16_mixed_precision(tmp_path, tiny_dir, corpus):
+    """--bf16 (the Trainer's autocast; on CPU here): the anchor kernels run forward and backward in bf16,
+    the fp32 master weights train, and the loss falls as in fp32."""
+    res = run_train(tmp_path, tiny_dir, corpus / "train", bf16=True, eval_blocks=0)
+    fp32 = run_train(tmp_path / "fp32", tiny_dir, corpus / "train", eval_blocks=0)
+    losses = [h["loss"] for h in res["log_history"] if "loss" in h]
+    ref = [h["loss"] for h in fp32["log_history"] if "loss" in h]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert max(abs(a - b) for a, b in zip(losses, ref)) > 0  # bf16 really took effect
+    assert abs(sum(losses[-3:]) - sum(ref[-3:])) / 3 < 0.1 * sum(ref[-3:]) / 3  # within 10% of fp32
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
 
 
 @needs_smollm2
