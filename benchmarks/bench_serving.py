@@ -178,6 +178,10 @@ def main(argv=None) -> int:
     info = run_info("bench_serving", args)
     print_header(info)
     keys = ["cache", "context", "batch", "prefill_s", "decode_tokens_per_s", "kv_bytes_per_row"]
+    # warm-up (not recorded): the first generate of a process pays one-time costs (lazy init, allocator growth)
+    warm = _prompts(tok, 1, min(args.contexts)).to(args.device)[:, :256]
+    for kind in args.caches:
+        run_one(model, anchors, warm, kind, 4, args.prefill_chunk)
     runs = []
     for T in args.contexts:
         for B in args.batches:
