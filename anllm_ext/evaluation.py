@@ -791,15 +791,15 @@ def plot_results(records: Sequence[dict], path, title: Optional[str] = None) -> 
     if not kinds:
         raise ValueError("no results to plot")
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
-    markers = {"full": "s", "ansan": "^", "cached": "o"}
+    markers = {"full": "s", "ansan": "^", "cached": "o"}  # the mode by marker, the run by colour, in a legend
     for ax, kind in zip(axes[0], kinds):
-        for r in (r for r in records if r["task"] == kind):
+        for i, r in enumerate(r for r in records if r["task"] == kind):
             label = f"{r['config']['shots']}-shot" if kind == "multiple_choice" else "text"
             for mode, m in r["modes"].items():
                 y = m["accuracy"] if kind == "multiple_choice" else m["perplexity"]
-                ax.scatter(100 * m["kv_kept"], y, marker=markers.get(mode, "x"), s=60)
-                ax.annotate(f"{mode} {label}", (100 * m["kv_kept"], y), textcoords="offset points", xytext=(5, 4),
-                            fontsize=8)
+                ax.scatter(100 * m["kv_kept"], y, marker=markers.get(mode, "x"), s=60, color=f"C{i % 10}",
+                           alpha=0.8, label=f"{mode}, {label}")
+        ax.legend(fontsize=7, loc="best")
         ax.set_xlabel("KV kept vs full cache (%)")
         ax.set_ylabel("accuracy" if kind == "multiple_choice" else "perplexity")
         ax.set_xlim(0, 105)
