@@ -34,9 +34,6 @@ _compact = _ops.compact_.default
 _append_attention = _ops.anchor_attention_append_.default
 
 
-_MAX_SLOTS = 2**62  # no cache holds more slots; larger offsets are rejected before any integer overflow
-
-
 def _require_tensors(named) -> None:
     for name, t in named:
         if not isinstance(t, torch.Tensor):
@@ -117,8 +114,6 @@ def anchor_attention_append_(
     if not torch.compiler.is_compiling() and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
         # one buffer for both: the values would overwrite the keys
         raise ValueError("anllm: k_cache and v_cache share memory; pass two separate buffers")
-    if offsets and max(offsets) > _MAX_SLOTS:  # offsets[b] + Tq would overflow int64 in the kernel's check
-        raise ValueError(f"anllm: offsets {list(offsets)} lie outside any cache (at most {_MAX_SLOTS} slots)")
     scale = _scale_for(q, scale)
     if q.dim() and q.stride(-1) != 1:
         q = q.contiguous()
