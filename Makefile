@@ -6,8 +6,8 @@ PY         := $(VENV)/bin/python
 # CUDA build of torch: lets the CUDA kernels compile here (no GPU needed) and run where there is one.
 TORCH_SPEC ?= torch==2.14.1
 DEPS       := transformers==5.24.0 safetensors tqdm gguf accelerate pytest numpy ninja
-# the [train] and [eval] extras (training, evaluation and their tests)
-DEPS       += datasets==5.2.0 peft==0.21.2 lm-eval==0.4.13 matplotlib==3.11.2
+# the [train], [deepspeed] and [eval] extras (training, evaluation and their tests)
+DEPS       += datasets==5.2.0 peft==0.21.2 deepspeed==0.19.8 lm-eval==0.4.13 matplotlib==3.11.2
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 # Oldest transformers release the transformers-facing tests pass with (`make test-transformers-oldest`).

@@ -200,6 +200,8 @@ setup(
         "gguf": ["transformers>=5.0", "gguf", "accelerate"],
         # anllm train: the Hugging Face Trainer, datasets, PEFT LoRA
         "train": ["transformers>=5.0", "datasets>=3.0", "peft>=0.15", "accelerate>=1.0", "matplotlib"],
+        # DeepSpeed ZeRO-3 (anllm train --deepspeed configs/ds_zero3.json), the paper's engine
+        "deepspeed": ["deepspeed>=0.15"],
         # anllm eval and its lm-evaluation-harness backend
         "eval": ["transformers>=5.0", "datasets>=3.0", "lm-eval>=0.4.8", "matplotlib"],
         "test": ["pytest"],

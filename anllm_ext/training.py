@@ -20,6 +20,7 @@ path with chunked prefill and compaction) and the KV kept, written to ``anllm_re
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -97,6 +98,69 @@ class AnLLMTrainingArguments(TrainingArguments):
     group_by_length: bool = field(default=True, metadata={"help": "batch rows of similar length (less padding)"})
     ddp_find_unused_parameters: Optional[bool] = field(default=False, metadata={
         "help": "every parameter gets a gradient in AnSAN training; True only for models with unused branches"})
+
+    def __post_init__(self):
+        if self.deepspeed and not self.use_cpu and _launched_distributed() and not _has_accelerator():
+            self._configure_cpu_deepspeed()
+        super().__post_init__()
+
+    def _configure_cpu_deepspeed(self):
+        """DeepSpeed on CPU processes (DeepSpeed's CPU accelerator, gloo). transformers starts DeepSpeed with
+        no communication backend, which accelerate reads as one process when there is no accelerator (each
+        rank would then fill the config's "auto" batch size for a world of 1 and fail DeepSpeed's batch
+        check). So the distributed state is configured here, with gloo, and the Trainer told to use it."""
+        from accelerate import PartialState
+
+        if self.accelerator_config is not None and not isinstance(self.accelerator_config, dict):
+            raise ValueError("DeepSpeed on CPU configures accelerate's state itself: pass accelerator_config "
+                             "as a dict (or not at all)")
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        try:
+            PartialState(backend="gloo")
+        finally:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        self.accelerator_config = dict(self.accelerator_config or {}, use_configured_state=True)
+
+
+def _launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def _zero3() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _full_parameters(model):
+    """Under DeepSpeed ZeRO-3 each rank holds a slice of every parameter: gather them whole for the
+    duration (a collective, every rank enters it). A no-op otherwise."""
+    if not _zero3():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+@contextlib.contextmanager
+def _zero3_init_off(training_args):
+    """Load a model whole on one rank: transformers would otherwise create it partitioned (ZeRO-3's
+    ``zero.Init``), a collective the other ranks never join."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    if not _zero3():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(training_args.hf_deepspeed_config)
 
 
 class BudgetCallback(TrainerCallback):
@@ -216,25 +280,33 @@ def save_anllm(trainer, model, tok, config, args: AnLLMArguments, output_dir: st
     main = trainer.is_world_process_zero()
     if not args.lora:
         trainer.save_model(str(out))
-    elif main:
-        adapter_dir = out / "adapter"
-        # the <AC> row travels as PEFT's trainable-token delta: never the whole (resized) embedding matrix
-        model.save_pretrained(adapter_dir, save_embedding_layers=False)
-        _cast_safetensors(adapter_dir, getattr(torch, args.adapter_dtype))
-        tok.save_pretrained(adapter_dir)
-        config.save_pretrained(adapter_dir)
-        _record_base(adapter_dir, args.model)
-        if not args.merge_lora:
-            return str(adapter_dir)
-        merged = model.merge_and_unload()
-        config.attach(merged)
-        merged.save_pretrained(out)
-    if main:
+    else:
+        with _full_parameters(model):
+            if main:
+                _save_lora(model, tok, config, args, out)
+    whole_model = not args.lora or args.merge_lora  # else output_dir holds only the adapter folder
+    if main and whole_model:
         tok.save_pretrained(out)
         if args.attention == "ansan":  # a causal baseline is no AnLLM: it carries no anchors
             config.save_pretrained(out)
     trainer.accelerator.wait_for_everyone()
-    return str(out / "adapter") if args.lora and not args.merge_lora else str(out)
+    return str(out) if whole_model else str(out / "adapter")
+
+
+def _save_lora(model, tok, config, args: AnLLMArguments, out: Path) -> None:
+    """The adapter in ``out/adapter`` and, with ``merge_lora``, the merged model in ``out``."""
+    adapter_dir = out / "adapter"
+    # the <AC> row travels as PEFT's trainable-token delta: never the whole (resized) embedding matrix
+    model.save_pretrained(adapter_dir, save_embedding_layers=False)
+    _cast_safetensors(adapter_dir, getattr(torch, args.adapter_dtype))
+    tok.save_pretrained(adapter_dir)
+    config.save_pretrained(adapter_dir)
+    _record_base(adapter_dir, args.model)
+    if not args.merge_lora:
+        return
+    merged = model.merge_and_unload()
+    config.attach(merged)
+    merged.save_pretrained(out)
 
 
 def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
@@ -273,8 +345,10 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
     results = {"anchor_config": config.to_dict(), "train_blocks": len(train_ds),
                "train_tokens_available": int(sum(len(r) for r in train_ds["input_ids"])),
                "eval_blocks": 0 if eval_ds is None else len(eval_ds)}
-    if is_main and args.eval_before:
-        results["eval_before"] = evaluate_blocks(model, eval_ds, args, "before training", config.anchor_ids)
+    if args.eval_before and eval_ds is not None:
+        with _full_parameters(model):
+            if is_main:
+                results["eval_before"] = evaluate_blocks(model, eval_ds, args, "before training", config.anchor_ids)
     if args.lora:
         model = add_lora(model, args, config)
     trainer = Trainer(
@@ -292,7 +366,9 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
         return results
     results["saved_to"] = saved
     # score what was saved, reloaded as a user loads it (also checks the round trip)
-    results["eval_after"] = evaluate_blocks(_reload(saved), eval_ds, args, "after training", config.anchor_ids)
+    with _zero3_init_off(training_args):
+        reloaded = _reload(saved)
+    results["eval_after"] = evaluate_blocks(reloaded, eval_ds, args, "after training", config.anchor_ids)
     write_results(results, training_args.output_dir)
     return results
 

@@ -108,8 +108,11 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     generated = out.shape[1] - ids.shape[1]
     rows = log["checkpoints"]
+    # capacity follows the growth policy from the most slots any forward needed: during decode the
+    # kept slots + the new token (a row's segment is at most its period long), during prefill at most
+    # the prompt (kept slots + one chunk never exceed the tokens seen so far)
     most = max(max(r["kept_slots"]) for r in rows) + args.period + B
-    bound = _round_up(math.ceil(most * cache.growth))
+    bound = max(_round_up(math.ceil(most * cache.growth)), _round_up(math.ceil(args.prompt_tokens * cache.growth)))
     first, last = rows[min(2, len(rows) - 1)], rows[-1]
     kv_growth = (last["capacity"] - first["capacity"]) * B * cache._slot_bytes() / 2**20
     summary = {"generated_tokens": generated * B, "seconds": elapsed, "tokens_per_s": generated * B / elapsed,
