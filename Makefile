@@ -98,7 +98,7 @@ bench-cpp-smoke: install
 ## Reliability. `sanitize`: the CPU kernels built with ASan + UBSan in build/sanitized/ (the installed
 ## extension is untouched), then the op fuzz driver against that build (FUZZ_ARGS; fails on any
 ## sanitizer report or fuzz failure). `fuzz`: the fuzz driver against the regular build. `soak`: the
-## tiny-Llama long run (>= 100k tokens) and the SmolLM2 soak (SOAK_ARGS; hours on 2 cores).
+## tiny-Llama long run (>= 100k tokens) and the SmolLM2 soak (SOAK_ARGS; ~40 minutes on 2 cores).
 FUZZ_ARGS ?= --calls 10000
 SOAK_ARGS ?= --tokens 100000 --batch 8 --json results/soak_smollm2.json
 
