@@ -31,6 +31,7 @@ from typing import List, Optional
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 RESULTS_FILE = "anllm_results.json"
 
@@ -100,7 +101,7 @@ class AnLLMTrainingArguments(TrainingArguments):
         "help": "every parameter gets a gradient in AnSAN training; True only for models with unused branches"})
 
     def __post_init__(self):
-        if self.deepspeed and not self.use_cpu and _launched_distributed() and not _has_accelerator():
+        if self.deepspeed and not self.use_cpu and _launched_distributed() and not torch.accelerator.is_available():
             self._configure_cpu_deepspeed()
         super().__post_init__()
 
@@ -126,21 +127,10 @@ def _launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
 
 
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
-def _zero3() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()
-
-
 def _full_parameters(model):
     """Under DeepSpeed ZeRO-3 each rank holds a slice of every parameter: gather them whole for the
     duration (a collective, every rank enters it). A no-op otherwise."""
-    if not _zero3():
+    if not is_deepspeed_zero3_enabled():
         return contextlib.nullcontext()
     import deepspeed
 
@@ -153,7 +143,7 @@ def _zero3_init_off(training_args):
     ``zero.Init``), a collective the other ranks never join."""
     from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    if not _zero3():
+    if not is_deepspeed_zero3_enabled():
         yield
         return
     unset_hf_deepspeed_config()
