@@ -66,6 +66,18 @@ class AnLLMArguments:
     threads: int = field(default=0, metadata={"help": "torch threads per process (0: torch's default)"})
     attention: str = field(default="ansan", metadata={
         "help": "ansan (train an AnLLM) or causal (the same run with plain causal attention: the baseline)"})
+    distill: bool = field(default=False, metadata={
+        "help": "self-distillation: match the full-attention teacher's next-token distribution (KL) instead of "
+                "(or beside) the LM loss; the teacher is the model itself with full attention (LoRA: adapter "
+                "off; full fine-tuning: a frozen copy) unless --teacher is given"})
+    teacher: Optional[str] = field(default=None, metadata={
+        "help": "with --distill: a teacher model directory (same tokenizer), e.g. a larger model"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "with --distill: softmax temperature"})
+    distill_alpha: float = field(default=1.0, metadata={
+        "help": "with --distill: loss = alpha * KL + (1 - alpha) * LM loss (AC mode needs alpha < 1: the "
+                "teacher does not predict <AC>)"})
+    distill_hidden_weight: float = field(default=0.0, metadata={
+        "help": "with --distill: weight of the hidden-state MSE to the teacher (0: off)"})
 
     def __post_init__(self):
         if self.attention not in ("ansan", "causal"):
@@ -78,6 +90,21 @@ class AnLLMArguments:
             raise ValueError("block_size must be >= 8")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must be in [0, 1)")
+        self._check_distill()
+
+    def _check_distill(self):
+        if not self.distill:
+            if self.teacher is not None:
+                raise ValueError("--teacher is the teacher of --distill: pass --distill too")
+            return
+        if self.attention == "causal":
+            raise ValueError("--distill trains an AnSAN student against its full-attention teacher; with "
+                             "--attention causal student and teacher would be the same model")
+        if self.teacher is not None and not os.path.isdir(self.teacher):
+            raise ValueError(f"--teacher {self.teacher}: no such model directory")
+        from .distillation import DistillationConfig
+
+        DistillationConfig(self.distill_temperature, self.distill_alpha, self.distill_hidden_weight)
 
 
 @dataclass
@@ -238,6 +265,49 @@ def add_lora(model, args: AnLLMArguments, config):
     return get_peft_model(model, lora)
 
 
+def make_teacher(model, tok, config, args: AnLLMArguments):
+    """The full-attention teacher of ``--distill``: ``None`` with LoRA (the model itself, adapter off), a
+    frozen copy of the (still untrained) model for full fine-tuning, or the ``--teacher`` directory."""
+    from .distillation import frozen_copy, load_teacher
+    from .hf import unpatch
+
+    if args.teacher is not None:
+        return load_teacher(args.teacher, tok, _original_vocab(model, config))
+    if args.lora:
+        return None
+    return unpatch(frozen_copy(model))
+
+
+def _original_vocab(model, config) -> int:
+    """The vocabulary before AC mode's ``<AC>`` (added last, above every original id)."""
+    if config.mode == "ac":
+        return min(config.anchor_ids)
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def distillation_config(tok, config, args: AnLLMArguments):
+    from .distillation import DistillationConfig
+
+    anchor_map = None
+    if config.mode == "ac":
+        if args.distill_alpha >= 1.0:
+            raise ValueError("AC mode: the teacher does not predict <AC>, so --distill needs the LM loss too "
+                             "(--distill-alpha below 1, e.g. 0.9)")
+        if args.teacher is not None:  # the external teacher reads a sentence end where the student reads <AC>
+            period = tok.encode(".", add_special_tokens=False)
+            anchor_map = {i: period[-1] for i in config.anchor_ids}
+    vocab = min(config.anchor_ids) if config.mode == "ac" else None
+    return DistillationConfig(args.distill_temperature, args.distill_alpha, args.distill_hidden_weight,
+                              vocab_size=vocab, teacher_anchor_map=anchor_map)
+
+
+def _objective(args: AnLLMArguments) -> dict:
+    if not args.distill:
+        return {"loss": "lm"}
+    return {"loss": "distill", "teacher": args.teacher or "self (full attention)", "alpha": args.distill_alpha,
+            "temperature": args.distill_temperature, "hidden_weight": args.distill_hidden_weight}
+
+
 def evaluate_blocks(model, eval_ds, args: AnLLMArguments, label: str, anchor_ids) -> Optional[dict]:
     """Held-out perplexity in the three modes (see :func:`anllm_ext.evaluation.perplexity`)."""
     if eval_ds is None or len(eval_ds) == 0:
@@ -339,13 +409,22 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
         with _full_parameters(model):
             if is_main:
                 results["eval_before"] = evaluate_blocks(model, eval_ds, args, "before training", config.anchor_ids)
+    teacher = make_teacher(model, tok, config, args) if args.distill else None
     if args.lora:
         model = add_lora(model, args, config)
-    trainer = Trainer(
+    trainer_kwargs = dict(
         model=model, args=training_args, train_dataset=train_ds, processing_class=tok,
         data_collator=AnchorDataCollator(tok.pad_token_id),
         callbacks=[BudgetCallback(args.max_tokens, args.max_minutes)],
     )
+    if args.distill:
+        from .distillation import DistillationTrainer
+
+        trainer = DistillationTrainer(**trainer_kwargs, teacher=teacher,
+                                      distillation=distillation_config(tok, config, args))
+    else:
+        trainer = Trainer(**trainer_kwargs)
+    results["objective"] = _objective(args)
     started = time.time()
     output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     results.update(train_seconds=time.time() - started, train_steps=trainer.state.global_step,

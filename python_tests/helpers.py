@@ -70,3 +70,26 @@ def kept_slots(lay):
     """Slots an anchor cache keeps after seeing `lay`: valid and (anchor or in the row's open segment)."""
     open_seg = lay.next_start().segment[:, None]
     return lay.valid & (lay.is_anchor | (lay.segments.to(torch.int64) == open_seg))
+
+
+# Training-style English text: sentences ending with ".", "!" and "?", two paragraphs.
+TEXT = (
+    "The keeper climbed the stairs. He trimmed the wick and wound the clock. Ships saw the beam! Did they "
+    "trust it? Sailors trusted that rhythm more than any chart.\n\nIn the winter of the storm the keeper did "
+    "not sleep. He kept the light burning while the waves broke over the windows. The town put up a plaque."
+)
+
+
+def tiny_llama_dir(tokenizer_dir, path, seed=0):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a model directory."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

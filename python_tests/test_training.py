@@ -18,54 +18,7 @@ from anllm_ext.config import AnchorConfig, make_anchor_config
 from anllm_ext.data import AnchorDataCollator, encode_document, load_documents, split_blocks, tokenize_dataset
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
-from helpers import needs_smollm2
-
-TEXT = (
-    "The keeper climbed the stairs. He trimmed the wick and wound the clock. Ships saw the beam! Did they "
-    "trust it? Sailors trusted that rhythm more than any chart.\n\nIn the winter of the storm the keeper did "
-    "not sleep. He kept the light burning while the waves broke over the windows. The town put up a plaque."
-)
-
-
-# ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from anllm_ext.models import default_model_dir
-
-    if not default_model_dir(convert=False).exists() and not os.environ.get("CI"):
-        pytest.skip("bundled model not converted")
-    return default_model_dir()
-
-
-def tiny_llama_dir(tokenizer_dir, path, seed=0):
-    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a model directory."""
-    import transformers as tf
-
-    tok = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tokenizer_dir, tmp_path_factory):
-    return tiny_llama_dir(tokenizer_dir, tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Three documents as text files, plus a held-out one."""
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "train").mkdir()
-    for i in range(3):
-        (root / "train" / f"doc{i}.txt").write_text(TEXT * (i + 1))
-    (root / "eval.txt").write_text(TEXT)
-    return root
+from helpers import TEXT, needs_smollm2
 
 
 def tok_and_model(path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import anllm_ext
 from helpers import needs_smollm2
-from test_training import TEXT, tiny_llama_dir
+from helpers import TEXT, tiny_llama_dir
 
 
 def launch(prefix, model_dir, data, out, batch, extra=(), eval_blocks=0):
@@ -29,7 +29,8 @@ def launch(prefix, model_dir, data, out, batch, extra=(), eval_blocks=0):
 
 
 @needs_smollm2
-def test_two_process_ddp_equals_one_process_same_global_batch(tmp_path):
+@pytest.mark.parametrize("objective", [[], ["--distill", "true", "--distill-alpha", "0.5"]], ids=["lm", "distill"])
+def test_two_process_ddp_equals_one_process_same_global_batch(tmp_path, objective):
     from anllm_ext.models import default_model_dir
 
     model_dir = tiny_llama_dir(default_model_dir(), tmp_path / "tiny")
@@ -37,9 +38,9 @@ def test_two_process_ddp_equals_one_process_same_global_batch(tmp_path):
     data.mkdir()
     for i in range(4):
         (data / f"d{i}.txt").write_text(TEXT * (1 + i % 2))
-    one = launch([sys.executable], model_dir, data, tmp_path / "one", batch=4)
+    one = launch([sys.executable], model_dir, data, tmp_path / "one", batch=4, extra=["--use-cpu", "true", *objective])
     two = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-                 model_dir, data, tmp_path / "two", batch=2)
+                 model_dir, data, tmp_path / "two", batch=2, extra=["--use-cpu", "true", *objective])
     start = load_file(str(Path(model_dir) / "model.safetensors"))
     assert one.keys() == two.keys()
     moved = 0
