@@ -161,9 +161,11 @@ class AnchorCache(Cache):
     """
 
     def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.25, compact: bool = True):
-        if growth <= 1.0:
-            raise ValueError("growth must be > 1")
-        self.initial_capacity = int(initial_capacity)
+        from .checks import check_int
+
+        if not isinstance(growth, (int, float)) or isinstance(growth, bool) or not growth > 1.0:
+            raise ValueError(f"growth must be a number > 1, got {growth!r}")
+        self.initial_capacity = check_int("initial_capacity", initial_capacity, 1)
         self.growth = float(growth)
         self.compact = bool(compact)
         if isinstance(config, torch.nn.Module):  # AnchorCache(model) as well as AnchorCache(model.config)

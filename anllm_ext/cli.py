@@ -114,8 +114,9 @@ def _load_prompt(args, tok):
     if args.prompt is not None:
         text = args.prompt
     elif args.prompt_file is not None:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
+        from .checks import read_utf8
+
+        text = read_utf8(args.prompt_file, "--prompt-file")
     else:
         text = sample_text(max(4 * args.max_prompt_tokens, 4000))
     if args.anchors.strip() in ("ac", "anllm-ac") and AC_TOKEN not in text:
@@ -144,13 +145,16 @@ def _anchors_for(args, tok, model):
 
 
 def cmd_generate(args) -> int:
-    from .anchors import decode, resolve_anchors
+    from .anchors import decode
+    from .checks import check_device, read_utf8
     from .models import load_model
 
+    check_device(args.device)
+    if args.prompt_file is not None:
+        read_utf8(args.prompt_file, "--prompt-file")  # a bad file fails before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model, tok = load_model(args.model, dtype=dtype, device=args.device, verbose=True)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
     anchors = _anchors_for(args, tok, model)
     ids = _load_prompt(args, tok).to(args.device)
     mask = torch.ones_like(ids)
@@ -196,6 +200,8 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .checks import arg_float, arg_int
+
     p = argparse.ArgumentParser(prog="anllm", description="Anchor-based LLM inference (AnLLM) for transformers models")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate with the anchor cache and compare with the full cache")
@@ -203,21 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text")
     src.add_argument("--prompt-file", default=None, help="file with the prompt text")
-    g.add_argument("--max-prompt-tokens", type=int, default=2048, help="truncate the prompt (0: no limit)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--prefill-chunk", type=int, default=512)
+    g.add_argument("--max-prompt-tokens", type=arg_int(0), default=2048, help="truncate the prompt (0: no limit)")
+    g.add_argument("--max-new-tokens", type=arg_int(1), default=64)
+    g.add_argument("--prefill-chunk", type=arg_int(1), default=512, help="prompt tokens per forward")
     g.add_argument("--anchors", default=None,
                    help="ep (sentence-final periods), ep:<chars>, ac (add <AC>), anllm-ac/anllm-ep, or ids '13,30' "
                         "(default: the anchors a trained AnLLM carries, else ep)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--temperature", type=arg_float(0.0), default=0.7)
+    g.add_argument("--top-p", type=arg_float(0.0, 1.0), default=0.9)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     g.add_argument("--anchor-only", action="store_true", help="skip the full-cache run")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g.add_argument("--threads", type=arg_int(0), default=0, help="torch threads (0: torch's default)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.set_defaults(func=cmd_generate)
     from .evaluation import add_eval_parser
@@ -238,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:  # ImportError: a missing extra
+    except (ValueError, OSError, RuntimeError, ImportError) as e:  # OSError: unreadable or unwritable files; ImportError: a missing extra
         print(f"anllm: error: {e}", file=sys.stderr)
         return 2
 

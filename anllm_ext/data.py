@@ -45,7 +45,9 @@ def _kind(path: str) -> Optional[str]:
 
 
 def list_data_files(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> Dict[str, List[str]]:
-    """Files grouped by loader (``text`` / ``json`` / ``parquet``); directories are searched recursively."""
+    """Files grouped by loader (``text`` / ``json`` / ``parquet``). Directories are searched recursively and
+    files of other types in them skipped; a file named explicitly must have a known suffix, or none (then
+    it is plain text, e.g. ``/usr/share/common-licenses/GPL-3``)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     groups: Dict[str, List[str]] = {}
@@ -53,17 +55,19 @@ def list_data_files(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLi
         p = os.fspath(p)
         if os.path.isdir(p):
             found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if os.path.isfile(f))
-            found = [f for f in found if _kind(f)]
+            found = [(_kind(f), f) for f in found if _kind(f)]
             if not found:
                 raise ValueError(f"{p} holds no text ({'/'.join(TEXT_SUFFIXES)}), JSONL or parquet files")
         elif os.path.isfile(p):
-            if _kind(p) is None:
-                raise ValueError(f"{p}: unknown file type (text {TEXT_SUFFIXES}, JSON {JSON_SUFFIXES}, parquet)")
-            found = [p]
+            kind = _kind(p) or (None if Path(p).suffix else "text")
+            if kind is None:
+                raise ValueError(f"{p}: unknown file type (text {TEXT_SUFFIXES} or no suffix, JSON {JSON_SUFFIXES}, "
+                                 "parquet)")
+            found = [(kind, p)]
         else:
-            raise FileNotFoundError(f"no such file or directory: {p}")
-        for f in found:
-            groups.setdefault(_kind(f), []).append(f)
+            raise FileNotFoundError(f"{p} does not exist (no such file or directory)")
+        for kind, f in found:
+            groups.setdefault(kind, []).append(f)
     return groups
 
 
@@ -71,26 +75,57 @@ def load_documents(paths, text_field: str = "text"):
     """A ``datasets.Dataset`` with one document per row in the column ``text``.
 
     Text files give one document each (``sample_by="document"``); JSONL/parquet rows give one each,
-    read from ``text_field``. Empty documents are dropped; no document at all is an error.
+    read from ``text_field``. Files must be UTF-8 (the error names a file that is not, and its line).
+    Empty files and empty (or whitespace-only) documents are dropped; no document at all is an error.
     """
     import datasets
 
     parts = []
     for kind, files in list_data_files(paths).items():
+        files = [f for f in files if os.path.getsize(f) > 0]  # datasets fails on an empty JSON file
+        if files:
+            parts.append(_load_files(datasets, kind, files, text_field))
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
+    if ds is not None:
+        ds = ds.filter(lambda r: isinstance(r["text"], str) and r["text"].strip() != "")
+    if ds is None or len(ds) == 0:
+        raise ValueError(f"no non-empty document in {_names(paths)} (empty or whitespace-only files)")
+    return ds
+
+
+def _names(paths) -> str:
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    return ", ".join(os.fspath(p) for p in paths)
+
+
+def _load_files(datasets, kind: str, files: List[str], text_field: str):
+    try:
         if kind == "text":
             ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
         else:
             ds = datasets.load_dataset(kind, data_files=files, split="train")
-            if text_field not in ds.column_names:
-                raise ValueError(f"{files[0]}: rows have no field {text_field!r} (fields: {ds.column_names})")
-            if text_field != "text":
-                ds = ds.map(lambda r: {"text": r[text_field]})
-        parts.append(ds.select_columns(["text"]))
-    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    ds = ds.filter(lambda r: isinstance(r["text"], str) and r["text"].strip() != "")
-    if len(ds) == 0:
-        raise ValueError(f"no non-empty document in {paths}")
-    return ds
+    except Exception:  # datasets wraps a decoding error in its own exception: name the file instead
+        if kind != "parquet":
+            _check_utf8(files)
+        raise
+    if kind != "text":
+        if text_field not in ds.column_names:
+            raise ValueError(f"{files[0]}: rows have no field {text_field!r} (fields: {ds.column_names})")
+        if text_field != "text":
+            ds = ds.map(lambda r: {"text": r[text_field]})
+    return ds.select_columns(["text"])
+
+
+def _check_utf8(files: List[str]) -> None:
+    """Raise ValueError naming the first file (and line) that is not UTF-8."""
+    from .checks import not_utf8
+
+    for f in files:
+        data = Path(f).read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise not_utf8(f, data, e) from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -308,10 +308,12 @@ def perplexity(
     mode's prefill (compaction between chunks); ``batch_size``: blocks per forward (right-padded).
     Returns a :class:`PerplexityResult` (``result["cached"].perplexity``, ``.kv_kept``, ``.seconds``, ...).
     """
+    from .checks import check_int
+
     modes = _check_modes(modes)
     blocks = _check_blocks(blocks)
-    if batch_size < 1 or prefill_chunk < 1:
-        raise ValueError("batch_size and prefill_chunk must be >= 1")
+    check_int("batch_size", batch_size, 1)
+    check_int("prefill_chunk", prefill_chunk, 1)
     # longest first: batches of similar lengths pad little
     order = sorted(range(len(blocks)), key=lambda i: -len(blocks[i]))
     results: Dict[str, ModeResult] = {}
@@ -362,8 +364,10 @@ def text_blocks(tokenizer, texts: Sequence[str], block_size: int = 512, max_bloc
     from .config import AnchorConfig
     from .data import encode_documents
 
-    if block_size < 2:
-        raise ValueError("block_size must be >= 2")
+    from .checks import check_int
+
+    check_int("block_size", block_size, 2)
+    check_int("max_blocks", max_blocks, 0, none_ok=True)
     if ac_token is not None:
         ac_id = tokenizer.convert_tokens_to_ids(ac_token)
         if ac_id is None or ac_id == tokenizer.unk_token_id:
@@ -413,21 +417,21 @@ def _validate_question(obj, where: str) -> Question:
 
 
 def load_multiple_choice(path) -> List[Question]:
-    """Questions from a JSONL file (schema in the module docstring); errors name the file and line."""
+    """Questions from a UTF-8 JSONL file (schema in the module docstring; a UTF-8 byte-order mark is
+    accepted); errors name the file and line."""
+    from .checks import read_utf8
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"multiple-choice file {path} does not exist")
     questions = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            questions.append(_validate_question(obj, where))
+    for n, line in enumerate(read_utf8(path, "multiple-choice file").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+        questions.append(_validate_question(obj, where))
     if not questions:
         raise ValueError(f"{path} holds no questions")
     return questions
@@ -464,15 +468,15 @@ class MultipleChoiceConfig:
     progress: bool = True
 
     def __post_init__(self):
+        from .checks import check_int
+
         self.modes = _check_modes(self.modes)
-        if self.shots < 0:
-            raise ValueError("shots must be >= 0")
+        check_int("shots", self.shots, 0)
+        check_int("limit", self.limit, 1, none_ok=True)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("prefill_chunk", self.prefill_chunk, 1)
         if self.demo_end not in DEMO_ENDS:
             raise ValueError(f"demo_end must be one of {DEMO_ENDS}, got {self.demo_end!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("limit must be >= 1")
-        if self.batch_size < 1 or self.prefill_chunk < 1:
-            raise ValueError("batch_size and prefill_chunk must be >= 1")
         if "{question}" not in self.template:
             raise ValueError("template must contain {question}")
 
@@ -845,51 +849,58 @@ def resolve_model_anchors(model, tokenizer, spec: Optional[str]) -> Tuple[List[i
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``eval`` to ``anllm``'s subcommands (the parser and its function live here)."""
+    from .checks import arg_int
+
     e = subparsers.add_parser("eval", help="perplexity and multiple-choice accuracy: full attention vs anchor inference",
                               description=__doc__.split("\n\n")[0])
     e.add_argument("--model", default=None, help="local model directory (default: bundled SmolLM2-135M-Instruct)")
-    e.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text files for perplexity")
+    e.add_argument("--text", nargs="+", default=None, metavar="PATH",
+                   help="text for perplexity: files or folders (searched recursively), with the file rules of "
+                        "`anllm train --data`: .txt/.md/.rst/.text (one document each), .jsonl/.json and .parquet "
+                        "(one document per row, field 'text'); UTF-8")
     e.add_argument("--mc", default=None, metavar="JSONL", help="multiple-choice questions (question, choices, answer)")
     e.add_argument("--anchors", default=None,
                    help="ep, ep:<chars>, ac, anllm-ac/anllm-ep or ids '13,30' (default: the anchors a trained "
                         "AnLLM carries, else ep)")
     e.add_argument("--mode", default=",".join(MODES), help=f"comma-separated modes from {MODES}")
-    e.add_argument("--shots", type=int, nargs="+", default=[0], help="demonstrations per question (several: one run each)")
-    e.add_argument("--limit", type=int, default=None, help="score the first N questions")
+    e.add_argument("--shots", type=arg_int(0), nargs="+", default=[0], help="demonstrations per question (several: one run each)")
+    e.add_argument("--limit", type=arg_int(1), default=None, help="score the first N questions")
     e.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draw")
     e.add_argument("--demo-end", choices=("auto",) + DEMO_ENDS, default="auto",
                    help="what ends a demonstration (auto: <AC> for ac anchors, a period for ep, nothing for ids)")
-    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    e.add_argument("--prefill-chunk", type=int, default=256, help="prefill chunk of the cached mode")
-    e.add_argument("--block-size", type=int, default=512, help="tokens per perplexity block")
-    e.add_argument("--max-blocks", type=int, default=16, help="perplexity blocks at most (0: all)")
+    e.add_argument("--batch-size", type=arg_int(1), default=8, help="sequences per forward")
+    e.add_argument("--prefill-chunk", type=arg_int(1), default=256, help="prefill chunk of the cached mode")
+    e.add_argument("--block-size", type=arg_int(2), default=512, help="tokens per perplexity block")
+    e.add_argument("--max-blocks", type=arg_int(0), default=16, help="perplexity blocks at most (0: all)")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     e.add_argument("--plot", default=None, metavar="PNG", help="write quality vs KV kept as a PNG (matplotlib)")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    e.add_argument("--threads", type=arg_int(0), default=0, help="torch threads (0: torch's default)")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     e.set_defaults(func=cmd_eval)
     return e
 
 
 def cmd_eval(args) -> int:
+    from .checks import check_device, check_output_path
+    from .data import list_data_files, load_documents
     from .hf import patch
     from .models import load_model
 
     if args.text is None and args.mc is None:
-        raise ValueError("nothing to evaluate: give --text FILE... and/or --mc FILE.jsonl")
+        raise ValueError("nothing to evaluate: give --text PATH... and/or --mc FILE.jsonl")
     modes = _check_modes(m.strip() for m in args.mode.split(",") if m.strip())
+    check_output_path("--json", args.json)
+    check_output_path("--plot", args.plot)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    questions = load_multiple_choice(args.mc) if args.mc else None  # bad files fail before the model loads
-    texts = []
-    for f in args.text or []:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"text file {f} does not exist")
-        texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
-    model, tok = load_model(args.model, dtype=dtype, device=args.device, verbose=True)
+    # bad files fail before the model loads
+    questions = load_multiple_choice(args.mc) if args.mc else None
+    texts = list(load_documents(args.text)["text"]) if args.text else []
+    n_files = sum(len(f) for f in list_data_files(args.text).values()) if args.text else 0
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
     ids, style, ac_token = resolve_model_anchors(model, tok, args.anchors)
     patch(model, ids)
     name = args.model or "bundled SmolLM2-135M-Instruct"
@@ -899,7 +910,8 @@ def cmd_eval(args) -> int:
     if texts:
         blocks = text_blocks(tok, texts, args.block_size, args.max_blocks, ac_token=ac_token, anchor_ids=ids)
         res = perplexity(model, blocks, modes, args.prefill_chunk, args.batch_size, args.progress)
-        print(f"\nperplexity: {len(blocks)} blocks of <= {args.block_size} tokens from {len(texts)} file(s)")
+        print(f"\nperplexity: {len(blocks)} blocks of <= {args.block_size} tokens from {len(texts)} document(s) in "
+              f"{n_files} file(s)")
         print(res.table())
         if res.max_abs_diff_cached_vs_ansan is not None:
             print(f"cached vs ansan: max |token log-prob difference| {res.max_abs_diff_cached_vs_ansan:.2e}")

@@ -18,9 +18,33 @@ from typing import Optional, Tuple
 
 import torch
 
+from .checks import check_int
 from .errors import UnsupportedError
 from .cache import AnchorCache
 from .hf import cache_kwarg, is_patched, patched
+
+
+def _check_inputs(input_ids, attention_mask, cache) -> None:
+    """input_ids a non-empty [batch, tokens] integer tensor; attention_mask (if given) covering them (and the
+    columns ``cache`` holds); cache an AnchorCache or None."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be a [batch, tokens] integer tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)})")
+    if cache is not None and not isinstance(cache, AnchorCache):
+        raise TypeError(f"cache must be an AnchorCache (or None), got {type(cache).__name__}; for a full cache call "
+                        "model.generate(..., cache_implementation='dynamic')")
+    if attention_mask is None:
+        return
+    past = cache.get_seq_length() if cache is not None else 0
+    B, T = input_ids.shape
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.shape[0] != B or (
+        attention_mask.shape[1] not in (T, past + T)
+    ):
+        want = f"[{B}, {T}]" + (f" or [{B}, {past + T}] (the cache's columns too)" if past else "")
+        raise ValueError(f"attention_mask must be a {want} tensor like input_ids, got "
+                         f"{list(getattr(attention_mask, 'shape', [])) or type(attention_mask).__name__}")
 
 
 def _progress_bar(total: int, desc: str, enabled: bool, unit: str = "tok"):
@@ -61,19 +85,15 @@ def prefill(
     or ``input_ids`` only. Returns (cache, logits): logits of every token [B, T, V] when
     ``return_logits``, else of the last token [B, 1, V].
     """
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
+    check_int("chunk_size", chunk_size, 1)
+    _check_inputs(input_ids, attention_mask, cache)
     B, T = input_ids.shape
-    if T == 0:
-        raise ValueError("input_ids is empty")
     with _maybe_patched(model, anchor_ids):
         if cache is None:
             cache = AnchorCache(model.config)
         past = cache.get_seq_length()
-        if attention_mask is not None and attention_mask.shape[1] == T:
-            attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1) if past else attention_mask
-        elif attention_mask is not None and attention_mask.shape[1] != past + T:
-            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; expected {T} or {past + T}")
+        if attention_mask is not None and attention_mask.shape[1] == T and past:
+            attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1)
         bar = _progress_bar(T, "prefill", progress)
         logits = []
         try:
@@ -117,9 +137,12 @@ def generate(
     ``top_p``, ``num_beams``, ``eos_token_id``, ``streamer``, ...). Beam search works (the cache
     reorders its rows); assisted/speculative decoding is not supported (the cache cannot be cropped).
     With ``return_cache=True`` returns (ids, cache); ``cache.stats()`` has the memory figures.
+    ``prefill_chunk``: prompt tokens per forward (an integer >= 1; None: the whole prompt in one forward).
+    Batches are left-padded (right padding raises: generation continues after the last column).
     """
-    if input_ids.dim() != 2:
-        raise ValueError("input_ids must be [batch, tokens]")
+    check_int("prefill_chunk", prefill_chunk, 1, none_ok=True)
+    check_int("max_new_tokens", max_new_tokens, 1, none_ok=True)
+    _check_inputs(input_ids, attention_mask, cache)
     for bad in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
         if generate_kwargs.get(bad) is not None:
             raise UnsupportedError(f"{bad}: assisted decoding needs a croppable cache; AnchorCache is not")
@@ -136,7 +159,7 @@ def generate(
                 eos = eos[0] if eos else None
             if eos is not None:
                 generate_kwargs["pad_token_id"] = eos
-        bar = _progress_bar(input_ids.shape[1] + max_new_tokens, "anllm generate", progress)
+        bar = _progress_bar(input_ids.shape[1] + (max_new_tokens or 0), "anllm generate", progress)
         if bar is not None:
             def _tick(c, n):  # n = input columns of one forward (a prefill chunk, or 1 when decoding)
                 bar.update(n)

@@ -14,7 +14,7 @@
    transformers forwards untouched to every attention call (so gradient checkpointing works too);
 3. adds a forward hook that lets an :class:`AnchorCache` commit the new tokens and compact itself
    (all layers in one call) after every forward;
-4. overrides ``_prepare_cache_for_generation`` on the model instance, so that ``model.generate()``
+4. overrides ``_prepare_cache_for_generation`` (and ``set_attn_implementation``) on the model instance, so that ``model.generate()``
    without a cache creates an :class:`AnchorCache` where transformers would create a ``DynamicCache``
    (``patch(..., default_cache="full")``, ``cache_implementation="dynamic"`` or an explicit cache keep
    the full cache).
@@ -23,6 +23,14 @@ The hooks are plain functions that read the patch state from the module they run
 closure), so ``copy.deepcopy`` of a patched model yields an independently patched copy.
 
 ``unpatch(model)`` removes the hooks and restores the previous attention implementation.
+
+Swaps behind the patch never give a silently wrong result (docs/transformers.md, "What is supported"):
+``model.set_attn_implementation(other)`` is overridden on the instance and lifts the patch before setting
+``other``; any other switch of the implementation (``config._attn_implementation``, a submodule's
+``set_attn_implementation``) is caught by :func:`_check_attention_intact` in the pre-hook and in
+``generate``, and ``patch(model)`` repairs it. :func:`check_cache` is the one decision on which caches
+a patched model runs with. While patched, ``model.config`` carries the anchors (``save_pretrained``
+saves them).
 
 Caches: an :class:`~anllm_ext.cache.AnchorCache` keeps only anchors + the open segment. Any other
 transformers cache (e.g. the ``DynamicCache`` a direct forward creates with ``use_cache=True`` and no cache)
@@ -41,7 +49,7 @@ import torch
 
 from .errors import UnsupportedError
 from .cache import AnchorCache
-from .layout import Layout, anchor_tensor, token_layout
+from .layout import Layout, token_layout
 from .ops import anchor_attention, anchor_attention_append_
 
 ATTN_NAME = "anllm"
@@ -175,8 +183,10 @@ class _PatchState:
     captured by a hook: the hooks read it from the module they run on, so ``copy.deepcopy`` of a
     patched model gives the copy its own state (re-patching one leaves the other alone)."""
 
-    def __init__(self, decoder, anchors: torch.Tensor, previous_impl, param_names, default_cache: str):
+    def __init__(self, decoder, anchors: torch.Tensor, previous_impl, param_names, default_cache: str,
+                 saved_anchor_config=None):
         self.anchors = anchors
+        self.saved_anchor_config = saved_anchor_config  # what model.config carried before the patch
         self.previous_impl = previous_impl
         self.param_names = param_names
         self.cache_name = cache_kwarg(decoder)
@@ -208,54 +218,106 @@ def patched_anchor_ids(model) -> Optional[torch.Tensor]:
 def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn.Module":
     """Make a transformers causal LM attend under the AnSAN mask of ``anchor_ids``; returns the model.
 
-    ``anchor_ids``: an int, a list of ints or a 1-D tensor (e.g. :func:`anllm_ext.anchors.ep_anchor_ids`).
-    ``None`` (the default) takes the anchors a trained AnLLM carries in its config
-    (:class:`anllm_ext.config.AnchorConfig`, saved by ``anllm train``) and raises ``ValueError`` on a
-    model that carries none. Calling ``patch`` again on a patched model only replaces the anchor ids
-    (and ``default_cache``).
+    ``anchor_ids``: an int, a list of ints or a 1-D tensor of ids of the model's vocabulary (e.g.
+    :func:`anllm_ext.anchors.ep_anchor_ids`). ``None`` (the default) takes the anchors the model carries in
+    its config (:class:`anllm_ext.config.AnchorConfig`: saved by ``anllm train``, and by ``save_pretrained``
+    of a patched model) and raises ``ValueError`` on a model that carries none. Calling ``patch`` again on a
+    patched model replaces the anchor ids (and ``default_cache``) and restores the anchor attention if it was
+    switched off behind the patch (e.g. ``config._attn_implementation = "sdpa"``).
+
+    While patched, the model carries its anchors in ``model.config`` (``save_pretrained`` saves them, so
+    ``patch(AutoModelForCausalLM.from_pretrained(dir))`` needs no ids); :func:`unpatch` restores what it
+    carried before. ``model.set_attn_implementation(other)`` lifts the patch (as :func:`unpatch`) and then
+    sets ``other``.
 
     ``default_cache``: the cache ``model.generate()`` creates when given none: ``"anchor"`` (an
     :class:`~anllm_ext.cache.AnchorCache`, the default) or ``"full"`` (transformers' ``DynamicCache``,
-    which keeps every token). A cache passed to ``generate`` or a ``cache_implementation`` always wins.
+    which keeps every token). A cache passed to ``generate`` or a ``cache_implementation`` always wins
+    (the caches a patched model supports: :func:`check_cache`).
     """
     if default_cache not in ("anchor", "full"):
         raise ValueError(f"default_cache must be 'anchor' or 'full', got {default_cache!r}")
-    if anchor_ids is None:
-        anchor_ids = _saved_anchor_ids(model)
-    ids = anchor_tensor(anchor_ids)
-    if ids.numel() == 0:
-        raise ValueError("anchor_ids is empty")
+    _check_model(model)
+    ids = _anchor_ids_for(model, anchor_ids)
     state = getattr(model, _STATE_ATTR, None)
-    if state is not None:
-        state.anchors = ids
-        state._anchors_by_device = {ids.device: ids}
+    if state is None:
+        _check_layer_types(model.config)
+        _check_one_device(model)
+        decoder = _decoder_of(model)
+        state = _PatchState(decoder, ids, model.config._attn_implementation, _positional_params(decoder),
+                            default_cache, _saved_anchor_dict(model))
+    else:
+        state.anchors, state._anchors_by_device = ids, {ids.device: ids}
         state.default_cache = default_cache
-        return model
+    _install(model, state)
+    return model
+
+
+def _check_model(model) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"patch() expects a transformers PreTrainedModel, got {type(model).__name__}")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedError("anllm_ext.patch supports decoder-only models only")
-    _check_layer_types(config)
-    _check_one_device(model)
-    decoder = _decoder_of(model)
-    previous = config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)
-    if model.config._attn_implementation != ATTN_NAME:
-        raise RuntimeError(f"{type(model).__name__} refused attn_implementation '{ATTN_NAME}'")
-    param_names = [
+
+
+def _anchor_ids_for(model, anchor_ids) -> torch.Tensor:
+    """``anchor_ids`` (or the saved ones) as a 1-D int64 tensor of ids of the model's vocabulary."""
+    if anchor_ids is None:
+        anchor_ids = _saved_anchor_ids(model)
+    if isinstance(anchor_ids, torch.Tensor):
+        if anchor_ids.is_floating_point() or anchor_ids.is_complex() or anchor_ids.dtype == torch.bool:
+            raise TypeError(f"anchor_ids must hold integer token ids, got a {anchor_ids.dtype} tensor")
+        ids = anchor_ids.detach().reshape(-1).to(torch.int64)
+    else:
+        items = [anchor_ids] if isinstance(anchor_ids, int) or not hasattr(anchor_ids, "__iter__") else list(anchor_ids)
+        bad = [i for i in items if isinstance(i, bool) or not isinstance(i, int)]
+        if bad:
+            raise TypeError(f"anchor_ids must be an int, a list of ints or an integer tensor; got {bad[0]!r}")
+        ids = torch.tensor(items, dtype=torch.int64)
+    if ids.numel() == 0:
+        raise ValueError("anchor_ids is empty: give at least one token id (e.g. anllm_ext.ep_anchor_ids(tokenizer))")
+    vocab = _vocab_size(model)
+    out = ids[(ids < 0) | (ids >= vocab)] if vocab else ids[ids < 0]
+    if out.numel():
+        raise ValueError(
+            f"anchor_ids {out.tolist()[:5]} are not token ids of this model (allowed: 0 to {vocab - 1 if vocab else 'inf'})"
+        )
+    return ids
+
+
+def _vocab_size(model) -> Optional[int]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def _positional_params(decoder):
+    return [
         n
         for n, p in inspect.signature(decoder.forward).parameters.items()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    state = _PatchState(decoder, ids, previous, param_names, default_cache)
+
+
+def _install(model, state: "_PatchState") -> None:
+    """Put ``state``'s patch on ``model``: the anchor attention, the decoder's hooks (once), the instance
+    overrides, and the anchors in ``model.config`` (idempotent: also repairs a patch whose attention
+    implementation was switched behind its back)."""
+    decoder = _decoder_of(model)
+    if _attn_implementation(model) != ATTN_NAME:
+        _own_set_attn_implementation(model)(ATTN_NAME)
+        if _attn_implementation(model) != ATTN_NAME:
+            raise RuntimeError(f"{type(model).__name__} refused attn_implementation '{ATTN_NAME}'")
     setattr(model, _STATE_ATTR, state)
     setattr(decoder, _STATE_ATTR, state)
+    _remove_hooks(decoder)
     decoder.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     decoder.register_forward_hook(_post_hook, with_kwargs=True)
+    model.set_attn_implementation = types.MethodType(_set_attn_implementation, model)
     if hasattr(type(model), "_prepare_cache_for_generation"):  # generate() without a cache gets an AnchorCache
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
-    return model
+    _attach_anchor_config(model, state)
 
 
 def _saved_anchor_ids(model):
@@ -264,24 +326,108 @@ def _saved_anchor_ids(model):
     config = AnchorConfig.from_model(model)
     if config is None:
         raise ValueError(
-            f"{type(model).__name__} carries no anchor configuration (it was not trained with anllm_ext); pass "
-            "anchor_ids, e.g. anllm_ext.patch(model, anllm_ext.ep_anchor_ids(tokenizer))"
+            f"{type(model).__name__} carries no anchor configuration (none was saved with it: a model trained by "
+            "`anllm train`, or saved by save_pretrained while patched, carries one); pass anchor_ids, e.g. "
+            "anllm_ext.patch(model, anllm_ext.ep_anchor_ids(tokenizer))"
         )
     return config.anchor_ids
 
 
+def _saved_anchor_dict(model):
+    from .config import CONFIG_KEY
+
+    return getattr(model.config, CONFIG_KEY, None)
+
+
+def _attach_anchor_config(model, state: "_PatchState") -> None:
+    """Make ``model.config`` carry the anchors the model is patched with, so ``save_pretrained`` saves them:
+    the configuration it carries (or carried before the patch, e.g. a trained AnLLM's AC/EP one) when that
+    has exactly these ids, else an ``"ids"`` configuration of them."""
+    from .config import CONFIG_KEY, AnchorConfig
+
+    ids = sorted(set(int(i) for i in state.anchors.tolist()))
+    for data in (getattr(model.config, CONFIG_KEY, None), state.saved_anchor_config):
+        if data is not None and AnchorConfig.from_dict(data).anchor_ids == ids:
+            setattr(model.config, CONFIG_KEY, data)
+            return
+    AnchorConfig("ids", ids).attach(model)
+
+
 def unpatch(model) -> "torch.nn.Module":
-    """Undo :func:`patch` (hooks removed, previous attention implementation restored)."""
+    """Undo :func:`patch`: hooks removed, previous attention implementation and anchor configuration restored."""
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         return model
+    _lift(model, state)
+    _own_set_attn_implementation(model)(state.previous_impl or "sdpa")
+    return model
+
+
+def _own_set_attn_implementation(model):
+    """The model's own ``set_attn_implementation``, past the patch's instance override (for a wrapper that
+    forwards attributes to its base model, e.g. PEFT: the base model's)."""
+    target = model
+    while getattr(type(target), "set_attn_implementation", None) is None and hasattr(target, "get_base_model"):
+        target = target.get_base_model()
+    return types.MethodType(type(target).set_attn_implementation, target)
+
+
+def _lift(model, state: "_PatchState") -> None:
+    """Remove the patch (hooks, state, overrides, the anchors it put in the config); the attention
+    implementation is left to the caller."""
+    from .config import CONFIG_KEY
+
     decoder = _decoder_of(model)
     _remove_hooks(decoder)
     for module in (model, decoder):
         module.__dict__.pop(_STATE_ATTR, None)
-    model.__dict__.pop("_prepare_cache_for_generation", None)
-    model.set_attn_implementation(state.previous_impl or "sdpa")
-    return model
+    for name in ("_prepare_cache_for_generation", "set_attn_implementation"):
+        model.__dict__.pop(name, None)
+    if state.saved_anchor_config is None:
+        if hasattr(model.config, CONFIG_KEY):
+            delattr(model.config, CONFIG_KEY)
+    else:
+        setattr(model.config, CONFIG_KEY, state.saved_anchor_config)
+
+
+def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    """``set_attn_implementation`` of a patched model: ``"anllm"`` keeps the patch; any other implementation
+    lifts it (as :func:`unpatch`) and is then set, so the model runs exactly as the unpatched model would.
+    Paged attention (continuous batching) is refused: the anchor cache cannot run it."""
+    own = _own_set_attn_implementation(self)
+    state = self.__dict__.get(_STATE_ATTR)
+    requested = attn_implementation.get("", ATTN_NAME) if isinstance(attn_implementation, dict) else attn_implementation
+    if state is None or requested == ATTN_NAME:
+        return own(attn_implementation, *args, **kwargs)
+    if isinstance(requested, str) and requested.startswith("paged"):
+        raise UnsupportedError(
+            f"attn_implementation {requested!r} (continuous batching) is not supported on a patched model; "
+            "use model.generate() or anllm_ext.generate, or anllm_ext.unpatch(model) first"
+        )
+    _log.info("anllm_ext: set_attn_implementation(%r) lifts the anchor patch of %s", requested, type(self).__name__)
+    _lift(self, state)
+    return own(attn_implementation, *args, **kwargs)
+
+
+def _attn_implementation(module) -> Optional[str]:
+    """The attention implementation the layers of ``module`` will call (its text config's)."""
+    config = module.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return text._attn_implementation
+
+
+def _check_attention_intact(module) -> None:
+    """Raise when the attention implementation of a patched model was switched behind the patch (the
+    hooks would keep building anchor layouts and caches that the new implementation ignores)."""
+    impl = _attn_implementation(module)
+    if impl != ATTN_NAME:
+        raise UnsupportedError(
+            f"this model is patched by anllm_ext but its attention implementation was switched to {impl!r} "
+            "behind the patch (config._attn_implementation, or set_attn_implementation on a submodule), so its "
+            "layers would ignore the AnSAN mask. Call anllm_ext.patch(model) to restore the anchor attention, or "
+            f"model.set_attn_implementation({impl!r}) on the patched model (or anllm_ext.unpatch(model)) to run it "
+            "unpatched"
+        )
 
 
 def _remove_hooks(decoder) -> None:
@@ -350,13 +496,24 @@ _log = logging.getLogger(__name__)
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
     """Instance override of ``GenerationMixin._prepare_cache_for_generation`` on a patched model: where
     transformers would create its default ``DynamicCache`` (no cache passed, no ``cache_implementation``),
-    create an :class:`AnchorCache` instead, unless the patch says ``default_cache="full"``."""
+    create an :class:`AnchorCache` instead, unless the patch says ``default_cache="full"``. Refuses, before
+    generating, what the patched model cannot generate exactly: a switched attention implementation,
+    right padding, and caches :func:`check_cache` refuses."""
+    state = self.__dict__.get(_STATE_ATTR)
+    if state is not None:
+        _check_attention_intact(self)
+        _check_left_padding(model_kwargs.get("attention_mask"))
+        _check_cache_implementation(generation_config.cache_implementation)
     user_cache = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
     result = type(self)._prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, *args, **kwargs
     )
-    state = self.__dict__.get(_STATE_ATTR)
-    if state is None or state.default_cache != "anchor" or user_cache:
+    if state is None:
+        return result
+    made = [name for name in ("cache", "past_key_values") if model_kwargs.get(name) is not None]
+    for name in made:
+        check_cache(model_kwargs[name])
+    if state.default_cache != "anchor" or user_cache:
         return result
     if generation_config.cache_implementation is not None or generation_config.use_cache is False:
         return result
@@ -367,7 +524,6 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         return result
     from transformers import DynamicCache
 
-    made = [name for name in ("cache", "past_key_values") if model_kwargs.get(name) is not None]
     if not made and self._supports_default_dynamic_cache():
         # older 5.x releases (5.0) leave the default cache to the model's forward: give generate() one
         model_kwargs[cache_kwarg(self)] = AnchorCache(self.config)
@@ -375,6 +531,58 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         if type(model_kwargs[name]) is DynamicCache:
             model_kwargs[name] = AnchorCache(self.config)
     return result
+
+
+def _check_left_padding(mask) -> None:
+    """``generate`` appends new tokens after the last column: a row whose last column is padding (right
+    padding) would get new tokens at positions transformers numbers wrongly. Refused, with transformers' advice."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 0 and bool((mask[:, -1] == 0).any()):
+        rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"right padding detected (attention_mask[{rows[0]}, -1] == 0; rows {rows[:8]}): a decoder-only model "
+            "generates after the last column, so for correct generation results pad on the left (tokenizer "
+            "padding_side='left'), as transformers advises"
+        )
+
+
+# The caches a patched model runs exactly with (one place for the decision: check_cache and
+# _check_cache_implementation). transformers' "offloaded" is a DynamicCache too (it needs a GPU).
+SUPPORTED_CACHE_IMPLEMENTATIONS = (None, "dynamic", "offloaded")
+
+
+def check_cache(cache) -> None:
+    """The caches a patched model runs exactly with: an :class:`AnchorCache`, or transformers' ``DynamicCache``
+    of full-attention layers (what ``cache_implementation="dynamic"`` and a direct forward with
+    ``use_cache=True`` create; the patch remembers its tokens' layout). Any other cache raises
+    :class:`UnsupportedError`: a ``StaticCache`` (``cache_implementation="static"``) hands the attention all
+    its preallocated slots, which carry no anchor layout; quantized and sliding-window caches change or
+    drop keys the AnSAN mask needs."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if isinstance(cache, AnchorCache):
+        return
+    layer_types = {type(layer) for layer in getattr(cache, "layers", [])}
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    if replicate is not None:
+        layer_types.add(replicate)
+    if type(cache) is DynamicCache and layer_types <= {DynamicLayer}:
+        return
+    layers = f" of {', '.join(sorted(t.__name__ for t in layer_types))}" if layer_types else ""
+    raise _unsupported_cache(f"got a {type(cache).__name__}{layers}")
+
+
+def _check_cache_implementation(name) -> None:
+    if name not in SUPPORTED_CACHE_IMPLEMENTATIONS:
+        raise _unsupported_cache(f"got cache_implementation={name!r}")
+
+
+def _unsupported_cache(what: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"a patched model supports only an AnchorCache or a DynamicCache of full-attention layers ({what}): static, "
+        "quantized and sliding-window caches do not keep every key with its anchor layout (and torch.compile of the "
+        "decode step, what a static cache is for, is not supported). Use model.generate() without a cache (an "
+        "AnchorCache), cache=AnchorCache(model.config), or cache_implementation='dynamic' (the full cache)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,6 +594,7 @@ def _pre_hook(module, args, kwargs):
     state = module.__dict__.get(_STATE_ATTR)
     if state is None:  # the hook outlived its state (a module copied without its model): do nothing
         return None
+    _check_attention_intact(module)
     names = state.param_names
     if args:  # bind positional arguments to their names once, then work on kwargs only
         if len(args) > len(names):
@@ -483,6 +692,7 @@ def _build_context(module, state: _PatchState, kwargs) -> ForwardContext:
 
         cache = DynamicCache(config=module.config)
         kwargs[cache_key] = cache
+    check_cache(cache)
     history = _history_of(cache)
     if history is None:
         if cache.get_seq_length() > 0:

@@ -134,10 +134,15 @@ def load_model(
 ) -> Tuple["torch.nn.Module", "object"]:
     """(model, tokenizer) from a local directory, or the bundled default model when ``model`` is None.
 
-    Offline only (``local_files_only=True``). The model is returned in eval mode.
+    Offline only (``local_files_only=True``). The model is returned in eval mode. ``dtype``: ``torch.float32``,
+    ``torch.bfloat16``, ``torch.float16`` (or ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"auto"``); ``device``: one
+    this machine has (checked before anything loads).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checks import check_device, check_dtype
+
+    dtype, device = check_dtype(dtype), check_device(device)
     path = resolve_model_dir(model, verbose)
     if (path / "adapter_config.json").is_file():
         return load_adapter(path, dtype, device, attn_implementation, verbose)

@@ -1,5 +1,6 @@
 """The documentation's examples run, and its worked example agrees with the reference.
 
+- README.md: every ```python block runs as written, in order, in one namespace, on the bundled model.
 - docs/guide.md: every ```python block runs, in order, in one namespace (as a reader would paste them
   into one session), and every ```bash block that calls ``anllm`` runs through ``anllm_ext.cli.main``,
   on the bundled SmolLM2 model, in a temporary working directory.
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import anllm_ext
 from helpers import needs_smollm2
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 
 
@@ -69,6 +72,19 @@ def test_guide_examples_run(capsys, tmp_path, monkeypatch):
     assert "max |cached - masked pass|" in printed
     assert "KV reduction (C-down)" in printed
     assert namespace["stats"]["reduction"] > 0
+
+
+@needs_smollm2
+def test_readme_examples_run(capsys):
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    blocks = [code for lang, code in code_blocks((ROOT / "README.md").read_text(encoding="utf-8")) if lang == "python"]
+    assert blocks, "README.md lost its Python example"
+    namespace = {"__name__": "__readme__"}
+    for n, code in enumerate(blocks):
+        exec(compile(code, f"README.md python block {n}", "exec"), namespace)
+    assert namespace["cache"].stats()["reduction"] > 0 and not anllm_ext.is_patched(namespace["model"])
+    assert namespace["new_lengths"].tolist() == namespace["k_lay"].is_anchor.sum(1).tolist()
+    assert len(capsys.readouterr().out.splitlines()) == 2  # the generated texts and the cache's figures
 
 
 def _draw_mask_module():
