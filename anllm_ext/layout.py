@@ -108,26 +108,13 @@ def token_layout(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
             f"got {tuple(attention_mask.shape)}"
         )
-    if device.type == "cpu":
+    if device.type == "cpu":  # the one per-device choice: the CPU kernel, ATen ops elsewhere
         start_pos, start_seg = _start_tensors(start, B, device)
-        *parts, next_pos, next_seg, boundary = _layout_kernel()(
+        *parts, next_pos, next_seg, boundary = torch.ops.anllm.token_layout.default(
             input_ids, anchor_tensor(anchor_ids, device), attention_mask, start_pos, start_seg
         )
         return Layout(*parts, _next=LayoutStart(next_pos, next_seg), _boundary=boundary)
     return _token_layout_aten(input_ids, anchor_ids, attention_mask, start)
-
-
-_LAYOUT_KERNEL = None
-
-
-def _layout_kernel():
-    """torch.ops.anllm.token_layout (resolved on first use: importing .ops loads the compiled library)."""
-    global _LAYOUT_KERNEL
-    if _LAYOUT_KERNEL is None:
-        from . import ops  # noqa: F401
-
-        _LAYOUT_KERNEL = torch.ops.anllm.token_layout.default
-    return _LAYOUT_KERNEL
 
 
 def _token_layout_aten(input_ids, anchor_ids, attention_mask=None, start=None) -> Layout:

@@ -9,6 +9,43 @@ import torch
 from .layout import Layout
 
 
+def token_layout_ref(input_ids, anchor_ids, attention_mask=None, start=None) -> Layout:
+    """The layout rule of docs/method.md written token by token, for clarity, not speed: the oracle of
+    both production implementations (the CPU kernel and the ATen formulation other devices use).
+
+    For each row: a real token gets the next absolute position (``start`` position + real tokens before
+    it) and the segment ``start`` segment + anchors strictly before it; an anchor is a real token whose
+    id is an anchor id; padding is not an anchor, has the row's start position and the running segment.
+    """
+    ids = input_ids.tolist()
+    B = len(ids)
+    T = input_ids.shape[1]
+    mask = [[1] * T for _ in range(B)] if attention_mask is None else attention_mask.tolist()
+    anchors = set(torch.as_tensor(anchor_ids).reshape(-1).tolist())
+    starts = [(0, 0)] * B if start is None else list(zip(*(torch.as_tensor(x).expand(B).tolist() for x in start)))
+    rows = {"positions": [], "segments": [], "is_anchor": [], "valid": []}
+    for b in range(B):
+        position, segment = starts[b]
+        row_start = position
+        out = {k: [] for k in rows}
+        for t in range(T):
+            real = bool(mask[b][t])
+            anchor = real and ids[b][t] in anchors
+            out["positions"].append(position if real else row_start)
+            out["segments"].append(segment)
+            out["is_anchor"].append(anchor)
+            out["valid"].append(real)
+            position += real
+            segment += anchor
+        for k in rows:
+            rows[k].append(out[k])
+    dev = input_ids.device
+    return Layout(torch.tensor(rows["positions"], dtype=torch.int64, device=dev).reshape(B, T),
+                  torch.tensor(rows["segments"], dtype=torch.int32, device=dev).reshape(B, T),
+                  torch.tensor(rows["is_anchor"], dtype=torch.bool, device=dev).reshape(B, T),
+                  torch.tensor(rows["valid"], dtype=torch.bool, device=dev).reshape(B, T))
+
+
 def ansan_mask(q_layout: Layout, k_layout: Layout) -> torch.Tensor:
     """Dense AnSAN mask (see docs/method.md): bool [B, Tq, Tk], True where query i may attend to key j.
 

@@ -58,10 +58,13 @@ def test_start_accepts_ints_and_tensors():
     assert a.segments.tolist() == [[4, 4, 5]] == b.segments.tolist()
 
 
-def test_layout_is_vectorised_for_long_inputs():
-    ids, mask = token_stream(4, 20000, "random", "left")
-    lay = token_layout(ids, [ANCHOR], mask)
-    assert lay.positions[:, -1].tolist() == (mask.sum(1) - 1).tolist()
+def test_long_inputs_equal_the_oracle():
+    from anllm_ext.reference import token_layout_ref
+
+    ids, mask = token_stream(4, 20000, "random", "mixed")
+    lay, ref = token_layout(ids, [ANCHOR], mask), token_layout_ref(ids, [ANCHOR], mask)
+    for name in ("positions", "segments", "is_anchor", "valid"):
+        assert torch.equal(getattr(lay, name), getattr(ref, name)), name
 
 
 @pytest.mark.parametrize(
@@ -86,29 +89,44 @@ def test_large_anchor_sets_agree_with_small_path():
     assert torch.equal(token_layout(ids, few).is_anchor, torch.isin(ids, torch.tensor(few)))
 
 
-def _aten_and_kernel(ids, anchors, mask, start):
+def _implementations(ids, anchors, mask, start):
+    """Both production layouts: the ATen formulation (non-CPU devices) and the CPU kernel."""
     from anllm_ext.layout import _token_layout_aten
 
-    return _token_layout_aten(ids, anchors, mask, start), token_layout(ids, anchors, mask, start)
+    return {"aten": _token_layout_aten(ids, anchors, mask, start), "cpu-kernel": token_layout(ids, anchors, mask, start)}
 
 
 @pytest.mark.parametrize("T", [1, 2, 63, 65, 1100])
 @pytest.mark.parametrize("pattern", ["random", "at_zero", "consecutive", "all", "none"])
 @pytest.mark.parametrize("padding", ["none", "left", "right", "mixed"])
-def test_cpu_kernel_equals_aten_formulation(T, pattern, padding):
-    """CPU inputs go through the token_layout kernel; other devices through ATen ops. Both must agree,
-    including the next start and the anchor-or-padding flag the kernel returns alongside."""
+def test_both_layout_implementations_equal_the_per_token_oracle(T, pattern, padding):
+    """CPU inputs go through the token_layout kernel; other devices through ATen ops. Each must equal the
+    per-token loop of the rule (reference.token_layout_ref), including the next start and the
+    anchor-or-padding flag the kernel returns alongside."""
+    from anllm_ext.reference import token_layout_ref
+
     g = torch.Generator().manual_seed(T * 31 + len(pattern) + len(padding))
     ids, mask = token_stream(3, T, pattern, padding, generator=g)
     start = LayoutStart(torch.randint(0, 5000, (3,), generator=g), torch.randint(0, 300, (3,), generator=g))
     for anchors, m in (([ANCHOR], mask), ([ANCHOR, 4, 9], mask.bool()), (list(range(1, 200, 3)), mask.int()), ([ANCHOR], None)):
-        ref, lay = _aten_and_kernel(ids, anchors, m, start)
-        for name in ("positions", "segments", "is_anchor", "valid"):
-            a, b = getattr(ref, name), getattr(lay, name)
-            assert a.dtype == b.dtype and torch.equal(a, b), name
-        assert torch.equal(lay.next_start().position, ref.next_start().position)
-        assert torch.equal(lay.next_start().segment, ref.next_start().segment)
-        assert lay.has_boundary() == ref.has_boundary() == bool((ref.is_anchor | ~ref.valid).any())
+        ref = token_layout_ref(ids, anchors, m, start)
+        valid = ref.valid.sum(1)
+        for impl, lay in _implementations(ids, anchors, m, start).items():
+            for name in ("positions", "segments", "is_anchor", "valid"):
+                a, b = getattr(ref, name), getattr(lay, name)
+                assert a.dtype == b.dtype and torch.equal(a, b), f"{impl}: {name}"
+            assert torch.equal(lay.next_start().position, start.position + valid), impl
+            assert torch.equal(lay.next_start().segment, start.segment + ref.is_anchor.sum(1)), impl
+            assert lay.has_boundary() == bool((ref.is_anchor | ~ref.valid).any()), impl
+
+
+def test_oracle_by_hand():
+    from anllm_ext.reference import token_layout_ref
+
+    lay = token_layout_ref(torch.tensor([[0, 5, 1, 7, 1]]), [1], torch.tensor([[0, 1, 1, 1, 1]]), start=(10, 3))
+    assert lay.positions.tolist() == [[10, 10, 11, 12, 13]]
+    assert lay.segments.tolist() == [[3, 3, 3, 4, 4]]
+    assert lay.is_anchor.tolist() == [[False, False, True, False, True]]
 
 
 def test_kernel_layout_chains_chunks_and_defaults():
