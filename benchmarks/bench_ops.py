@@ -71,6 +71,37 @@ def bench_attention(T, Hq, Hkv, D, every, repeats):
     return rows, ratios
 
 
+def bench_flex(T, Hq, Hkv, D, every, repeats):
+    """Forward of our kernel against FlexAttention (torch.compile'd, as it is meant to run; on the CPU it
+    has no backward) with the AnSAN mask_mod and decomposed (own-segment block-diagonal mask + the gathered
+    anchors, anllm_ext.flex). The block masks are built once, outside the timing, as a user would."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from anllm_ext import flex
+
+    lay = periodic_layout(T, every)
+    q, k, v = (torch.randn(1, h, T, D) for h in (Hq, Hkv, Hkv))
+    scale = 1.0 / math.sqrt(D)
+    compiled = flex._compiled_flex()
+    ka, va, a_lay = flex.gather_anchors(k, v, lay)
+    keys, values = torch.cat([k, ka], 2), torch.cat([v, va], 2)
+    variants = {
+        "FlexAttention, AnSAN mask_mod": (flex.ansan_mask_mod(lay, lay), k, v),
+        "FlexAttention, decomposed": (flex.decomposed_mask_mod(lay, lay, a_lay), keys, values),
+    }
+    rows = {"anchor_attention fwd": median_ms(lambda: anllm_ext.anchor_attention(q, k, v, lay, lay), repeats)}
+    ref = reference.anchor_attention_ref(q, k, v, lay, lay)
+    errors = {}
+    for name, (mask_mod, kk, vv) in variants.items():
+        mask = create_block_mask(mask_mod, 1, None, T, kk.shape[2], device="cpu", BLOCK_SIZE=flex.BLOCK)
+        run = lambda: compiled(q, kk, vv, block_mask=mask, scale=scale, enable_gqa=True)  # noqa: E731
+        errors[name] = float((run() - ref).abs().max())  # also the compilation, untimed
+        rows[f"{name} fwd"] = median_ms(run, repeats)
+    ratios = {f"fwd speed-up vs {name}": rows[f"{name} fwd"] / rows["anchor_attention fwd"] for name in variants}
+    ratios.update({f"max abs error of {name}": e for name, e in errors.items()})
+    return rows, ratios
+
+
 def bench_decode_call(n_anchors, n_open, Hq, Hkv, D, calls):
     """One decode step's attention call over a compacted anchor cache (anchors first, then the open
     segment, in a buffer with spare capacity as in AnchorCache) vs SDPA over the same slots, which is
@@ -211,6 +242,8 @@ def main():
     results = {}
     for title, (rows, ratios) in (
         ("attention", bench_attention(args.T, 9, 3, 64, args.anchor_every, args.repeats)),
+        ("attention forward vs FlexAttention (compiled)",
+         bench_flex(args.T, 9, 3, 64, args.anchor_every, args.repeats)),
         ("decode-step attention call: 1 query, 9/3 heads, 362 anchors + 27 open-segment slots",
          bench_decode_call(362, 27, 9, 3, 64, 10 * args.repeats + 1)),
         (f"compaction, cold caches: {compaction}",
