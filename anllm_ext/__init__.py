@@ -20,7 +20,7 @@ _LAZY = {
     "ep_anchor_ids": "anchors",
     "fewshot_prompt": "anchors",
     "insert_ac": "anchors",
-    "resolve_anchors": "anchors",
+    "resolve_anchors": "config",
     "split_sentences": "anchors",
 }
 

@@ -234,27 +234,10 @@ def decode(tokenizer, ids, anchor_ids: Iterable[int] = (), skip_special_tokens: 
     return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
-def resolve_anchors(spec: str, tokenizer=None, model=None) -> List[int]:
-    """Anchor ids from a CLI-style spec: ``ep`` (periods), ``ep:.!?``, ``ac`` (adds ``<AC>``),
-    a preset name (``anllm-ac``/``anllm-ep``) or a comma-separated list of ids.
+def __getattr__(name):
+    # anchors.resolve_anchors: the anchor decision of anllm_ext.config, importable from here too
+    if name == "resolve_anchors":
+        from .config import resolve_anchors
 
-    A preset given a tokenizer is checked against it and sets its padding token (:meth:`AnchorPreset.apply`)."""
-    spec = spec.strip()
-    if spec in PRESETS:
-        preset = PRESETS[spec]
-        return preset.apply(tokenizer, model) if tokenizer is not None else list(preset.anchor_ids)
-    if spec == "ep" or spec.startswith("ep:"):
-        if tokenizer is None:
-            raise ValueError("EP anchors need the tokenizer")
-        return ep_anchor_ids(tokenizer, spec[3:] if spec.startswith("ep:") else ".")
-    if spec == "ac":
-        if tokenizer is None:
-            raise ValueError("AC anchors need the tokenizer")
-        return [add_ac_token(tokenizer, model)]
-    try:
-        ids = [int(x) for x in spec.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ValueError(f"anchors must be 'ep', 'ep:<chars>', 'ac', a preset {sorted(PRESETS)} or ids like '13,30'")
-    if not ids:
-        raise ValueError("no anchor ids given")
-    return ids
+        return resolve_anchors
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

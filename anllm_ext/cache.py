@@ -9,12 +9,25 @@ anchor or padding, compacts all layers in place in one call (``compact_kv_`` + `
 keeping ``valid & (is_anchor | segment == row's open segment)``. Padding therefore never stays in
 the cache, and rows of a batch have their own lengths.
 
-The cache only works with a model patched by :func:`anllm_ext.patch`: the patch's forward hooks
-give it the layout of the new tokens before the layers run (``begin_forward``) and let it commit and
-compact after the forward (``end_forward``).
+The protocol with a patched model (:func:`anllm_ext.patch`; these public methods are all it uses):
 
-``get_seq_length()`` reports the number of input columns seen (padding included), like a full
-cache would, so transformers' ``generate`` slices its inputs correctly.
+1. before the layers run, the patch's pre-hook asks :meth:`AnchorCache.next_start` where the chunk starts
+   in every row, computes the chunk's layout and calls :meth:`AnchorCache.begin_forward`, which reserves
+   the slots and returns the layout of every key the chunk attends to;
+2. in each layer, transformers calls the layer's ``update`` (it returns the new keys/values and defers
+   their write), then the attention function calls :meth:`AnchorCache.attend`, which writes them into the
+   layer's slots and attends in one op (``anchor_attention_append_``);
+3. after the forward the patch's post-hook calls :meth:`AnchorCache.end_forward`: commit, then compact.
+
+What the transformers ``Cache`` API returns here, for every cache (an empty one included):
+
+- ``get_seq_length()``: the number of input columns the cache has seen (padding included; 0 when empty),
+  what a full cache would hold, so that transformers' ``generate`` slices its inputs correctly; it is
+  not the number of slots kept (:meth:`AnchorCache.lengths`, ``stats()["kept_slots"]``);
+- ``cache.layers[i].keys`` / ``.values``: layer i's preallocated buffer [B, Hkv, capacity, D] (None before
+  the first forward); in row b only the first ``lengths()[b]`` slots hold kept keys/values, in the order
+  of :meth:`AnchorCache.kept_layout`, the rest is scratch;
+- ``stats()``: the memory figures (keys documented there).
 """
 from __future__ import annotations
 
@@ -26,7 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import UnsupportedError
 from .layout import Layout, LayoutStart
-from .ops import compact_kv_, compact_slots_
+from .ops import anchor_attention_append_, compact_kv_, compact_slots_
 
 _ALIGN = 64
 
@@ -35,13 +48,29 @@ def _round_up(n: int, m: int = _ALIGN) -> int:
     return ((n + m - 1) // m) * m
 
 
+def check_full_attention_layers(config, who: str) -> None:
+    """Raise :class:`~anllm_ext.UnsupportedError` when the text config of ``config`` has layers that are
+    not full attention (``who``: what refuses them, for the message)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or []
+    bad = sorted(set(t for t in layer_types if t != "full_attention"))
+    if bad:
+        raise UnsupportedError(
+            f"{who} supports full-attention layers only; the model has layer types {bad} (sliding-window / "
+            "linear-attention layers would not see the keys the AnSAN mask allows)"
+        )
+
+
 def _query_length(query) -> int:
     """``get_mask_sizes`` receives the query length (transformers >= 5.4) or ``cache_position`` (5.0-5.3)."""
     return int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
 
 
 class AnchorLayer(CacheLayerMixin):
-    """K/V buffers of one layer; slot bookkeeping lives in the owning :class:`AnchorCache`."""
+    """K/V buffers of one layer; slot bookkeeping lives in the owning :class:`AnchorCache`.
+
+    ``keys`` / ``values``: [B, Hkv, capacity, D] (None before the first forward); row b's first
+    ``owner.lengths()[b]`` slots are the kept ones. ``get_seq_length()``: the owner's, columns seen."""
 
     is_compileable = False
     is_croppable = False
@@ -177,10 +206,7 @@ class AnchorCache(Cache):
                     f"AnchorCache(config) takes a transformers model config with num_hidden_layers (pass "
                     f"model.config, or the model), got {type(config).__name__}"
                 )
-            layer_types = getattr(text, "layer_types", None) or []
-            bad = sorted(set(t for t in layer_types if t != "full_attention"))
-            if bad:
-                raise UnsupportedError(f"AnchorCache supports full-attention layers only, model has {bad}")
+            check_full_attention_layers(text, "AnchorCache")
             super().__init__(layers=[AnchorLayer(self) for _ in range(text.num_hidden_layers)])
         else:
             super().__init__(layer_class_to_replicate=lambda: AnchorLayer(self))
@@ -203,7 +229,7 @@ class AnchorCache(Cache):
         self.compactions = 0
         self.callbacks = []  # called as fn(cache, n_new_columns) after every committed forward
 
-    # ---------------------------------------------------------------- driven by the patch's hooks
+    # ---------------------------------------------------------------- the protocol with a patched model
     def next_start(self) -> Optional[LayoutStart]:
         """Where the next chunk starts in every row (None before the first forward)."""
         return self._start
@@ -243,6 +269,21 @@ class AnchorCache(Cache):
         self.peak_slots = max(self.peak_slots, sum(self._lengths_host) + B * T)
         self.peak_capacity = max(self.peak_capacity, self.capacity)
         return Layout(*(buf.narrow(1, 0, end).contiguous() for buf in self._slots))
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_layout: Layout,
+               k_layout: Layout, scaling: Optional[float] = None) -> Optional[torch.Tensor]:
+        """One layer's attention of this forward, against the cache: writes ``key``/``value`` (the new
+        tokens' keys/values that the layer's ``update`` returned) into that layer's slots and attends the
+        queries [B, Hq, T, D] over the kept slots + the new tokens under the AnSAN mask, in one op.
+
+        ``q_layout``: the chunk's layout; ``k_layout``: what :meth:`begin_forward` returned. Returns the
+        attention output [B, Hq, T, D], or None when ``key``/``value`` are not the tensors an ``update`` of
+        this forward returned (the caller then cannot place them in the cache)."""
+        layer = self.take_pending(key, value)
+        if layer is None:
+            return None
+        return anchor_attention_append_(query, key, value, layer.keys, layer.values, self._plan.offsets, q_layout,
+                                        k_layout, scaling)
 
     def take_pending(self, key: torch.Tensor, value: torch.Tensor):
         """The layer whose update returned exactly ``key``/``value`` (its write still deferred), or None.
@@ -299,6 +340,7 @@ class AnchorCache(Cache):
 
     # ---------------------------------------------------------------- transformers Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Input columns seen so far, padding included (0 for an empty cache): not the slots kept."""
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0):
@@ -375,9 +417,17 @@ class AnchorCache(Cache):
         return total
 
     def stats(self) -> Dict[str, object]:
-        """Kept slots, KV bytes (kept / peak in use / allocated) and the reduction vs. a full cache."""
+        """Kept slots, KV bytes (kept / peak in use / allocated) and the reduction vs. a full cache.
+
+        Keys (the same for an empty cache, then all zero / empty): ``batch`` (rows), ``tokens_seen``
+        (= ``get_seq_length()``), ``kept_slots`` (per row, = :meth:`lengths`), ``capacity`` (slots allocated per
+        row), ``kv_bytes`` (K+V of the kept slots, all layers), ``peak_kv_bytes`` (the most in use at once,
+        right after a chunk was appended), ``allocated_kv_bytes`` / ``peak_allocated_kv_bytes`` (the buffers,
+        now / at most), ``full_cache_slots`` (per row, the real tokens seen: what a full cache would keep,
+        padding excluded), ``full_kv_bytes`` (their K+V bytes), ``reduction`` (1 - kept / full slots) and
+        ``compactions`` (how many times the cache compacted)."""
         if self._slots is None:
-            return {"batch": 0, "tokens_seen": 0, "kept_slots": [], "kv_bytes": 0, "peak_kv_bytes": 0,
+            return {"batch": 0, "tokens_seen": 0, "kept_slots": [], "capacity": 0, "kv_bytes": 0, "peak_kv_bytes": 0,
                     "allocated_kv_bytes": 0, "peak_allocated_kv_bytes": 0, "full_cache_slots": [],
                     "full_kv_bytes": 0, "reduction": 0.0, "compactions": 0}
         slot_bytes = self._slot_bytes()

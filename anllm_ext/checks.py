@@ -2,13 +2,13 @@
 allowed values (a raw torch or library traceback for a bad argument is a bug)."""
 from __future__ import annotations
 
-import argparse
 import operator
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+#: Model dtypes by name (``--dtype`` of the CLI, ``dtype=`` of ``load_model``).
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -27,37 +27,6 @@ def check_int(name: str, value, minimum: int = 1, none_ok: bool = False) -> Opti
     if number < minimum:
         raise ValueError(f"{name} must be {allowed}, got {number}")
     return number
-
-
-def arg_int(minimum: int):
-    """An argparse ``type``: an integer >= ``minimum`` (argparse then names the option in its error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def arg_float(low: float, high: Optional[float] = None):
-    """An argparse ``type``: a number in ``(low, high]`` (``high`` None: no upper bound)."""
-    allowed = f"a number > {low}" + (f" and <= {high}" if high is not None else "")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
-        if not (value > low and (high is None or value <= high)):
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
-        return value
-
-    return parse
 
 
 def check_dtype(dtype):

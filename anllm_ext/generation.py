@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 
 from .checks import check_int
+from .console import progress_bar
 from .errors import UnsupportedError
 from .cache import AnchorCache
 from .hf import cache_kwarg, is_patched, patched
@@ -47,14 +48,27 @@ def _check_inputs(input_ids, attention_mask, cache) -> None:
                          f"{list(getattr(attention_mask, 'shape', [])) or type(attention_mask).__name__}")
 
 
-def _progress_bar(total: int, desc: str, enabled: bool, unit: str = "tok"):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        return None
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+_MODEL = object()  # pad_token_id's default: the model's own eos ids
+
+
+def _first_id(value) -> Optional[int]:
+    """A token id, or the first of a list of ids (None for None or an empty list)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def pad_token_id(model, eos_token_id=_MODEL) -> Optional[int]:
+    """The id to pad a batch with when the caller gives none: the model's ``pad_token_id``, else its first
+    eos id (``eos_token_id`` given: that one instead of the model's, e.g. ``generate``'s argument), looked up
+    in ``model.generation_config`` and then ``model.config``; None when neither names one."""
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        pad = _first_id(getattr(cfg, "pad_token_id", None))
+        if pad is None:
+            pad = _first_id(getattr(cfg, "eos_token_id", None) if eos_token_id is _MODEL else eos_token_id)
+        if pad is not None:
+            return pad
+    return None
 
 
 @contextlib.contextmanager
@@ -94,7 +108,7 @@ def prefill(
         past = cache.get_seq_length()
         if attention_mask is not None and attention_mask.shape[1] == T and past:
             attention_mask = torch.cat([attention_mask.new_ones(B, past), attention_mask], dim=1)
-        bar = _progress_bar(T, "prefill", progress)
+        bar = progress_bar(T, "prefill", progress)
         logits = []
         try:
             for s in range(0, T, chunk_size):
@@ -154,12 +168,10 @@ def generate(
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if generate_kwargs.get("pad_token_id") is None and getattr(model.generation_config, "pad_token_id", None) is None:
-            eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
-            if isinstance(eos, (list, tuple)):
-                eos = eos[0] if eos else None
-            if eos is not None:
-                generate_kwargs["pad_token_id"] = eos
-        bar = _progress_bar(input_ids.shape[1] + (max_new_tokens or 0), "anllm generate", progress)
+            pad = pad_token_id(model, generate_kwargs.get("eos_token_id", _MODEL))
+            if pad is not None:
+                generate_kwargs["pad_token_id"] = pad
+        bar = progress_bar(input_ids.shape[1] + (max_new_tokens or 0), "anllm generate", progress)
         if bar is not None:
             def _tick(c, n):  # n = input columns of one forward (a prefill chunk, or 1 when decoding)
                 bar.update(n)

@@ -18,8 +18,9 @@ model_args:
     ``dtype`` (``float32``/``bfloat16``/``float16``), ``device`` (``cpu``), ``threads``.
 
 ``loglikelihood`` scores (context, continuation) pairs with :func:`anllm_ext.evaluation.score_continuations`;
-``loglikelihood_rolling`` cuts each text into lm-eval's rolling windows and scores them like
-:func:`anllm_ext.evaluation.perplexity` (the cached mode prefills each window in chunks);
+``loglikelihood_rolling`` cuts each text into lm-eval's rolling windows and scores them with
+:func:`anllm_ext.evaluation.score_sequences`, as :func:`anllm_ext.evaluation.perplexity` does (the cached mode
+prefills each window in chunks);
 ``generate_until`` decodes greedily (or as the task's ``gen_kwargs`` ask) with ``anllm_ext.generate``
 (cached) or ``model.generate`` (full: unpatched; ansan: patched, full DynamicCache) and cuts the text
 at the first stop string.
@@ -38,10 +39,12 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
     raise ImportError("the lm-evaluation-harness backend needs lm-eval: pip install lm-eval") from e
 
-from .evaluation import MODES, _perplexity_batch, model_mode, resolve_model_anchors, score_continuations
+from .checks import DTYPES
+from .config import resolve_anchor_config
+from .evaluation import MODES, model_mode, score_continuations, score_sequences
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "auto": torch.float32}
+# lm-eval's dtype names: anllm_ext's (checks.DTYPES), and "auto" (lm-eval's default) as float32
+_DTYPES = {**DTYPES, "auto": torch.float32}
 
 
 @register_model("anllm")
@@ -73,7 +76,8 @@ class AnLLMEvalModel(TemplateLM):
                              "available: pass --device cpu")
         model, tok = load_model(pretrained, dtype=_DTYPES[str(dtype)], device=device or "cpu")
         spec = None if anchors is None else str(anchors).replace(";", ",")
-        self.anchor_ids, self.anchor_style, _ = resolve_model_anchors(model, tok, spec)
+        config = resolve_anchor_config(spec, tok, model)
+        self.anchor_ids, self.anchor_style = list(config.anchor_ids), config.mode
         patch(model, self.anchor_ids)
         self.model, self.tokenizer = model, tok
         self._max_length = int(max_length) if max_length else int(
@@ -125,8 +129,7 @@ class AnLLMEvalModel(TemplateLM):
                     max_seq_len=self.max_length, context_len=1))
                 total = 0.0
                 for ctx, cont in windows:
-                    kv = {"kept": 0, "full": 0, "peak": 0}
-                    ((lp, _),) = _perplexity_batch(self.model, self.mode, [list(ctx) + list(cont)], self.prefill_chunk, kv)
+                    ((lp, _),) = score_sequences(self.model, [list(ctx) + list(cont)], self.mode, self.prefill_chunk)
                     total += float(lp[-len(cont):].double().sum())
                 self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
                 results.append(total)

@@ -182,21 +182,20 @@ def resolve_model_dir(model=None, verbose: bool = False) -> Path:
 def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementation: str = "sdpa",
                  verbose: bool = False):
     """(model, tokenizer) from a LoRA adapter directory written by ``anllm train --lora``: its base model
-    (``base_model`` in ``anllm_config.json``: ``"bundled"`` or a path), the ``<AC>`` row added as in training,
-    the adapter merged in, and the anchor configuration attached (so ``anllm_ext.patch(model)`` needs no ids)."""
-    import json
-
+    (``base_model`` in ``anllm_config.json``: ``"bundled"``, the default, or a path; PEFT's own
+    ``base_model_name_or_path`` is not read, and is null for the bundled base), the ``<AC>`` row added as in
+    training, the adapter merged in, and the anchor configuration attached (so ``anllm_ext.patch(model)``
+    needs no ids)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import CONFIG_FILE, AnchorConfig
 
-    own = path / CONFIG_FILE
-    if not own.is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path} is a PEFT adapter without {CONFIG_FILE}: load it with peft on its base model")
-    base = json.loads(own.read_text(encoding="utf-8")).get("base_model", "bundled")
-    base_dir = default_model_dir(verbose=verbose) if base == "bundled" else Path(base)
     config = AnchorConfig.from_pretrained(path)
+    base = config.base_model or "bundled"
+    base_dir = default_model_dir(verbose=verbose) if base == "bundled" else Path(base)
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = AutoTokenizer.from_pretrained(str(path if has_tokenizer else base_dir), local_files_only=True)
     if config.mode == "ac" and config.ac_token not in tok.get_vocab():  # an adapter shipped without its tokenizer
@@ -210,6 +209,7 @@ def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementat
     if mdl.get_input_embeddings().weight.shape[0] < len(tok):  # AC mode: the trained <AC> row is in the adapter
         mdl.resize_token_embeddings(len(tok), mean_resizing=False)
     mdl = PeftModel.from_pretrained(mdl, str(path)).merge_and_unload()
+    config.base_model = None  # the merged model is a whole model
     config.attach(mdl)
     mdl.to(device).eval()
     return mdl, tok

@@ -33,6 +33,8 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from .config import ANCHOR_MODES
+
 RESULTS_FILE = "anllm_results.json"
 
 
@@ -82,7 +84,7 @@ class AnLLMArguments:
     def __post_init__(self):
         if self.attention not in ("ansan", "causal"):
             raise ValueError(f"attention must be 'ansan' or 'causal', got {self.attention!r}")
-        if self.anchor_mode is not None and self.anchor_mode not in ("ac", "ep", "ids"):
+        if self.anchor_mode is not None and self.anchor_mode not in ANCHOR_MODES:
             raise ValueError(f"unknown anchor mode {self.anchor_mode!r}: use ac, ep or ids")
         if self.anchor_ids and self.anchor_mode not in (None, "ids"):
             raise ValueError("anchor_ids go with anchor_mode='ids'")
@@ -206,19 +208,19 @@ class BudgetCallback(TrainerCallback):
 
 
 def load_for_training(args: AnLLMArguments):
-    """(model, tokenizer, anchor config): the model loaded in fp32, patched with its anchors."""
-    from .config import AnchorConfig, make_anchor_config
+    """(model, tokenizer, anchor config): the model loaded in fp32, patched with its anchors.
+
+    The anchors: :func:`anllm_ext.config.resolve_anchor_config` of ``--anchor-mode`` / ``--anchor-ids`` /
+    ``--punctuation``; a model that carries a configuration of the mode asked for (or no mode given) keeps it.
+    """
+    from .config import anchor_spec, resolve_anchor_config
     from .hf import patch
     from .models import load_model
 
     model, tok = load_model(args.model)
-    saved = AnchorConfig.from_model(model)
-    if saved is not None and args.anchor_mode in (None, saved.mode) and not args.anchor_ids:
-        config = saved
-    else:
-        config = make_anchor_config(args.anchor_mode or "ep", tok, model, punctuation=args.punctuation,
-                                    anchor_ids=args.anchor_ids, ac_init=args.ac_init)
-    config.check_tokenizer(tok)
+    config = resolve_anchor_config(anchor_spec(args.anchor_mode, args.punctuation, args.anchor_ids), tok, model,
+                                   default=anchor_spec("ep", args.punctuation), ac_init=args.ac_init,
+                                   keep_saved_mode=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if args.attention == "ansan":
@@ -380,11 +382,19 @@ def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
 
 
 def _record_base(adapter_dir: Path, base: Optional[str]) -> None:
-    """Name the base model in ``anllm_config.json``: ``"bundled"`` for the default model, else its path."""
-    path = adapter_dir / "anllm_config.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data["base_model"] = "bundled" if base is None else str(Path(base).resolve())
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    """Name the base model in ``anllm_config.json`` (``base_model``): ``"bundled"`` for the bundled model, else
+    its path. For the bundled model, PEFT's ``adapter_config.json`` names none (``base_model_name_or_path``
+    null instead of the path of this machine's model cache), so the adapter directory is portable."""
+    from .config import AnchorConfig
+
+    config = AnchorConfig.from_pretrained(adapter_dir)
+    config.base_model = "bundled" if base is None else str(Path(base).resolve())
+    config.save_pretrained(adapter_dir)
+    if base is None:
+        peft_file = adapter_dir / "adapter_config.json"
+        data = json.loads(peft_file.read_text(encoding="utf-8"))
+        data["base_model_name_or_path"] = None
+        peft_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
@@ -464,33 +474,10 @@ def _json_default(x):
     return str(x)
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI: `anllm train` (every field of AnLLMArguments and of TrainingArguments is an option)
-# --------------------------------------------------------------------------------------------------
+def __getattr__(name):
+    # the `anllm train` command (its parser and function) is part of the CLI, anllm_ext.cli
+    if name in ("add_train_parser", "cmd_train"):
+        from . import cli
 
-_DATACLASSES = (AnLLMArguments, AnLLMTrainingArguments)
-
-
-def add_train_parser(subparsers) -> None:
-    from transformers import HfArgumentParser
-
-    fields_parser = HfArgumentParser(_DATACLASSES, add_help=False)
-    p = subparsers.add_parser(
-        "train", parents=[fields_parser], help="AnSAN training (continual pretraining) of a causal LM",
-        description="Train a causal LM under the AnSAN mask with the Hugging Face Trainer. Every "
-                    "transformers TrainingArguments option is accepted (--bf16, --gradient-checkpointing, "
-                    "--deepspeed, --fsdp, --resume-from-checkpoint, ...).")
-    p.set_defaults(func=cmd_train)
-
-
-def cmd_train(ns) -> int:
-    import dataclasses
-
-    values = vars(ns)
-    parsed = [cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
-              for cls in _DATACLASSES]
-    results = train(*parsed)
-    after = results.get("eval_after")
-    if after:
-        print(json.dumps({"eval_after": after}, indent=2))
-    return 0
+        return getattr(cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

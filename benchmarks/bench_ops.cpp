@@ -51,7 +51,7 @@ const Problem& problem() {
     p.seg = at::floor_divide(t, kEvery).to(at::kInt);
     p.anchor = at::remainder(t, kEvery) == (kEvery - 1);
     p.valid = at::ones({1, T}, at::kBool);
-    // Dense AnSAN mask, the SPEC rule with broadcasting: [1, 1, T, T].
+    // Dense AnSAN mask, the rule of docs/method.md with broadcasting: [1, 1, T, T].
     auto qi = t.view({1, T, 1}), kj = t.view({1, 1, T});
     auto qs = p.seg.view({1, T, 1}), ks = p.seg.view({1, 1, T});
     auto qa = p.anchor.view({1, T, 1}), ka = p.anchor.view({1, 1, T});
@@ -159,8 +159,8 @@ Caches& caches() {
 
 // cold:1 - every compaction method runs right after the caches are rewritten from the pristine copy
 // (untimed), so all three start from the same cold cache state. cold:0 - each method simply repeats, as
-// the SPEC's baseline figures were taken; re-compacting with the same keep mask repeats exactly the same
-// memory moves, so every iteration is the same work.
+// the warm baseline figures of docs/benchmarks.md were taken; re-compacting with the same keep mask
+// repeats exactly the same memory moves, so every iteration is the same work.
 void restore(Caches& c, benchmark::State& state) {
   if (state.range(0) == 0) return;
   state.PauseTiming();

@@ -180,7 +180,7 @@ def bench_decode_call(n_anchors, n_open, Hq, Hkv, D, calls):
 def bench_compaction(layers, H, cap, D, kept, repeats, cold=True):
     """cold: each method runs right after the caches are rewritten from a pristine copy, so all three
     start from the same cold cache state (the rewrite is not timed). warm: each method simply runs again
-    and again, as the SPEC's baseline figures were taken; compacting already compacted buffers with the
+    and again, as the warm baseline figures of docs/benchmarks.md were taken; compacting already compacted buffers with the
     same keep mask repeats exactly the same memory moves, so every repeat is the same work."""
     work = [torch.randn(1, H, cap, D) for _ in range(2 * layers)]
     pristine = [t.clone() for t in work]

@@ -5,18 +5,14 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
-
 import anllm_ext
+from helpers import tiny_causal_lm
 
 ANCHOR, ROWS, TOKENS = 5, 4, 24
 
 
 def build_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_causal_lm(vocab_size=64, max_position_embeddings=128).train()
     anllm_ext.patch(model, [ANCHOR])
     return model
 

@@ -1,4 +1,6 @@
-"""Builders of random but realistic test inputs shared by the op tests, and shared test markers."""
+"""What the tests share: builders of random but realistic inputs (token streams, layouts, q/k/v), the one
+tiny-model builder (tiny_causal_lm) and what is built on it, the accuracy rule of the op tests, markers.
+Test modules import from here (and conftest.py's fixtures), never from each other."""
 import importlib.util
 import os
 
@@ -80,16 +82,119 @@ TEXT = (
 )
 
 
+# ------------------------------------------------------------------------------------ tiny models
+
+
+def tiny_causal_lm(family="llama", seed=0, weight_std=None, **config):
+    """The one tiny random model builder: a `family` causal LM (llama, mistral, qwen2, qwen3) in eval mode.
+
+    `config`: transformers config arguments; hidden 32, intermediate 64, 2 layers, 4 heads, 2 KV heads unless
+    given, the config class's defaults for the rest. The weights are drawn after torch.manual_seed(seed);
+    `weight_std` re-draws every matrix from N(0, weight_std) (larger than the init, so attention is far from
+    uniform and errors show)."""
+    import transformers as tf
+
+    config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, **config}
+    classes = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}
+    if family not in classes:
+        raise ValueError(family)
+    config_cls, model_cls = classes[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**config)).eval()
+    if weight_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, weight_std)
+    return model
+
+
+def save_tiny_model(path, tokenizer, seed=0, **config):
+    """A tiny random Llama over `tokenizer`'s vocabulary (`config` as in tiny_causal_lm), saved with the
+    tokenizer as a model directory; returns the path as a string."""
+    tiny_causal_lm("llama", seed, vocab_size=len(tokenizer), **config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def tiny_llama_dir(tokenizer_dir, path, seed=0):
-    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a model directory."""
+    """A tiny random Llama with the real SmolLM2 tokenizer (tied embeddings, its special tokens), saved as a
+    model directory."""
     import transformers as tf
 
     tok = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    tf.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(path, tok, seed, max_position_embeddings=1024, tie_word_embeddings=True,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+# Models of the transformers-integration tests: every supported family, with one anchor id in a small vocabulary.
+MODEL_ANCHOR = 7
+MODEL_VOCAB = 64
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A tiny `family` model of the transformers-integration tests (vocabulary MODEL_VOCAB, larger weights)."""
+    config = dict(
+        vocab_size=MODEL_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa", eos_token_id=None,
+        bos_token_id=None, pad_token_id=0,
+    )
+    config.update(overrides)
+    if family == "mistral":
+        config = {"sliding_window": None, **config}
+    elif family == "qwen3":
+        config = {"head_dim": 16, **config}
+    return tiny_causal_lm(family, seed, weight_std=0.15, **config)
+
+
+def stream(B, T, seed=0, anchor_p=0.15, left_pad=()):
+    """Ids [B, T] of MODEL_VOCAB with MODEL_ANCHOR at rate `anchor_p`, and a mask with the rows' left padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, MODEL_VOCAB, (B, T), generator=g)
+    ids[ids == MODEL_ANCHOR] = MODEL_ANCHOR + 1
+    ids[torch.rand(B, T, generator=g) < anchor_p] = MODEL_ANCHOR
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, n in enumerate(left_pad):
+        mask[b, :n] = 0
+        ids[b, :n] = 0
+    return ids, mask
+
+
+def single_pass_logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def cached_logits(model, ids, mask, n_prompt, chunk):
+    """Chunked prefill of ids[:, :n_prompt], then one token at a time; all logits."""
+    cache, lp = anllm_ext.prefill(model, ids[:, :n_prompt], None if mask is None else mask[:, :n_prompt],
+                                  chunk_size=chunk, return_logits=True)
+    outs = [lp]
+    with torch.no_grad():
+        for t in range(n_prompt, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=None if mask is None else mask[:, : t + 1],
+                        cache=cache, use_cache=True)
+            outs.append(out.logits)
+    return torch.cat(outs, dim=1), cache
+
+
+def generated_cache(out):
+    """The cache a `generate(..., return_dict_in_generate=True)` output carries (`cache` from 5.24)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+# ------------------------------------------------------------------------------------ accuracy rule
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FLOOR = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def assert_close_by_error_rule(ours, computed_in_dtype, ref32, dtype, what="output"):
+    """flash-attention's rule: our error against the fp32 oracle is at most ~2x the error of the same
+    computation done in plain PyTorch at our dtype (plus a small floor for exact-in-fp32 cases)."""
+    ours_err = (ours.float() - ref32.float()).abs().max().item()
+    torch_err = (computed_in_dtype.float() - ref32.float()).abs().max().item()
+    assert ours_err <= 2 * torch_err + FLOOR[dtype], f"{what}: error {ours_err:.3g} vs torch {torch_err:.3g}"

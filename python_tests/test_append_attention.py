@@ -6,8 +6,7 @@ import torch
 import anllm_ext
 from anllm_ext import reference
 
-from helpers import layout, qkv, token_stream
-from test_attention import DTYPES, assert_close_by_error_rule
+from helpers import DTYPES, assert_close_by_error_rule, layout, qkv, token_stream
 
 
 def cache_problem(B, Hq, Hkv, T, D, offsets, cap, dtype=torch.float32, device="cpu", pattern="random"):

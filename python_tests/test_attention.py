@@ -9,19 +9,7 @@ import torch
 import anllm_ext
 from anllm_ext import reference
 
-from helpers import ANCHOR, kept_slots, layout, qkv, token_stream
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FLOOR = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def assert_close_by_error_rule(ours, computed_in_dtype, ref32, dtype, what="output"):
-    """flash-attention's rule: our error against the fp32 oracle is at most ~2x the error of the same
-    computation done in plain PyTorch at our dtype (plus a small floor for exact-in-fp32 cases)."""
-    ours_err = (ours.float() - ref32.float()).abs().max().item()
-    torch_err = (computed_in_dtype.float() - ref32.float()).abs().max().item()
-    assert ours_err <= 2 * torch_err + FLOOR[dtype], f"{what}: error {ours_err:.3g} vs torch {torch_err:.3g}"
-
+from helpers import ANCHOR, DTYPES, FLOOR, assert_close_by_error_rule, kept_slots, layout, qkv, token_stream  # noqa: F401 (FLOOR: test_cuda_emu.py imports it from here)
 
 @contextlib.contextmanager
 def uninitialized_memory_is_nan():
@@ -149,7 +137,7 @@ def test_new_tokens_against_compacted_cache_equal_full_pass(device, chunk, paddi
 
 
 def test_unsorted_keys_still_exact(device):
-    """The mask is the SPEC rule on whatever layouts are given, even keys in no particular order."""
+    """The mask is the AnSAN mask rule (docs/method.md) on whatever layouts are given, even keys in no particular order."""
     B, T = 2, 200
     ids, mask = token_stream(B, T, "random", "mixed", device=device)
     lay = layout(ids, mask)

@@ -29,7 +29,7 @@ def partial_bytes(B, Hkv, Tk, D):
 @pytest.mark.parametrize("threads", [1, 2, 16, 64, 256])
 def test_planned_scratch_stays_within_the_budget_at_any_thread_count(threads, monkeypatch):
     monkeypatch.delenv("ANLLM_CPU_BWD_SCRATCH_MB", raising=False)
-    B, Hkv, T, D = 1, 8, 32768, 128  # the case: 268 MB per split
+    B, Hkv, T, D = 1, 8, 32768, 128  # a long-context case: 268 MB per split
     splits, scratch = _C.cpu_backward_plan(B, Hkv, T, T, D, threads)
     assert scratch == (splits - 1) * partial_bytes(B, Hkv, T, D)
     assert scratch <= DEFAULT_BUDGET

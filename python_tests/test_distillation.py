@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import anllm_ext
 from anllm_ext.distillation import DistillationConfig, kl_to_teacher, predicted_token_mask
-from helpers import needs_smollm2
+from helpers import needs_smollm2, tiny_causal_lm
 
 
 def run_distill(tmp_path, model_dir, data, **overrides):
@@ -163,9 +163,7 @@ def test_bad_distillation_inputs_fail_before_any_step(tmp_path, tiny_dir, corpus
     # a teacher with another vocabulary
     other = tmp_path / "other"
     tok = tf.AutoTokenizer.from_pretrained(tiny_dir)
-    cfg = tf.LlamaConfig(vocab_size=len(tok) + 64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
-    tf.LlamaForCausalLM(cfg).save_pretrained(other)
+    tiny_causal_lm(vocab_size=len(tok) + 64, num_hidden_layers=1).save_pretrained(other)
     tok.save_pretrained(other)
     with pytest.raises(ValueError, match="predicts over .* tokens but the student's vocabulary"):
         run_distill(tmp_path, tiny_dir, corpus / "train", teacher=str(other))

@@ -9,19 +9,14 @@ import torch
 import anllm_ext
 from anllm_ext import evaluation as ev
 
-from helpers import ANCHOR, needs_smollm2
+from helpers import ANCHOR, needs_smollm2, save_tiny_model, tiny_causal_lm
 
 VOCAB = 64
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_causal_lm(vocab_size=VOCAB, pad_token_id=0)
     anllm_ext.patch(model, [ANCHOR])
     yield model
     anllm_ext.unpatch(model)
@@ -179,14 +174,9 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny_vocab(tokenizer):
     """A tiny random Llama over the SmolLM2 vocabulary, patched with the EP anchors of that vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from anllm_ext.anchors import ep_anchor_ids
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_causal_lm(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2)
     anllm_ext.patch(model, ep_anchor_ids(tokenizer))
     yield model
     anllm_ext.unpatch(model)
@@ -274,15 +264,7 @@ def test_multiple_choice_scores_by_hand(tokenizer, tiny_vocab):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tokenizer, tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    d = tmp_path_factory.mktemp("tiny_llama_eval")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama_eval"), tokenizer, bos_token_id=1, eos_token_id=2)
 
 
 @needs_smollm2

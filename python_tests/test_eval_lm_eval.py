@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import needs_smollm2
+from helpers import needs_smollm2, save_tiny_model
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -30,18 +30,12 @@ def _offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from anllm_ext.models import default_model_dir
 
     tok = AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    d = tmp_path_factory.mktemp("tiny_llama_lm_eval")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama_lm_eval"), tok, bos_token_id=1, eos_token_id=2)
 
 
 def _evaluate(model, model_args, shots=2, limit=5, task="anllm_capitals_ep"):

@@ -149,7 +149,7 @@ def test_raw_append_op_offsets_near_int64_max():
 
 
 def test_calls_that_failed_the_long_sanitized_run():
-    """Both were the driver's own errors (session 5, 10,000 calls per op under ASan/UBSan): a gradient
+    """Both were the driver's own errors (10,000 calls per op under ASan/UBSan, docs/benchmarks.md): a gradient
     tolerance scaled by a gradient that is exactly 0 (one visible key per query), and a 'smaller cache'
     that was not smaller (Tk = 0)."""
     fuzz_ops.replay("anchor_attention_grad", 796663)

@@ -5,8 +5,9 @@ import torch
 
 import anllm_ext
 from anllm_ext import anchors as A
+from anllm_ext.config import resolve_anchors
 
-from helpers import needs_smollm2
+from helpers import needs_smollm2, tiny_causal_lm
 
 
 def test_sentence_end_token_rule():
@@ -38,10 +39,10 @@ def test_insert_ac_and_fewshot():
 def test_presets_and_resolve():
     assert A.PRESETS["anllm-ac"].anchor_ids == (32001,) and A.PRESETS["anllm-ac"].pad_id == 32000
     assert A.PRESETS["anllm-ep"].anchor_ids == (29889,)
-    assert A.resolve_anchors("anllm-ep") == [29889]
-    assert A.resolve_anchors("13, 30") == [13, 30]
+    assert resolve_anchors("anllm-ep") == [29889]
+    assert resolve_anchors("13, 30") == [13, 30]
     with pytest.raises(ValueError):
-        A.resolve_anchors("bogus")
+        resolve_anchors("bogus")
 
 
 @pytest.fixture
@@ -54,13 +55,7 @@ def tokenizer():
 
 
 def _tiny_llama(vocab):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_causal_lm(vocab_size=vocab, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
 @needs_smollm2

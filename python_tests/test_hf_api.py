@@ -11,15 +11,15 @@ import torch
 
 import anllm_ext
 from anllm_ext import AnchorCache, is_patched, patch, unpatch
-from anllm_ext.anchors import PRESETS, resolve_anchors
+from anllm_ext.anchors import PRESETS
+from anllm_ext.config import resolve_anchors
 from anllm_ext.errors import UnsupportedError
 from anllm_ext.hf import cache_kwarg, patched_anchor_ids
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
 
 from helpers import needs_smollm2
-from test_hf_exact import ANCHOR, cached_logits, single_pass_logits, stream, tiny_model
-from test_hf_generate import generated_cache
+from helpers import MODEL_ANCHOR as ANCHOR, cached_logits, generated_cache, single_pass_logits, stream, tiny_model
 
 
 def true_positions(mask):

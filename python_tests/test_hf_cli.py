@@ -9,23 +9,17 @@ import anllm_ext
 from anllm_ext import cli
 from anllm_ext.layout import token_layout
 
-from helpers import kept_slots, needs_smollm2
+from helpers import kept_slots, needs_smollm2, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from anllm_ext.models import default_model_dir
 
     tok = AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), tok, bos_token_id=1, eos_token_id=2)
 
 
 PROMPT = "The sun rose. Birds sang. The day began"
@@ -47,7 +41,8 @@ def parse_report(out):
 def expected_runs(model_dir, anchors_spec):
     """The two runs the CLI reports, recomputed here: the unpatched model with a DynamicCache, and the
     tokens the anchor cache must keep, from the layout of the tokens it saw (anchors + open segment)."""
-    from anllm_ext.anchors import decode, resolve_anchors
+    from anllm_ext.anchors import decode
+    from anllm_ext.config import resolve_anchors
     from anllm_ext.models import load_model
 
     model, tok = load_model(model_dir)

@@ -16,72 +16,14 @@ from anllm_ext import AnchorCache, patch, prefill, unpatch
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
 
-ANCHOR = 7
-VOCAB = 64
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+from helpers import (FAMILIES, MODEL_ANCHOR, MODEL_VOCAB, cached_logits, single_pass_logits, stream,
+                     tiny_model)
 
-
-def tiny_model(family: str, seed: int = 0, **overrides):
-    import transformers as tf
-
-    common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa", eos_token_id=None,
-        bos_token_id=None, pad_token_id=0,
-    )
-    common.update(overrides)
-    if family == "llama":
-        cfg, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
-    elif family == "mistral":
-        cfg, cls = tf.MistralConfig(**{"sliding_window": None, **common}), tf.MistralForCausalLM
-    elif family == "qwen2":
-        cfg, cls = tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
-    elif family == "qwen3":
-        cfg, cls = tf.Qwen3Config(head_dim=16, **common), tf.Qwen3ForCausalLM
-    else:
-        raise ValueError(family)
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    # bigger random weights than the init gives, so attention is far from uniform and errors show
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model
-
-
-def stream(B, T, seed=0, anchor_p=0.15, left_pad=()):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (B, T), generator=g)
-    ids[ids == ANCHOR] = ANCHOR + 1
-    ids[torch.rand(B, T, generator=g) < anchor_p] = ANCHOR
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, n in enumerate(left_pad):
-        mask[b, :n] = 0
-        ids[b, :n] = 0
-    return ids, mask
+ANCHOR, VOCAB = MODEL_ANCHOR, MODEL_VOCAB
 
 
 def on(device, *tensors):
     return tuple(t.to(device) for t in tensors)
-
-
-def single_pass_logits(model, ids, mask=None):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-
-def cached_logits(model, ids, mask, n_prompt, chunk):
-    """Chunked prefill of ids[:, :n_prompt], then one token at a time; all logits."""
-    cache, lp = prefill(model, ids[:, :n_prompt], None if mask is None else mask[:, :n_prompt],
-                        chunk_size=chunk, return_logits=True)
-    outs = [lp]
-    with torch.no_grad():
-        for t in range(n_prompt, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], attention_mask=None if mask is None else mask[:, : t + 1],
-                        cache=cache, use_cache=True)
-            outs.append(out.logits)
-    return torch.cat(outs, dim=1), cache
 
 
 def assert_close_valid(a, b, mask, atol=2e-5, rtol=1e-5):
@@ -151,11 +93,30 @@ def test_single_pass_equals_eager_dense_mask_with_grads(family, device):
         torch.testing.assert_close(p.grad, grads_e[name].grad, atol=2e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_padding_outputs_are_finite(device):
+def test_padding_outputs_are_zeros(device):
+    """Padding queries see no key: every layer's attention output there is exactly zero (the layers' output
+    projections have no bias), in one masked pass and against the anchor cache; all logits are finite."""
     model = patch(tiny_model("llama"), ANCHOR).to(device)
     ids, mask = on(device, *stream(2, 20, seed=5, left_pad=(0, 8)))
-    out = single_pass_logits(model, ids, mask)
-    assert torch.isfinite(out).all()
+    pad = mask == 0
+    outputs = []
+    hooks = [layer.self_attn.register_forward_hook(lambda m, args, out: outputs.append(out[0]))
+             for layer in model.model.layers]
+    try:
+        single = single_pass_logits(model, ids, mask)
+        n_single = len(outputs)
+        cached, _ = cached_logits(model, ids, mask, n_prompt=20, chunk=6)  # prompt chunks of 6 columns
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.isfinite(single).all() and torch.isfinite(cached).all()
+    assert n_single == len(model.model.layers) and len(outputs) > n_single
+    for k, out in enumerate(outputs):
+        where = pad if k < n_single else pad[:, 6 * ((k - n_single) // n_single):][:, : out.shape[1]]
+        assert out.shape[:2] == where.shape
+        assert bool(where.any()) == (k < n_single or (k - n_single) // n_single < 2)  # padding: columns 0-7
+        assert torch.equal(out[where], torch.zeros_like(out[where])), f"attention output {k}: padding not zero"
+        assert bool((out[~where].abs().sum(-1) > 0).all())  # real tokens do attend
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -220,7 +181,20 @@ def test_sampling_and_beam_search_run(device):
     ids, mask = on(device, *stream(2, 18, seed=9, left_pad=(0, 3)))
     torch.manual_seed(0)
     s = anllm_ext.generate(model, ids, mask, max_new_tokens=5, do_sample=True, top_k=10, prefill_chunk=8, pad_token_id=0)
-    assert s.shape == (2, 23)
+    assert s.shape == (2, 23) and torch.equal(s[:, :18], ids)
+    # the same seed with a full cache (patched, exact mask) samples the same tokens
+    torch.manual_seed(0)
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=10, pad_token_id=0,
+                          cache_implementation="dynamic")
+    assert torch.equal(s, full)
+    # every sampled token is among the 10 most likely of one masked pass over what precedes it
+    logits = single_pass_logits(model, s[:, :-1], torch.cat([mask, torch.ones_like(mask[:, :4])], 1))
+    top = logits[:, 17:].topk(10, dim=-1).indices  # [2, 5, 10]: the steps that chose tokens 18..22
+    assert bool((top == s[:, 18:, None]).any(-1).all())
+    torch.manual_seed(1)  # another seed samples another continuation: the seed is really used
+    other = anllm_ext.generate(model, ids, mask, max_new_tokens=5, do_sample=True, top_k=10, prefill_chunk=8,
+                               pad_token_id=0)
+    assert not torch.equal(other, s)
     b = anllm_ext.generate(model, ids, mask, max_new_tokens=5, num_beams=3, prefill_chunk=8, pad_token_id=0)
     assert b.shape == (2, 23)
     # beam search with the anchor cache equals beam search with a full cache (patched, exact mask)

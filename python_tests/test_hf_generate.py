@@ -10,15 +10,9 @@ import anllm_ext
 from anllm_ext import AnchorCache, patch, unpatch
 from anllm_ext.hf import cache_kwarg
 
-from helpers import needs_smollm2
-from test_hf_exact import ANCHOR, single_pass_logits, stream, tiny_model
+from helpers import MODEL_ANCHOR as ANCHOR, generated_cache, needs_smollm2, single_pass_logits, stream, tiny_model
 
 MANY = list(range(7, 27))  # 20 of 64 ids are anchors: generated tokens close segments often
-
-
-def generated_cache(out):
-    """The cache a `generate(..., return_dict_in_generate=True)` output carries (`cache` from 5.24)."""
-    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 def greedy_by_single_passes(model, ids, mask, n_new):

@@ -18,20 +18,16 @@ import pytest
 import torch
 
 import anllm_ext
-from helpers import kept_slots
+from helpers import kept_slots, tiny_causal_lm
 
 ANCHOR, PAD, VOCAB = 3, 0, 64
 SOAK_TOKENS = int(os.environ.get("ANLLM_SOAK_TOKENS", 100_000))
 
 
 def tiny_llama(layers=1):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1 << 20,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=PAD, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_causal_lm(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1 << 20,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=PAD, tie_word_embeddings=False)
 
 
 def prompts(B, generator):

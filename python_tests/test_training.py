@@ -18,7 +18,7 @@ from anllm_ext.config import AnchorConfig, make_anchor_config
 from anllm_ext.data import AnchorDataCollator, encode_document, load_documents, split_blocks, tokenize_dataset
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
-from helpers import TEXT, needs_smollm2
+from helpers import TEXT, needs_smollm2, tiny_causal_lm
 
 
 def tok_and_model(path):
@@ -78,7 +78,7 @@ def test_collator_pads_right_and_masks_labels():
 @needs_smollm2
 def test_rows_never_see_each_other(tiny_dir):
     """A padded training batch: every row's logits equal the row run alone, and the layout the patched model
-    uses follows the SPEC mask rule inside each row (padding invisible)."""
+    uses follows the AnSAN mask rule (docs/method.md) inside each row (padding invisible)."""
     model, tok = tok_and_model(tiny_dir)
     config = make_anchor_config("ep", tok)
     anllm_ext.patch(model, config.anchor_ids)
@@ -119,7 +119,7 @@ def test_load_documents_text_jsonl_parquet(tmp_path):
 @needs_smollm2
 def test_training_loss_and_grads_equal_eager_dense_mask(tiny_dir):
     """The loss the Trainer optimises (patched model, collated batch with labels) and its gradients equal
-    eager attention with the dense AnSAN mask of the SPEC rule."""
+    eager attention with the dense AnSAN mask (docs/method.md)."""
     model, tok = tok_and_model(tiny_dir)
     config = make_anchor_config("ep", tok)
     rows = encode_document(TEXT * 2, tok, config, block_size=48)[:3]
@@ -224,10 +224,8 @@ def test_saved_model_loads_with_plain_transformers_without_anllm_ext(tmp_path, t
 
 
 def test_patch_without_ids_on_a_model_without_anchor_config_raises():
-    import transformers as tf
-
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16,
-                                               num_hidden_layers=1, num_attention_heads=2))
+    model = tiny_causal_lm(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=None)
     with pytest.raises(ValueError, match="carries no anchor configuration"):
         anllm_ext.patch(model)
     AnchorConfig("ids", [3]).attach(model)

@@ -1,4 +1,4 @@
-"""User paths of issue 23, as a transformers user walks them: no silent wrong result after the attention
+"""User paths, as a transformers user walks them: no silent wrong result after the attention
 implementation or the cache is swapped behind the patch, anchors that survive save/load, right padding,
 static caches, folders for `anllm eval --text`, and a clear error for each class of bad argument (chunk
 sizes, batch sizes, token budgets, anchor ids, paths, encodings, dtypes, devices)."""
@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import anllm_ext
 from anllm_ext import AnchorCache, is_patched, patch, unpatch
@@ -14,8 +14,7 @@ from anllm_ext.config import AnchorConfig
 from anllm_ext.errors import UnsupportedError
 from anllm_ext.hf import cache_kwarg, patched_anchor_ids
 
-from helpers import needs_smollm2
-from test_hf_exact import ANCHOR, single_pass_logits, stream, tiny_model
+from helpers import MODEL_ANCHOR as ANCHOR, needs_smollm2, single_pass_logits, stream, tiny_causal_lm, tiny_model
 
 GREEDY = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
@@ -24,10 +23,8 @@ GREEDY = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
 def issue_model():
-    """The issue's reproduction: a tiny Llama and a prompt with anchors (id 5) at 4, 9 and 15."""
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=80, intermediate_size=128,
-          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)).eval()
+    """A reproduction: a tiny Llama and a prompt with anchors (id 5) at 4, 9 and 15."""
+    m = tiny_causal_lm(vocab_size=64, hidden_size=80, intermediate_size=128, pad_token_id=0, eos_token_id=2)
     ids = torch.randint(6, 64, (1, 20)); ids[:, [4, 9, 15]] = 5
     return m, ids
 

@@ -1,7 +1,7 @@
 """Held-out English prose for judging AnLLMs: paragraphs of the Debian Administrator's Handbook (Debian
 package ``debian-handbook``, GPL-2+ / CC-BY-SA 3.0), which no training run of this project reads.
 
-    python docs/experiments/heldout_text.py --out /work/data/heldout/handbook.txt --pages 6
+    python docs/experiments/heldout_text.py --out data/heldout/handbook.txt --pages 6
 """
 import argparse
 import html.parser

@@ -1,0 +1,330 @@
+"""``patch`` / ``unpatch`` / ``patched``: put a transformers causal LM under the AnSAN mask and take it off
+again; the instance overrides a patch installs (``set_attn_implementation``, and ``generate``'s cache
+choice); the checks that refuse what a patched model cannot run exactly."""
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+from typing import Optional
+
+import torch
+
+from ..cache import AnchorCache, check_full_attention_layers
+from ..errors import UnsupportedError
+from .attention import ATTN_NAME, attn_implementation, check_attention_intact
+from .cache_policy import cache_kwarg, check_cache, check_cache_implementation
+from .hooks import STATE_ATTR, PatchState, install_hooks, remove_hooks, state_of
+
+_log = logging.getLogger("anllm_ext.hf")
+
+
+def _decoder_of(model):
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
+def is_patched(model) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None
+
+
+def patched_anchor_ids(model) -> Optional[torch.Tensor]:
+    """Anchor ids a patched model uses (None when not patched)."""
+    state = getattr(model, STATE_ATTR, None)
+    return None if state is None else state.anchors
+
+
+def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn.Module":
+    """Make a transformers causal LM attend under the AnSAN mask of ``anchor_ids``; returns the model.
+
+    ``anchor_ids``: an int, a list of ints or a 1-D tensor of ids of the model's vocabulary (e.g.
+    :func:`anllm_ext.anchors.ep_anchor_ids`). ``None`` (the default) takes the anchors the model carries in
+    its config (:class:`anllm_ext.config.AnchorConfig`: saved by ``anllm train``, and by ``save_pretrained``
+    of a patched model) and raises ``ValueError`` on a model that carries none. Calling ``patch`` again on a
+    patched model replaces the anchor ids (and ``default_cache``) and restores the anchor attention if it was
+    switched off behind the patch (e.g. ``config._attn_implementation = "sdpa"``).
+
+    While patched, the model carries its anchors in ``model.config`` (``save_pretrained`` saves them, so
+    ``patch(AutoModelForCausalLM.from_pretrained(dir))`` needs no ids); :func:`unpatch` restores what it
+    carried before. ``model.set_attn_implementation(other)`` lifts the patch (as :func:`unpatch`) and then
+    sets ``other``.
+
+    ``default_cache``: the cache ``model.generate()`` creates when given none: ``"anchor"`` (an
+    :class:`~anllm_ext.cache.AnchorCache`, the default) or ``"full"`` (transformers' ``DynamicCache``,
+    which keeps every token). A cache passed to ``generate`` or a ``cache_implementation`` always wins
+    (the caches a patched model supports: :func:`~anllm_ext.hf.check_cache`).
+    """
+    if default_cache not in ("anchor", "full"):
+        raise ValueError(f"default_cache must be 'anchor' or 'full', got {default_cache!r}")
+    _check_model(model)
+    ids = _anchor_ids_for(model, anchor_ids)
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        check_full_attention_layers(model.config, "anllm_ext.patch")
+        _check_one_device(model)
+        decoder = _decoder_of(model)
+        state = PatchState(decoder, ids, model.config._attn_implementation, _positional_params(decoder),
+                           default_cache, _saved_anchor_dict(model))
+    else:
+        state.set_anchors(ids)
+        state.default_cache = default_cache
+    _install(model, state)
+    return model
+
+
+def unpatch(model) -> "torch.nn.Module":
+    """Undo :func:`patch`: hooks removed, previous attention implementation and anchor configuration restored."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return model
+    _lift(model, state)
+    _own_set_attn_implementation(model)(state.previous_impl or "sdpa")
+    return model
+
+
+class patched:
+    """Context manager: ``with patched(model, anchor_ids): ...`` (unpatches on exit if it patched)."""
+
+    def __init__(self, model, anchor_ids):
+        self.model, self.anchor_ids = model, anchor_ids
+
+    def __enter__(self):
+        self._was = is_patched(self.model)
+        previous = patched_anchor_ids(self.model)
+        self._previous_ids = previous
+        state = state_of(self.model)
+        self._previous_default = state.default_cache if state is not None else "anchor"
+        patch(self.model, self.anchor_ids, default_cache=self._previous_default)
+        return self.model
+
+    def __exit__(self, *exc):
+        if self._was:
+            patch(self.model, self._previous_ids, default_cache=self._previous_default)
+        else:
+            unpatch(self.model)
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# What patch() accepts
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_model(model) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"patch() expects a transformers PreTrainedModel, got {type(model).__name__}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedError("anllm_ext.patch supports decoder-only models only")
+
+
+def _anchor_ids_for(model, anchor_ids) -> torch.Tensor:
+    """``anchor_ids`` (or the saved ones) as a 1-D int64 tensor of ids of the model's vocabulary."""
+    if anchor_ids is None:
+        anchor_ids = _saved_anchor_ids(model)
+    if isinstance(anchor_ids, torch.Tensor):
+        if anchor_ids.is_floating_point() or anchor_ids.is_complex() or anchor_ids.dtype == torch.bool:
+            raise TypeError(f"anchor_ids must hold integer token ids, got a {anchor_ids.dtype} tensor")
+        ids = anchor_ids.detach().reshape(-1).to(torch.int64)
+    else:
+        items = [anchor_ids] if isinstance(anchor_ids, int) or not hasattr(anchor_ids, "__iter__") else list(anchor_ids)
+        bad = [i for i in items if isinstance(i, bool) or not isinstance(i, int)]
+        if bad:
+            raise TypeError(f"anchor_ids must be an int, a list of ints or an integer tensor; got {bad[0]!r}")
+        ids = torch.tensor(items, dtype=torch.int64)
+    if ids.numel() == 0:
+        raise ValueError("anchor_ids is empty: give at least one token id (e.g. anllm_ext.ep_anchor_ids(tokenizer))")
+    vocab = _vocab_size(model)
+    out = ids[(ids < 0) | (ids >= vocab)] if vocab else ids[ids < 0]
+    if out.numel():
+        raise ValueError(
+            f"anchor_ids {out.tolist()[:5]} are not token ids of this model (allowed: 0 to {vocab - 1 if vocab else 'inf'})"
+        )
+    return ids
+
+
+def _vocab_size(model) -> Optional[int]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def _positional_params(decoder):
+    return [
+        n
+        for n, p in inspect.signature(decoder.forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def _check_one_device(model) -> None:
+    """The layouts and the AnchorCache's slot buffers live on the input's device and the kernels need
+    them on q's device: a model split over devices (``device_map="auto"``, offloading) is refused."""
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    devices |= {str(p.device) for p in model.parameters()}
+    devices = {f"cuda:{d}" if d.isdigit() else d for d in devices}
+    if len(devices) > 1:
+        raise UnsupportedError(
+            f"{type(model).__name__} is split over devices {sorted(devices)}: anllm_ext keeps one anchor layout "
+            "per forward on the input's device and its kernels need it on every layer's device. Load the model "
+            "on one device (device_map=None or a single device, no offloading), then patch it"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Installing and lifting a patch
+# --------------------------------------------------------------------------------------------------
+
+
+def _install(model, state: PatchState) -> None:
+    """Put ``state``'s patch on ``model``: the anchor attention, the decoder's hooks (once), the instance
+    overrides, and the anchors in ``model.config`` (idempotent: also repairs a patch whose attention
+    implementation was switched behind its back)."""
+    decoder = _decoder_of(model)
+    if attn_implementation(model) != ATTN_NAME:
+        _own_set_attn_implementation(model)(ATTN_NAME)
+        if attn_implementation(model) != ATTN_NAME:
+            raise RuntimeError(f"{type(model).__name__} refused attn_implementation '{ATTN_NAME}'")
+    setattr(model, STATE_ATTR, state)
+    setattr(decoder, STATE_ATTR, state)
+    install_hooks(decoder, state)
+    model.set_attn_implementation = types.MethodType(_set_attn_implementation, model)
+    if hasattr(type(model), "_prepare_cache_for_generation"):  # generate() without a cache gets an AnchorCache
+        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    _attach_anchor_config(model, state)
+
+
+def _lift(model, state: PatchState) -> None:
+    """Remove the patch (hooks, state, overrides, the anchors it put in the config); the attention
+    implementation is left to the caller."""
+    from ..config import CONFIG_KEY
+
+    decoder = _decoder_of(model)
+    remove_hooks(state)
+    for module in (model, decoder):
+        module.__dict__.pop(STATE_ATTR, None)
+    for name in ("_prepare_cache_for_generation", "set_attn_implementation"):
+        model.__dict__.pop(name, None)
+    if state.saved_anchor_config is None:
+        if hasattr(model.config, CONFIG_KEY):
+            delattr(model.config, CONFIG_KEY)
+    else:
+        setattr(model.config, CONFIG_KEY, state.saved_anchor_config)
+
+
+def _saved_anchor_ids(model):
+    from ..config import AnchorConfig
+
+    config = AnchorConfig.from_model(model)
+    if config is None:
+        raise ValueError(
+            f"{type(model).__name__} carries no anchor configuration (none was saved with it: a model trained by "
+            "`anllm train`, or saved by save_pretrained while patched, carries one); pass anchor_ids, e.g. "
+            "anllm_ext.patch(model, anllm_ext.ep_anchor_ids(tokenizer))"
+        )
+    return config.anchor_ids
+
+
+def _saved_anchor_dict(model):
+    from ..config import CONFIG_KEY
+
+    return getattr(model.config, CONFIG_KEY, None)
+
+
+def _attach_anchor_config(model, state: PatchState) -> None:
+    """Make ``model.config`` carry the anchors the model is patched with, so ``save_pretrained`` saves them:
+    the configuration it carries (or carried before the patch, e.g. a trained AnLLM's AC/EP one) when that
+    has exactly these ids, else an ``"ids"`` configuration of them."""
+    from ..config import CONFIG_KEY, AnchorConfig
+
+    ids = sorted(set(int(i) for i in state.anchors.tolist()))
+    for data in (getattr(model.config, CONFIG_KEY, None), state.saved_anchor_config):
+        if data is not None and AnchorConfig.from_dict(data).anchor_ids == ids:
+            setattr(model.config, CONFIG_KEY, data)
+            return
+    AnchorConfig("ids", ids).attach(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Instance overrides of a patched model
+# --------------------------------------------------------------------------------------------------
+
+
+def _own_set_attn_implementation(model):
+    """The model's own ``set_attn_implementation``, past the patch's instance override (for a wrapper that
+    forwards attributes to its base model, e.g. PEFT: the base model's)."""
+    target = model
+    while getattr(type(target), "set_attn_implementation", None) is None and hasattr(target, "get_base_model"):
+        target = target.get_base_model()
+    return types.MethodType(type(target).set_attn_implementation, target)
+
+
+def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    """``set_attn_implementation`` of a patched model: ``"anllm"`` keeps the patch; any other implementation
+    lifts it (as :func:`unpatch`) and is then set, so the model runs exactly as the unpatched model would.
+    Paged attention (continuous batching) is refused: the anchor cache cannot run it."""
+    own = _own_set_attn_implementation(self)
+    state = state_of(self)
+    requested = attn_implementation.get("", ATTN_NAME) if isinstance(attn_implementation, dict) else attn_implementation
+    if state is None or requested == ATTN_NAME:
+        return own(attn_implementation, *args, **kwargs)
+    if isinstance(requested, str) and requested.startswith("paged"):
+        raise UnsupportedError(
+            f"attn_implementation {requested!r} (continuous batching) is not supported on a patched model; "
+            "use model.generate() or anllm_ext.generate, or anllm_ext.unpatch(model) first"
+        )
+    _log.info("anllm_ext: set_attn_implementation(%r) lifts the anchor patch of %s", requested, type(self).__name__)
+    _lift(self, state)
+    return own(attn_implementation, *args, **kwargs)
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
+    """Instance override of ``GenerationMixin._prepare_cache_for_generation`` on a patched model: where
+    transformers would create its default ``DynamicCache`` (no cache passed, no ``cache_implementation``),
+    create an :class:`AnchorCache` instead, unless the patch says ``default_cache="full"``. Refuses, before
+    generating, what the patched model cannot generate exactly: a switched attention implementation,
+    right padding, and caches :func:`~anllm_ext.hf.check_cache` refuses."""
+    state = state_of(self)
+    if state is not None:
+        check_attention_intact(self)
+        _check_left_padding(model_kwargs.get("attention_mask"))
+        check_cache_implementation(generation_config.cache_implementation)
+    user_cache = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+    result = type(self)._prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, *args, **kwargs
+    )
+    if state is None:
+        return result
+    made = [name for name in ("cache", "past_key_values") if model_kwargs.get(name) is not None]
+    for name in made:
+        check_cache(model_kwargs[name])
+    if state.default_cache != "anchor" or user_cache:
+        return result
+    if generation_config.cache_implementation is not None or generation_config.use_cache is False:
+        return result
+    if generation_mode == "assisted_generation" or getattr(generation_config, "is_assistant", False):
+        _log.warning(
+            "anllm_ext: assisted decoding needs a croppable cache; this generate() keeps the full DynamicCache"
+        )
+        return result
+    from transformers import DynamicCache
+
+    if not made and self._supports_default_dynamic_cache():
+        # older 5.x releases (5.0) leave the default cache to the model's forward: give generate() one
+        model_kwargs[cache_kwarg(self)] = AnchorCache(self.config)
+    for name in made:
+        if type(model_kwargs[name]) is DynamicCache:
+            model_kwargs[name] = AnchorCache(self.config)
+    return result
+
+
+def _check_left_padding(mask) -> None:
+    """``generate`` appends new tokens after the last column: a row whose last column is padding (right
+    padding) would get new tokens at positions transformers numbers wrongly. Refused, with transformers' advice."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 0 and bool((mask[:, -1] == 0).any()):
+        rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"right padding detected (attention_mask[{rows[0]}, -1] == 0; rows {rows[:8]}): a decoder-only model "
+            "generates after the last column, so for correct generation results pad on the left (tokenizer "
+            "padding_side='left'), as transformers advises"
+        )
