@@ -2,8 +2,8 @@
 
 ``anllm generate`` runs a prompt through a causal LM twice, greedy by default: once with transformers'
 full cache (``DynamicCache``, unpatched model) and once with anchor-based inference (patched model,
-``AnchorCache``, chunked prefill, real-time compaction); prints the generated text and, side by side,
-KV bytes, peak KV bytes, tokens/s and the KV reduction.
+``AnchorCache``, chunked prefill, real-time compaction); prints both runs' generated texts, one after the
+other and labelled, and, side by side, KV bytes, peak KV bytes, tokens/s and the KV reduction.
 
 ``anllm eval``: perplexity and multiple-choice accuracy in the evaluation modes (:mod:`anllm_ext.evaluation`).
 
@@ -158,6 +158,17 @@ def _run(model, ids, mask, args, anchor: bool, anchors: Optional[List[int]]):
     }
 
 
+def _first_difference(full, anc, n_prompt: int) -> str:
+    """Where the two runs' generated tokens part (first row of the batch), as a note for the summary line."""
+    a, b = full["ids"][0, n_prompt:].tolist(), anc["ids"][0, n_prompt:].tolist()
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f" (they part at generated token {i + 1})"
+    if len(a) != len(b):
+        return f" (one stops after {min(len(a), len(b))} generated tokens)"
+    return ""
+
+
 def _load_prompt(args, tok, ac_mode: Optional[bool] = None):
     """The prompt's ids [1, T]; ``ac_mode`` (default: whether ``args.anchors`` is an AC spec) inserts ``<AC>``
     after every sentence of the prompt."""
@@ -223,11 +234,13 @@ def cmd_generate(args) -> int:
         runs.append(_run(model, ids, mask, args, anchor=False, anchors=anchors))
     runs.append(_run(model, ids, mask, args, anchor=True, anchors=anchors))
 
-    anchor_run = runs[-1]
-    text = decode(tok, anchor_run["ids"][0, ids.shape[1]:], anchor_ids=anchors, skip_special_tokens=True)
-    print("\n--- generated (anchor cache) ---")
-    print(text)
-    print("--------------------------------\n")
+    # every run's text, as generated (blank lines included: they are what the model wrote), one after the other
+    for r in runs:
+        text = decode(tok, r["ids"][0, ids.shape[1]:], anchor_ids=anchors, skip_special_tokens=True)
+        print(f"\n--- generated ({r['label']}) ---")
+        print(text)
+        print("-" * 32)
+    print()
 
     rows = [("", *[r["label"] for r in runs])]
     rows.append(("KV slots kept", *[str(r["slots"]) for r in runs]))
@@ -242,7 +255,7 @@ def cmd_generate(args) -> int:
               f"peak {100 * (1 - anc['peak'] / max(full['peak'], 1)):.1f}%")
         print(f"decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
         same = torch.equal(full["ids"], anc["ids"])
-        print(f"same tokens as the full cache: {'yes' if same else 'no'}")
+        print(f"same tokens as the full cache: {'yes' if same else 'no'}{_first_difference(full, anc, ids.shape[1])}")
         if not same and saved is None:
             print("note: a model not trained with AnSAN (anchor attention) loses quality under anchor inference; "
                   "the memory and speed mechanics are the same")

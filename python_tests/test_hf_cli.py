@@ -34,8 +34,16 @@ def parse_report(out):
         if len(cells) == 3 and cells[0] in ("KV slots kept", "KV bytes", "peak KV bytes", "prefill tokens/s",
                                             "decode tokens/s"):
             table[cells[0]] = cells[1:]
-    text = out.split("--- generated (anchor cache) ---\n", 1)[1].split("\n-----", 1)[0]
+    text = generated_text(out, "anchor cache")
     return table, text
+
+
+def generated_text(out, label):
+    """The text the report prints under ``--- generated (<label>) ---`` (None when there is no such section)."""
+    head = f"--- generated ({label}) ---\n"
+    if head not in out:
+        return None
+    return out.split(head, 1)[1].split("\n" + "-" * 32 + "\n", 1)[0]
 
 
 def expected_runs(model_dir, anchors_spec):
@@ -59,7 +67,9 @@ def expected_runs(model_dir, anchors_spec):
     cfg = model.config
     slot_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     text = decode(tok, anchor[0, ids.shape[1]:], anchor_ids=anchors, skip_special_tokens=True)
-    return dict(n_prompt=ids.shape[1], full=full, anchor=anchor, kept=kept, slot_bytes=slot_bytes, text=text)
+    full_text = decode(tok, full[0, ids.shape[1]:], anchor_ids=anchors, skip_special_tokens=True)
+    return dict(n_prompt=ids.shape[1], full=full, anchor=anchor, kept=kept, slot_bytes=slot_bytes, text=text,
+                full_text=full_text)
 
 
 @needs_smollm2
@@ -84,6 +94,33 @@ def test_cli_generate_on_local_dir(tiny_model_dir, capsys, anchors):
     assert f"KV reduction (C-down): {reduction:.1f}% at the end" in out
     same = torch.equal(exp["full"], exp["anchor"])
     assert f"same tokens as the full cache: {'yes' if same else 'no'}" in out
+
+
+@needs_smollm2
+def test_cli_generate_prints_both_texts(tiny_model_dir, capsys):
+    """Both runs' generated texts are printed, labelled, full cache first, exactly as decoded (blank lines kept);
+    the summary says where the two runs' tokens part; --anchor-only prints the anchor cache's text only."""
+    argv = ["generate", "--model", tiny_model_dir, "--prompt", PROMPT, "--max-new-tokens", str(N_NEW),
+            "--prefill-chunk", "4", "--no-progress", "--ignore-eos", "--anchors", "ep"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    exp = expected_runs(tiny_model_dir, "ep")
+    assert out.index("--- generated (full cache) ---") < out.index("--- generated (anchor cache) ---")
+    assert generated_text(out, "full cache") == exp["full_text"]
+    assert generated_text(out, "anchor cache") == exp["text"]
+    n = exp["n_prompt"]
+    full_new, anchor_new = exp["full"][0, n:].tolist(), exp["anchor"][0, n:].tolist()
+    if full_new == anchor_new:
+        assert "same tokens as the full cache: yes\n" in out
+    else:
+        first = next(i for i, (a, b) in enumerate(zip(full_new, anchor_new)) if a != b)
+        assert f"same tokens as the full cache: no (they part at generated token {first + 1})" in out
+
+    assert cli.main(argv + ["--anchor-only"]) == 0
+    out = capsys.readouterr().out
+    assert generated_text(out, "full cache") is None
+    assert generated_text(out, "anchor cache") == exp["text"]
+    assert "same tokens as the full cache" not in out
 
 
 @needs_smollm2
