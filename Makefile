@@ -15,7 +15,7 @@ TRANSFORMERS_OLDEST ?= 5.0.0
 VENV_TF_OLDEST      ?= .venv-tf-oldest
 HF_TESTS            := $(notdir $(wildcard python_tests/test_hf_*.py))
 
-.PHONY: demo test test-latest test-transformers-oldest test-gpu-image install bench bench-cpp bench-cpp-smoke docs clean sanitize fuzz soak
+.PHONY: demo test test-latest test-transformers-oldest test-gpu-image test-cuda-emu install bench bench-cpp bench-cpp-smoke docs clean sanitize fuzz soak
 
 $(VENV)/.deps: Makefile
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -35,11 +35,13 @@ install: $(VENV)/.built
 ## The main job: generate on the bundled default model (SmolLM2-135M), full cache vs anchor cache.
 ## The bundled trained AnLLM (SmolLM2-135M + a LoRA adapter trained with AnSAN, docs/training.md): anchor
 ## cache vs full cache; then, for contrast, the untrained SmolLM2 under the same anchor inference.
-DEMO_PROMPT ?= docs/experiments/demo_prompt.txt
+## The prompt: the GPL-2 licence text (verbatim; ~4,100 tokens, long enough for the anchor cache to decode
+## faster than the full cache) and a question about it (docs/guide.md, "What the demo shows").
+DEMO_PROMPT ?= docs/experiments/demo_prompt_gpl2.txt
 demo: install
-	$(VENV)/bin/anllm generate --model smollm2-anllm --prompt-file $(DEMO_PROMPT) --max-new-tokens 48
+	$(VENV)/bin/anllm generate --model smollm2-anllm --prompt-file $(DEMO_PROMPT) --max-prompt-tokens 0 --max-new-tokens 48
 	@echo; echo "=== for contrast: the untrained SmolLM2-135M under anchor inference (EP anchors) ==="
-	$(VENV)/bin/anllm generate --anchor-only --anchors ep --prompt-file $(DEMO_PROMPT) --max-new-tokens 48
+	$(VENV)/bin/anllm generate --anchor-only --anchors ep --prompt-file $(DEMO_PROMPT) --max-prompt-tokens 0 --max-new-tokens 48
 
 ## All tests (CPU; CUDA cases too when a GPU is present) with the pinned transformers (DEPS), then the
 ## transformers-facing tests again with the oldest supported transformers.
@@ -84,6 +86,19 @@ test-gpu-image: $(VENV_GPU_IMAGE)/.deps
 	rm -f build/gpu-image-src/anllm_ext/_C*.so
 	cd build/gpu-image-src && ANLLM_EXPECT_CUDA=1 ../../$(VENV_GPU_IMAGE)/bin/python -m pip install -q --no-build-isolation --no-deps .
 	cd python_tests && ../$(VENV_GPU_IMAGE)/bin/python -m pytest -q -p no:cacheprovider .
+
+## The CUDA kernels (csrc/cuda/, the exact sources) run on the CPU under a CUDA-semantics emulator
+## (csrc/emu/, docs/gpu.md "The CUDA emulator"): builds the test-only extension build/cuda_emu/anllm_ext_cuda_emu.so
+## (never part of the wheel) and runs the op test grid against the oracle, a tiny Llama on the emulated kernels
+## and the emulator's own tests; then the fuzz driver against the emulated kernels built with ASan + UBSan,
+## EMU_FUZZ_CALLS calls per op (5 ops; 2,000 per op by hand: docs/gpu.md).
+EMU_LIB := build/cuda_emu/anllm_ext_cuda_emu.so
+EMU_FUZZ_CALLS ?= 60
+test-cuda-emu: install
+	$(PY) csrc/emu/build.py
+	cd python_tests && ANLLM_CUDA_EMU_LIB=$(abspath $(EMU_LIB)) ../$(PY) -m pytest -q -p no:cacheprovider \
+		test_cuda_emu_selftest.py test_cuda_emu.py test_cuda_emu_hf.py
+	SAN_EMU=1 PYTHON=$(abspath $(PY)) tools/build_sanitized.sh --calls $(EMU_FUZZ_CALLS) --seed 1
 
 ## Op benchmarks (Python) and C++ microbenchmarks; figures in docs/benchmarks.md.
 bench: install

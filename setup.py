@@ -56,14 +56,20 @@ def _cpu_flags():
     return os.environ.get("ANLLM_CPU_FLAGS", "").split()
 
 
-# The attention kernels (csrc/cpu/attention_kernels.h) compiled once per CPU capability, as ATen builds
-# its DEFAULT/AVX2/AVX512 kernels; csrc/anchor_attention_cpu.cpp picks one at run time.
-_CPU_VARIANT_FLAGS = {
-    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT", "-Wno-psabi"],
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-}
+def _read_cpu_variant_flags():
+    """The attention kernels (csrc/cpu/attention_kernels.h) compiled once per CPU capability, as ATen builds
+    its DEFAULT/AVX2/AVX512 kernels; csrc/cpu/anchor_attention.cpp picks one at run time. The variants and
+    their flags are defined once, in csrc/cpu/variants.txt (CMakeLists.txt reads it too)."""
+    variants = {}
+    with open(os.path.join(ROOT, "csrc", "cpu", "variants.txt")) as f:
+        for line in f:
+            if line.strip() and not line.lstrip().startswith("#"):
+                name, *flags = line.split()
+                variants[name] = flags
+    return variants
+
+
+_CPU_VARIANT_FLAGS = _read_cpu_variant_flags()
 _BINUTILS = ("ld", "objcopy", "nm")
 
 
@@ -125,7 +131,11 @@ class _BuildExtension(cpp_extension.BuildExtension):
 
 
 def _build_extension():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # device-agnostic glue (csrc/*.cpp) and the CPU kernels (csrc/cpu/*.cpp; the attention variants,
+    # csrc/cpu/attention_<capability>.cpp, are compiled apart with their own flags)
+    variant_sources = {os.path.join("csrc", "cpu", f"attention_{name}.cpp") for name in _CPU_VARIANT_FLAGS}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(
+        s for s in glob.glob(os.path.join("csrc", "cpu", "*.cpp")) if s not in variant_sources)
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # OpenMP: ATen's parallel_for is a header template that only runs in parallel when the extension
     # itself is compiled with OpenMP; without it every kernel silently runs on one thread.

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 ANCHOR_ID = 7
 CARRY_MODEL = "SmolLM2-135M-Instruct"
 CARRY_TEXT = "sample_text.txt"
-# (The issue's shapes.) Tiny sizes rehearse the same code paths on a CPU.
+# (The target shapes.) Tiny sizes rehearse the same code paths on a CPU.
 FULL = dict(heads=(32, 8), D=128, anchor_every=24, compact=dict(L=32, B=8, H=8, T=32768, D=128),
             e2e=dict(context=8192, batches=(1, 16), steps=48, warmup=4, chunk=1024), iters=10)
 TINY = dict(heads=(4, 2), D=64, anchor_every=24, compact=dict(L=2, B=2, H=2, T=512, D=64),
@@ -114,7 +114,7 @@ def anchored_ids(B, T, every, device, generator=None):
 
 
 def causal_sdpa(device):
-    """SDPA restricted to flash attention on the GPU (the issue's causal baseline)."""
+    """SDPA restricted to flash attention on the GPU (the causal baseline)."""
     if device.type != "cuda":
         return F.scaled_dot_product_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check (issue 13), run from a copy of the repository on a machine with a CUDA GPU:
+# The one GPU check, run from a copy of the repository on a machine with a CUDA GPU:
 #   1. build the extension in place for the GPU's architecture (sm_90 on an H200) with all cores,
 #      ANLLM_EXPECT_CUDA=1 (a build without the CUDA kernels fails);
 #   2. the CUDA cases of the test suite: every op test against the oracle on device=cuda, the registration

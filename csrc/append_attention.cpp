@@ -3,8 +3,10 @@
 // anchor_attention_fwd over the first Tk slots. Fusing the two saves the per-layer Python and
 // dispatcher round trips of separate copies (a decode step is ~30 such layers of tiny work).
 //
-// Device-agnostic: the writes are ATen copies and the attention goes through the dispatcher, so the
-// same function serves the CPU and CUDA kernels.
+// Device-agnostic: the writes are ATen copies (plain row copies on the CPU) and the attention goes
+// through the dispatcher, so one registration (CompositeExplicitAutograd: every backend, below
+// autograd) serves the CPU and CUDA kernels. The CUDA emulator's test build (csrc/emu/) compiles this
+// file too, with ANLLM_OP_NAMESPACE naming its own operator namespace.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -12,6 +14,10 @@
 #include <cstring>
 
 #include "checks.h"
+
+#ifndef ANLLM_OP_NAMESPACE
+#define ANLLM_OP_NAMESPACE "anllm"
+#endif
 
 namespace anllm {
 namespace {
@@ -23,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> call_attention_fwd(
     const at::Tensor& k_valid, double scale) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("anllm::anchor_attention_fwd", "")
+          .findSchemaOrThrow(ANLLM_OP_NAMESPACE "::anchor_attention_fwd", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -131,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_append(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(anllm, CPU, m) { m.impl("anchor_attention_append_", &anchor_attention_append); }
-TORCH_LIBRARY_IMPL(anllm, CUDA, m) { m.impl("anchor_attention_append_", &anchor_attention_append); }
+TORCH_LIBRARY_IMPL(anllm, CompositeExplicitAutograd, m) {
+  m.impl("anchor_attention_append_", &anchor_attention_append);
+}
 
 }  // namespace anllm

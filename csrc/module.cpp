@@ -6,7 +6,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "cpu_dispatch.h"
+#include "cpu/dispatch.h"
 
 #ifndef ANLLM_TORCH_VERSION
 #define ANLLM_TORCH_VERSION "unknown"

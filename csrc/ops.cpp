@@ -1,10 +1,11 @@
 // Operator schemas of the torch.ops.anllm namespace. Device implementations live in one file per
-// concern (anchor_attention_cpu.cpp, compact_cpu.cpp, cuda/*.cu); fake kernels and autograd are
-// registered from Python (anllm_ext/ops.py).
+// concern and device (cpu/*.cpp, cuda/*.cu); the device-agnostic append op (append_attention.cpp) is
+// registered once for every backend; fake kernels and autograd are registered from Python
+// (anllm_ext/ops.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(anllm, m) {
-  // Per-token layout of a [B,T] chunk of ids (SPEC section 2): positions int64, segments int32,
+  // Per-token layout of a [B,T] chunk of ids (docs/method.md, section "Anchors and segments"): positions int64, segments int32,
   // is_anchor and valid bool [B,T] (valid = attention_mask != 0, all true without a mask), where the
   // chunk starts in every row (start_pos, start_seg int64 [B]), and what follows from it: the next
   // chunk's start (int64 [B] each) and whether any row holds an anchor or padding (0-d bool).

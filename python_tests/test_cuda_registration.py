@@ -15,6 +15,13 @@ from anllm_ext import _C
 
 OPS = ("anchor_attention_fwd", "anchor_attention_bwd", "anchor_attention_append_", "compact_")
 CPU_ONLY_OPS = ("token_layout",)  # other devices compute the layout with ATen ops (anllm_ext/layout.py)
+# Device-agnostic ops: registered once, for every backend (csrc/append_attention.cpp).
+COMPOSITE_OPS = ("anchor_attention_append_",)
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    """Whether calls of anllm::op on `key` tensors reach a kernel (its own or a composite one)."""
+    return torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"anllm::{op}", key)
 
 
 def _built_with_cuda() -> bool:
@@ -24,7 +31,15 @@ def _built_with_cuda() -> bool:
 
 def test_cpu_kernels_registered():
     for op in OPS + CPU_ONLY_OPS:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"anllm::{op}", "CPU"), op
+        assert _has_kernel(op, "CPU"), op
+
+
+def test_device_agnostic_ops_registered_once():
+    for op in COMPOSITE_OPS:
+        name = f"anllm::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"), op
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), op
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), op
 
 
 def test_cuda_kernels_registered():
@@ -32,7 +47,7 @@ def test_cuda_kernels_registered():
         if os.environ.get("ANLLM_EXPECT_CUDA", "") == "1":
             pytest.fail("ANLLM_EXPECT_CUDA=1 but anllm_ext._C was built without CUDA kernels")
         pytest.skip("anllm_ext._C was built CPU-only (no CUDA toolkit, CPU torch or ANLLM_FORCE_CPU=1)")
-    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"anllm::{op}", "CUDA")]
+    missing = [op for op in OPS if not _has_kernel(op, "CUDA")]
     assert not missing, f"CUDA kernels missing for {missing}"
 
 

@@ -12,8 +12,13 @@ segments and key orders, not only what token_layout produces). About a third of 
 malformed: wrong ranks, dtypes, devices (``meta`` tensors stand in for another device), shapes,
 negative or oversized lengths/offsets/positions, overlapping buffers.
 
+``--emu LIB`` runs the CUDA kernels instead, under the CUDA emulator (LIB: the library csrc/emu/build.py
+builds): the op wrappers are routed to ``torch.ops.anllm_cuda_emu`` (python_tests/emu_helpers.py), and
+token_layout, which has no CUDA kernel, is left out.
+
 Exit status 1 when any valid call differs from the oracle, any malformed call is accepted, or an error
-message does not name the problem. Run it under the sanitizers with ``tools/build_sanitized.sh``.
+message does not name the problem. Run it under the sanitizers with ``tools/build_sanitized.sh``
+(``SAN_EMU=1``: the emulated CUDA kernels).
 Failures print a one-line reproducer (``--only OP --seed S --calls 1``-style: op, call seed).
 """
 from __future__ import annotations
@@ -43,6 +48,8 @@ def _parse_args(argv=None):
     p.add_argument("--max-failures", type=int, default=20, help="stop after this many failures")
     p.add_argument("--trace", action="store_true", help="print every call's op and seed before it runs (crashes)")
     p.add_argument("--include-known", action="store_true", help="also run calls that hit a known crash")
+    p.add_argument("--emu", default=None, metavar="LIB",
+                   help="fuzz the CUDA kernels under the CUDA emulator (LIB: build/cuda_emu/anllm_ext_cuda_emu.so)")
     return p.parse_args(argv)
 
 
@@ -63,6 +70,12 @@ from anllm_ext import reference  # noqa: E402
 from anllm_ext.layout import Layout, _token_layout_aten  # noqa: E402
 
 ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+RAW = torch.ops.anllm  # the operators the raw calls reach (torch.ops.anllm_cuda_emu under --emu)
+# The CUDA ops' contract differs from the CPU ops' where checking would need a host sync of device data
+# (csrc/cuda/): key positions are any int64 (the CPU kernels fold them into int32 and raise outside
+# [0, 2^31 - 1)), and compaction lengths outside [0, Cap] are clamped (the CPU kernel raises). Under --emu
+# those calls are valid calls, checked against the oracle.
+CUDA_CONTRACT = False
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -70,7 +83,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # counted unless --include-known, so a run still finds everything else; each has a reproducer in
 # python_tests/test_fuzz.py (xfail until fixed). Remove an entry once its fix is in.
 KNOWN_BUGS = {
-    # none open. Fixed in session 5 (each keeps its reproducer in python_tests/test_fuzz.py): token_layout's
+    # none open. Fixed (each keeps its reproducer in python_tests/test_fuzz.py): token_layout's
     # start-position overflow, the compaction's empty tensors and overlapping views, new keys/values that
     # are views of the cache in anchor_attention_append_, the raw append op's offsets overflow.
 }
@@ -131,7 +144,7 @@ def strided(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
 
 
 def rand_layout(rng: random.Random, gen: torch.Generator, B: int, T: int, anchor_p=None, pad_p=None) -> Layout:
-    """Any layout the SPEC rule is defined for: arbitrary positions (unsorted, repeated), segments
+    """Any layout the AnSAN mask rule (docs/method.md) is defined for: arbitrary positions (unsorted, repeated), segments
     (negative too), anchors and padding anywhere; half of the time a realistic one (token_layout of a
     random stream, possibly continuing a compacted cache)."""
     if rng.random() < 0.5:
@@ -360,7 +373,17 @@ def malformed_attention(rng, gen, q, k, v, q_lay, k_lay, attn):
         b, j = rng.randrange(B), rng.randrange(Tk)
         val[b, j] = True
         pos[b, j] = rng.choice([-1, -(2**40), 2**31 - 1, 2**40])
-        expect_error(call(q, k, v, q_lay, Layout(pos, seg, anc, val)), ["position"], f"key position {pos[b, j].item()}")
+        bad_lay = Layout(pos, seg, anc, val)
+        if CUDA_CONTRACT:  # any int64 position is valid on CUDA
+            res = attn(q, k, v, q_lay, bad_lay)
+            out = res[0] if isinstance(res, (tuple, list)) else res
+            if q.dtype == torch.float32:
+                check_close(f"key position {pos[b, j].item()} (CUDA)", out,
+                            reference.anchor_attention_ref(q, k, v, q_lay, bad_lay), 2e-5, 2e-4)
+            else:
+                check_low_precision(f"key position {pos[b, j].item()} (CUDA)", out, q, k, v, q_lay, bad_lay, None)
+            return
+        expect_error(call(q, k, v, q_lay, bad_lay), ["position"], f"key position {pos[b, j].item()}")
     else:
         which = rng.randrange(3)
         args = [q, k, v]
@@ -385,7 +408,7 @@ def fuzz_attention_grad(rng, gen, malformed):
         else:
             lse = torch.zeros(q.shape[:3])
             delta = torch.zeros(q.shape[0], q.shape[1], q.shape[2] + 1)
-            expect_error(lambda: torch.ops.anllm.anchor_attention_bwd(
+            expect_error(lambda: RAW.anchor_attention_bwd(
                 out.detach(), q, k, v, lse, delta, *q_lay.as_tuple(), *k_lay.as_tuple(), 1.0),
                 ["delta", "shape", "lse"], "raw backward with delta of another shape")
         return
@@ -581,6 +604,23 @@ def fuzz_compact(rng, gen, malformed):
             return
         bad = lengths.clone()
         bad[rng.randrange(B)] = rng.choice([-1, cap + 1, 2**62, -(2**63)])
+        if CUDA_CONTRACT:  # clamped to [0, cap] on CUDA
+            clamped = bad.clamp(0, cap)
+            four = [t for t in tensors if t.dim() == 4]
+            two = [t for t in tensors if t.dim() == 2]
+            refs4, ref_len = reference.compact_ref(four, keep, clamped, slot_dim=2)
+            refs2, _ = reference.compact_ref(two, keep, clamped, slot_dim=1)
+            new_len = anllm_ext.compact_slots_(tensors, keep, bad)
+            if not torch.equal(new_len, ref_len):
+                raise Mismatch(f"compaction with lengths {bad.tolist()} (CUDA: clamped): {new_len.tolist()} != "
+                               f"{ref_len.tolist()}")
+            for t, r in zip(four + two, refs4 + refs2):
+                for row in range(B):
+                    m = int(ref_len[row])
+                    got, exp = (t[row, :, :m], r[row, :, :m]) if t.dim() == 4 else (t[row, :m], r[row, :m])
+                    if not torch.equal(got, exp):
+                        raise Mismatch(f"compaction with lengths {bad.tolist()} (CUDA: clamped) row {row} differs")
+            return
         expect_error(call(tensors, keep, bad), ["lengths"], f"lengths {bad.tolist()} outside [0, {cap}]")
     elif kind == 5:
         bad = torch.ones(B, 2, cap + 1, 4)
@@ -621,7 +661,7 @@ def fuzz_raw_ops(rng, gen, malformed):
     q, k, v, q_lay, k_lay, scale = attention_problem(rng, gen)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     s = 1.0 / math.sqrt(q.shape[-1])
-    fwd = torch.ops.anllm.anchor_attention_fwd
+    fwd = RAW.anchor_attention_fwd
     if not malformed:
         with torch.no_grad():
             out, lse = fwd(q, k, v, *q_lay.as_tuple(), *k_lay.as_tuple(), s)
@@ -696,7 +736,7 @@ def run(calls: int, seconds=None, seed: int = 0, only=None, malformed_share: flo
     elapsed = time.perf_counter() - t0
     return {"calls_per_op": done, "requested_calls_per_op": calls, "seconds": elapsed, "seed": seed,
             "ops": stats, "failures": failures, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "extension": os.path.abspath(anllm_ext.ops._C.__file__)}
+            "extension": os.path.abspath(anllm_ext.ops._C.__file__), "emulated": RAW is not torch.ops.anllm}
 
 
 def replay(op: str, call_seed: int, malformed: bool = None):
@@ -707,16 +747,33 @@ def replay(op: str, call_seed: int, malformed: bool = None):
     OPS[op](rng, gen, m if malformed is None else malformed)
 
 
+def use_emulator(lib: str):
+    """Routes the ops to the emulated CUDA kernels of `lib` (see --emu)."""
+    global RAW, CUDA_CONTRACT
+    CUDA_CONTRACT = True
+    os.environ["ANLLM_CUDA_EMU_LIB"] = os.path.abspath(lib)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python_tests"))
+    import emu_helpers
+
+    if not emu_helpers.LOADED:
+        raise SystemExit(f"--emu: cannot load {lib}")
+    emu_helpers.route_ops_to_emulator()
+    RAW = torch.ops.anllm_cuda_emu
+    OPS.pop("token_layout")  # no CUDA kernel: ATen ops on a GPU
+
+
 def main() -> int:
     args = ARGS
     global SKIP_KNOWN
     SKIP_KNOWN = not args.include_known
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.emu:
+        use_emulator(args.emu)
     only = args.only.split(",") if args.only else None
     print(f"fuzzing {', '.join(only or OPS)}: {args.calls} calls per op"
           + (f", at most {args.seconds:.0f} s" if args.seconds else "") + f", seed {args.seed}")
-    print(f"extension: {anllm_ext.ops._C.__file__}")
+    print(f"extension: {anllm_ext.ops._C.__file__}" + (f"; CUDA kernels emulated: {args.emu}" if args.emu else ""))
     summary = run(args.calls, args.seconds, args.seed, only, args.malformed, args.max_failures, trace=args.trace,
                   log=lambda msg: print(msg, flush=True), progress_every=60.0)
     for name, st in summary["ops"].items():

@@ -1,5 +1,5 @@
-// The CPU attention kernels for AVX2 + FMA + F16C CPUs. setup.py (and CMakeLists.txt) compile this file
-// alone with -mavx2 -mfma -mf16c -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 (ATen's AVX2 Vectorized).
+// The CPU attention kernels for AVX2 + FMA + F16C CPUs (ATen's AVX2 Vectorized). setup.py and
+// CMakeLists.txt compile this file alone with the flags of its line in variants.txt.
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(CPU_CAPABILITY_AVX2)
 #error "attention_avx2.cpp needs -mavx2 -mfma -mf16c -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2"
 #endif

@@ -1,13 +1,13 @@
 // The CPU attention kernels, forward and backward. This file is compiled once per CPU capability
 // (cpu/attention_{default,avx2,avx512}.cpp include it with their own namespace, entry point and
-// compiler flags); anchor_attention_cpu.cpp picks one at run time, as ATen's DispatchStub does.
+// compiler flags); cpu/anchor_attention.cpp picks one at run time, as ATen's DispatchStub does.
 //
 // The AnSAN mask is never materialised. For a tile of queries the visible keys are
 //   (a) keys of the queries' own segments: a few contiguous key ranges ("own" blocks), and
 //   (b) earlier anchors: a per-row list of anchor keys gathered once per call ("anchor" blocks).
-// Every block is a small matrix product (cpu_tile_matmul.h) followed by the exact mask predicate on the block, with an
+// Every block is a small matrix product (tile_matmul.h) followed by the exact mask predicate on the block, with an
 // online softmax across blocks. Pairs with equal segments are handled only in (a) and pairs with
-// different segments only in (b), so the union is exactly the SPEC rule for any key order; sorted keys
+// different segments only in (b), so the union is exactly the AnSAN mask rule (docs/method.md, section "The AnSAN mask rule") for any key order; sorted keys
 // (what token_layout and the caches produce) make (a) and (b) tight, so cost follows visible pairs.
 #pragma once
 
@@ -25,8 +25,8 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../cpu_dispatch.h"
-#include "../cpu_tile_matmul.h"
+#include "dispatch.h"
+#include "tile_matmul.h"
 
 namespace anllm {
 namespace ANLLM_CPU_NS {

@@ -2,7 +2,9 @@
 //
 // Three kernels, no atomics on dq and none on ordinary keys:
 //   dq_kernel        one block per (b, hq, query tile); visits the same key tiles as the forward
-//                    (own-segment chunks + gathered anchors) and accumulates dq in registers.
+//                    (own-segment chunks + gathered anchors) and accumulates dq in registers. For
+//                    bf16/fp16 inputs with a dout of the same dtype, dq_wmma_kernel (bwd_wmma.cuh) does
+//                    the same on tensor cores.
 //   dkv_kernel<own>  one block per (b, hkv, key tile of BK consecutive keys); visits the queries of
 //                    the tile's own segments (query chunks found on the query index) for every query
 //                    head of the group; owns its keys' dk/dv rows: plain read-add-write of fp32.
@@ -13,34 +15,12 @@
 // dk/dv are accumulated in fp32 [B, Hkv, Tk, D] and cast at the end.
 #include <torch/library.h>
 
+#include "bwd_wmma.cuh"
 #include "common.cuh"
 
 namespace anllm {
 namespace cuda {
 namespace {
-
-struct BwdParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* dout;  // contiguous [B, Hq, Tq, D]
-  int64_t q_sb, q_sh, q_st;
-  int64_t k_sb, k_sh, k_st;
-  int64_t v_sb, v_sh, v_st;
-  const float* lse;    // [B, Hq, Tq] contiguous
-  const float* delta;  // [B, Hq, Tq] contiguous
-  void* dq;            // [B, Hq, Tq, D] contiguous, dtype of q
-  float* dk;           // [B, Hkv, Tk, D] fp32, zero-initialised
-  float* dv;
-  LayoutView ql, kl;
-  SideView ks, qs;
-  AnchorView ka;
-  int64_t B, Hq, Hkv, Tq, Tk;
-  int D, group;
-  int64_t n_qtiles, n_ktiles;
-  int qsplit;
-  float scale;
-};
 
 // For this thread's rows r = ty + i * kTY and key columns c = tx + j * kTX of a tile:
 // s[i][j] = q_r . k_c (q pre-scaled) and dp[i][j] = dout_r . v_c, from the shared Qs/Os ([BQ][QS]) and
@@ -76,29 +56,38 @@ __device__ __forceinline__ void scores_and_dp(const float* Qs, const float* Os, 
   }
 }
 
+// dout[i] as fp32: an fp32 dout is read as it is (as the CPU kernel does), not rounded to the dtype of q.
+template <typename T>
+__device__ __forceinline__ float load_dout(const BwdParams& p, int64_t i) {
+  return p.dout_f32 ? static_cast<const float*>(p.dout)[i] : to_float(static_cast<const T*>(p.dout)[i]);
+}
+
 // ------------------------------------------------------------------------------------------------
 // dq: query-centric, mirrors the forward (one head per block, BQ consecutive queries).
+constexpr int dq_kernel_launch_bound = kThreads;
 template <typename T, int DMAX, int BQ, int BK>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(dq_kernel_launch_bound) dq_kernel(const BwdParams p) {
   static_assert(BQ % kTY == 0 && BK % kTX == 0 && kChunk % BK == 0 && BQ <= 32, "tiles");
   constexpr int RI = BQ / kTY, CJ = BK / kTX, DJ = DMAX / kTX;
   constexpr int QS = DMAX + 1, KS = DMAX + 1;
   constexpr int SUB = kChunk / BK;
-  extern __shared__ float smem[];
+  ANLLM_DYNAMIC_SHARED(float, smem);
   float* Qs = smem;            // [BQ][QS] pre-scaled q
   float* Os = Qs + BQ * QS;    // [BQ][QS] dout
   float* Ks = Os + BQ * QS;    // [BK][KS]
   float* Vs = Ks + BK * KS;    // [BK][KS]
   float* Ss = Vs + BK * KS;    // [BQ][BK] dS
 
-  __shared__ int64_t r_pos[BQ];
-  __shared__ int32_t r_seg[BQ];
-  __shared__ bool r_valid[BQ], r_anchor[BQ];
-  __shared__ float r_lse[BQ], r_delta[BQ];
-  __shared__ int64_t k_row[BK];
-  __shared__ int64_t k_pos[BK];
-  __shared__ int32_t k_seg[BK];
-  __shared__ QueryTilePlan plan;
+  ANLLM_SHARED(int64_t, r_pos, [BQ]);
+  ANLLM_SHARED(int32_t, r_seg, [BQ]);
+  ANLLM_SHARED(bool, r_valid, [BQ]);
+  ANLLM_SHARED(bool, r_anchor, [BQ]);
+  ANLLM_SHARED(float, r_lse, [BQ]);
+  ANLLM_SHARED(float, r_delta, [BQ]);
+  ANLLM_SHARED(int64_t, k_row, [BK]);
+  ANLLM_SHARED(int64_t, k_pos, [BK]);
+  ANLLM_SHARED(int32_t, k_seg, [BK]);
+  ANLLM_SHARED(QueryTilePlan, plan, );
 
   const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
   const int64_t qt = blockIdx.x % p.n_qtiles;
@@ -124,14 +113,13 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
   __syncthreads();
   {
     const T* q = static_cast<const T*>(p.q);
-    const T* go = static_cast<const T*>(p.dout);
     for (int e = tid; e < BQ * DMAX; e += kThreads) {
       const int r = e / DMAX, d = e % DMAX;
       float x = 0.f, g = 0.f;
       if (d < p.D && r_valid[r]) {
         const int64_t qi = q0 + r;
         x = to_float(q[b * p.q_sb + h * p.q_sh + qi * p.q_st + d]) * p.scale;
-        g = to_float(go[(hrow + qi) * p.D + d]);
+        g = load_dout<T>(p, (hrow + qi) * p.D + d);
       }
       Qs[r * QS + d] = x;
       Os[r * QS + d] = g;
@@ -219,14 +207,15 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 // ------------------------------------------------------------------------------------------------
 // dk, dv: key-centric. ANCHOR = false: BK consecutive keys, own-segment queries. ANCHOR = true: BK
 // gathered anchors, queries of other segments (split over blockIdx across `qsplit` query ranges).
+constexpr int dkv_kernel_launch_bound = kThreads;
 template <typename T, int DMAX, int BQ, int BK, bool ANCHOR>
-__global__ void __launch_bounds__(kThreads) dkv_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(dkv_kernel_launch_bound) dkv_kernel(const BwdParams p) {
   static_assert(BQ % kTY == 0 && BK % kTX == 0 && BK % kTY == 0 && kChunk % BQ == 0 && BK <= 64, "tiles");
   constexpr int RI = BQ / kTY, CJ = BK / kTX;  // score micro tile: queries x keys
   constexpr int KI = BK / kTY, DJ = DMAX / kTX;  // gradient micro tile: keys x head dim
   constexpr int QS = DMAX, KS = DMAX + 1;
   constexpr int SUBQ = kChunk / BQ;
-  extern __shared__ float smem[];
+  ANLLM_DYNAMIC_SHARED(float, smem);
   float* Ks = smem;            // [BK][KS]
   float* Vs = Ks + BK * KS;    // [BK][KS]
   float* Qs = Vs + BK * KS;    // [BQ][QS] pre-scaled q
@@ -234,16 +223,21 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BwdParams p) {
   float* Ps = Os + BQ * QS;    // [BQ][BK]
   float* Ds = Ps + BQ * BK;    // [BQ][BK] dS
 
-  __shared__ int64_t r_pos[BQ];
-  __shared__ int32_t r_seg[BQ];
-  __shared__ bool r_valid[BQ], r_anchor[BQ];
-  __shared__ float r_lse[BQ], r_delta[BQ];
-  __shared__ int64_t k_row[BK];  // key index, -1: no key
-  __shared__ int64_t k_pos[BK];
-  __shared__ int32_t k_seg[BK];
-  __shared__ int64_t t_c0, t_c1, t_kpmin;
-  __shared__ int32_t t_ksmin, t_ksmax;
-  __shared__ int t_any;
+  ANLLM_SHARED(int64_t, r_pos, [BQ]);
+  ANLLM_SHARED(int32_t, r_seg, [BQ]);
+  ANLLM_SHARED(bool, r_valid, [BQ]);
+  ANLLM_SHARED(bool, r_anchor, [BQ]);
+  ANLLM_SHARED(float, r_lse, [BQ]);
+  ANLLM_SHARED(float, r_delta, [BQ]);
+  ANLLM_SHARED(int64_t, k_row, [BK]);  // key index, -1: no key
+  ANLLM_SHARED(int64_t, k_pos, [BK]);
+  ANLLM_SHARED(int32_t, k_seg, [BK]);
+  ANLLM_SHARED(int64_t, t_c0, );
+  ANLLM_SHARED(int64_t, t_c1, );
+  ANLLM_SHARED(int64_t, t_kpmin, );
+  ANLLM_SHARED(int32_t, t_ksmin, );
+  ANLLM_SHARED(int32_t, t_ksmax, );
+  ANLLM_SHARED(int, t_any, );
 
   const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
   int64_t item = blockIdx.x;
@@ -351,7 +345,6 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BwdParams p) {
   const int32_t ksmin = t_ksmin, ksmax = t_ksmax;
   const int64_t qcb = b * p.qs.nC;
   const T* q = static_cast<const T*>(p.q);
-  const T* go = static_cast<const T*>(p.dout);
 
   for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
     const int64_t hrow = (b * p.Hq + h) * p.Tq;
@@ -387,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BwdParams p) {
           if (d < p.D && r_valid[r]) {
             const int64_t qi = q0 + r;
             x = to_float(q[b * p.q_sb + h * p.q_sh + qi * p.q_st + d]) * p.scale;
-            g = to_float(go[(hrow + qi) * p.D + d]);
+            g = load_dout<T>(p, (hrow + qi) * p.D + d);
           }
           Qs[r * QS + d] = x;
           Os[r * QS + d] = g;
@@ -462,15 +455,30 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BwdParams p) {
 template <typename T, int DMAX>
 void launch_bwd(BwdParams p, const at::Tensor& q) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  {
+  bool dq_done = false;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (!p.dout_f32) {  // tensor cores (an fp32 dout stays fp32: dq_kernel below)
+      using W = WmmaDqTraits<DMAX>;
+      p.n_qtiles = (p.Tq + W::BQ - 1) / W::BQ;
+      const int64_t blocks = p.B * p.Hq * p.n_qtiles;
+      ANLLM_CHECK(blocks < std::numeric_limits<int32_t>::max(), "problem too large for one grid");
+      const size_t smem = WmmaDqSmem<DMAX, W::BQ, W::BK>::bytes;
+      auto dq_wmma = ANLLM_KERNEL(dq_wmma_kernel, T, DMAX, W::BQ, W::BK, W::WM);
+      allow_smem(dq_wmma, smem);
+      ANLLM_LAUNCH(dq_wmma, static_cast<unsigned>(blocks), kThreads, smem, stream)(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dq_done = true;
+    }
+  }
+  if (!dq_done) {
     constexpr int BQ = DqTraits<DMAX>::BQ, BK = DqTraits<DMAX>::BK;
     p.n_qtiles = (p.Tq + BQ - 1) / BQ;
     const int64_t blocks = p.B * p.Hq * p.n_qtiles;
     ANLLM_CHECK(blocks < std::numeric_limits<int32_t>::max(), "problem too large for one grid");
     const size_t smem = sizeof(float) * (2 * BQ * (DMAX + 1) + 2 * BK * (DMAX + 1) + BQ * BK);
-    auto kernel = dq_kernel<T, DMAX, BQ, BK>;
+    auto kernel = ANLLM_KERNEL(dq_kernel, T, DMAX, BQ, BK);
     allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+    ANLLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, smem, stream)(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   {
@@ -480,14 +488,20 @@ void launch_bwd(BwdParams p, const at::Tensor& q) {
     const int64_t blocks = p.B * p.Hkv * p.n_ktiles;
     // Anchor tiles: split the query range so that each block walks ~8 query chunks.
     p.qsplit = static_cast<int>(std::min<int64_t>(32, std::max<int64_t>(1, p.qs.nC / 8)));
+    // With qsplit > 1 several blocks add into an anchor's dk/dv rows with float atomicAdd in no fixed
+    // order: the low bits vary from run to run.
+    if (p.qsplit > 1)
+      at::globalContext().alertNotDeterministic(
+          "anllm::anchor_attention_bwd on CUDA with more than 1024 queries (the key/value gradients of anchor "
+          "keys are summed with atomicAdd across query splits)");
     ANLLM_CHECK(blocks * p.qsplit < std::numeric_limits<int32_t>::max(), "problem too large for one grid");
-    auto own = dkv_kernel<T, DMAX, BQ, BK, false>;
+    auto own = ANLLM_KERNEL(dkv_kernel, T, DMAX, BQ, BK, false);
     allow_smem(own, smem);
-    own<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+    ANLLM_LAUNCH(own, static_cast<unsigned>(blocks), kThreads, smem, stream)(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto anc = dkv_kernel<T, DMAX, BQ, BK, true>;
+    auto anc = ANLLM_KERNEL(dkv_kernel, T, DMAX, BQ, BK, true);
     allow_smem(anc, smem);
-    anc<<<static_cast<unsigned>(blocks * p.qsplit), kThreads, smem, stream>>>(p);
+    ANLLM_LAUNCH(anc, static_cast<unsigned>(blocks * p.qsplit), kThreads, smem, stream)(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -510,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cuda(
   const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_anchor.contiguous(), q_valid.contiguous()};
   const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_anchor.contiguous(), k_valid.contiguous()};
   const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
-  ANLLM_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  ANLLM_CHECK(on_kernel_device(q), "q must be a CUDA tensor");
   // Validation first (host only), so mixed-device inputs get the clear error, then the guard.
   c10::cuda::OptionalCUDAGuard guard(q.device());
   ANLLM_CHECK_SHAPE(dout_in, s.B, s.Hq, s.Tq, s.D);
@@ -521,8 +535,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cuda(
   ANLLM_CHECK_SAME_DEVICE(dout_in, q);
   ANLLM_CHECK_SAME_DEVICE(lse_in, q);
   ANLLM_CHECK_SAME_DEVICE(delta_in, q);
-  // Like the CPU kernel, any floating dout is accepted (read in the dtype of q).
-  const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous(), lse = lse_in.contiguous(), delta = delta_in.contiguous();
+  // Like the CPU kernel, any floating dout is accepted: fp32 is read as fp32, others in the dtype of q.
+  const bool dout_f32 = dout_in.scalar_type() == at::kFloat;
+  const at::Tensor dout = (dout_f32 ? dout_in : dout_in.to(q.scalar_type())).contiguous();
+  const at::Tensor lse = lse_in.contiguous(), delta = delta_in.contiguous();
 
   auto dq = at::empty({s.B, s.Hq, s.Tq, s.D}, q.options());
   auto dk32 = at::zeros({s.B, s.Hkv, s.Tk, s.D}, q.options().dtype(at::kFloat));
@@ -541,27 +557,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cuda(
   build_side_index(ql, qside, nullptr);
 
   BwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  set_attention_params(p, q, k, v, ql, kl, s, kside, anchors, scale);
   p.dout = dout.data_ptr();
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_st = q.stride(2);
-  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
-  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
+  p.dout_f32 = dout_f32;
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk32.data_ptr<float>();
   p.dv = dv32.data_ptr<float>();
-  p.ql = layout_view(ql);
-  p.kl = layout_view(kl);
-  p.ks = kside.view();
   p.qs = qside.view();
-  p.ka = anchors.view();
-  p.B = s.B; p.Hq = s.Hq; p.Hkv = s.Hkv; p.Tq = s.Tq; p.Tk = s.Tk;
-  p.D = static_cast<int>(s.D);
-  p.group = static_cast<int>(s.Hq / s.Hkv);
-  p.scale = static_cast<float>(scale);
   switch (q.scalar_type()) {
     case at::kFloat: launch_bwd_dim<float>(p, q); break;
     case at::kHalf: launch_bwd_dim<at::Half>(p, q); break;

@@ -13,55 +13,37 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "fwd_wmma.cuh"
 
 namespace anllm {
 namespace cuda {
 namespace {
 
-struct FwdParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  int64_t q_sb, q_sh, q_st;
-  int64_t k_sb, k_sh, k_st;
-  int64_t v_sb, v_sh, v_st;
-  void* out;       // [B, Hq, Tq, D] contiguous
-  float* lse;      // [B, Hq, Tq]
-  float* part_acc; // [nsplit, B*Hq*Tq, D]  (nsplit > 1)
-  float* part_m;   // [nsplit, B*Hq*Tq]
-  float* part_l;   // [nsplit, B*Hq*Tq]
-  LayoutView ql, kl;
-  SideView ks;
-  AnchorView ka;
-  int64_t B, Hq, Hkv, Tq, Tk;
-  int D, group;
-  int rows_h, rows_q;  // a block's rows: rows_h heads x rows_q queries
-  int64_t n_hgroups, n_qtiles;
-  int nsplit;
-  float scale;
-};
-
+constexpr int fwd_kernel_launch_bound = kThreads;
 template <typename T, int DMAX, int BQ, int BK>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdParams p) {
   static_assert(BQ % kTY == 0 && BK % kTX == 0 && DMAX % kTX == 0 && kChunk % BK == 0, "tiles");
   static_assert(BQ <= 32 && BK <= 64, "tiles");
   constexpr int RI = BQ / kTY, CJ = BK / kTX, DJ = DMAX / kTX;
   constexpr int QS = DMAX + 1, KS = DMAX + 1, VS = DMAX;
   constexpr int SUB = kChunk / BK;
-  extern __shared__ float smem[];
+  ANLLM_DYNAMIC_SHARED(float, smem);
   float* Qs = smem;              // [BQ][QS], pre-scaled
   float* Ks = Qs + BQ * QS;      // [BK][KS]
   float* Vs = Ks + BK * KS;      // [BK][VS]
   float* Ss = Vs + BK * VS;      // [BQ][BK]
 
-  __shared__ int64_t r_pos[BQ];
-  __shared__ int32_t r_seg[BQ];
-  __shared__ bool r_valid[BQ], r_anchor[BQ];
-  __shared__ float r_m[BQ], r_l[BQ], r_alpha[BQ];
-  __shared__ int64_t k_row[BK];  // key index in the row, -1: no key (masked, zero K/V)
-  __shared__ int64_t k_pos[BK];
-  __shared__ int32_t k_seg[BK];
-  __shared__ QueryTilePlan plan;
+  ANLLM_SHARED(int64_t, r_pos, [BQ]);
+  ANLLM_SHARED(int32_t, r_seg, [BQ]);
+  ANLLM_SHARED(bool, r_valid, [BQ]);
+  ANLLM_SHARED(bool, r_anchor, [BQ]);
+  ANLLM_SHARED(float, r_m, [BQ]);
+  ANLLM_SHARED(float, r_l, [BQ]);
+  ANLLM_SHARED(float, r_alpha, [BQ]);
+  ANLLM_SHARED(int64_t, k_row, [BK]);  // key index in the row, -1: no key (masked, zero K/V)
+  ANLLM_SHARED(int64_t, k_pos, [BK]);
+  ANLLM_SHARED(int32_t, k_seg, [BK]);
+  ANLLM_SHARED(QueryTilePlan, plan, );
 
   const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
   int64_t item = blockIdx.x;
@@ -287,8 +269,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
 }
 
 // Merges the nsplit partial results of every row by log-sum-exp. One block per row.
+constexpr int combine_kernel_launch_bound = 128;
 template <typename T>
-__global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ part_acc,
+__global__ void __launch_bounds__(combine_kernel_launch_bound) combine_kernel(const float* __restrict__ part_acc,
                                                       const float* __restrict__ part_m,
                                                       const float* __restrict__ part_l, T* out,
                                                       float* lse, int64_t rows, int D, int nsplit) {
@@ -317,26 +300,40 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   if (threadIdx.x == 0) lse[row] = L > 0.f ? M + __logf(L) : -INFINITY;
 }
 
+// The forward of one padded head dim. Decode-like calls (group * Tq <= BQ of fwd_kernel: all query heads of
+// a key/value head in one block, K/V read once per group) and fp32 inputs run fwd_kernel (CUDA cores,
+// fp32); every other bf16/fp16 call runs fwd_wmma_kernel (tensor cores). Either way, when the grid would
+// be small the key tiles are split across blocks and combine_kernel merges the partial results.
 template <typename T, int DMAX>
 void launch_fwd(FwdParams p, const at::Tensor& q, at::Tensor& out, at::Tensor& lse) {
-  constexpr int BQ = FwdTraits<DMAX>::BQ, BK = FwdTraits<DMAX>::BK;
+  constexpr int BQ = FwdTraits<DMAX>::BQ;
+  const bool decode = static_cast<int64_t>(p.group) * p.Tq <= BQ;
+  constexpr bool low_precision = !std::is_same_v<T, float>;
+  const bool tensor_cores = low_precision && !decode;
+  int bq = BQ, bk = FwdTraits<DMAX>::BK;
+  if constexpr (low_precision) {
+    if (tensor_cores) {
+      bq = WmmaFwdTraits<DMAX>::BQ;
+      bk = WmmaFwdTraits<DMAX>::BK;
+    }
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (static_cast<int64_t>(p.group) * p.Tq <= BQ) {  // decode-like: all heads of a group per block
+  if (decode) {  // decode-like: all heads of a group per block
     p.rows_h = p.group;
     p.rows_q = static_cast<int>(p.Tq);
     p.n_hgroups = p.Hkv;
     p.n_qtiles = 1;
   } else {
     p.rows_h = 1;
-    p.rows_q = BQ;
+    p.rows_q = bq;
     p.n_hgroups = p.Hq;
-    p.n_qtiles = (p.Tq + BQ - 1) / BQ;
+    p.n_qtiles = (p.Tq + bq - 1) / bq;
   }
   const int64_t blocks = p.B * p.n_hgroups * p.n_qtiles;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int64_t nsplit = 1;
   if (blocks < 2 * sms) {
-    const int64_t key_tiles = (p.Tk + BK - 1) / BK;
+    const int64_t key_tiles = (p.Tk + bk - 1) / bk;
     nsplit = std::min<int64_t>({(2 * sms + blocks - 1) / blocks, std::max<int64_t>(1, key_tiles / 4), 64});
   }
   p.nsplit = static_cast<int>(nsplit);
@@ -350,14 +347,31 @@ void launch_fwd(FwdParams p, const at::Tensor& q, at::Tensor& out, at::Tensor& l
     p.part_m = part_ml.data_ptr<float>();
     p.part_l = p.part_m + nsplit * rows;
   }
-  const size_t smem = sizeof(float) * (BQ * (DMAX + 1) + BK * (DMAX + 1) + BK * DMAX + BQ * BK);
-  auto kernel = fwd_kernel<T, DMAX, BQ, BK>;
-  allow_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(blocks * nsplit), kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const unsigned grid = static_cast<unsigned>(blocks * nsplit);
+  bool launched = false;
+  if constexpr (low_precision) {
+    if (tensor_cores) {
+      using W = WmmaFwdTraits<DMAX>;
+      const size_t smem = WmmaFwdSmem<DMAX, W::BQ, W::BK>::bytes;
+      auto wmma_kernel = ANLLM_KERNEL(fwd_wmma_kernel, T, DMAX, W::BQ, W::BK, W::WM);
+      allow_smem(wmma_kernel, smem);
+      ANLLM_LAUNCH(wmma_kernel, grid, kThreads, smem, stream)(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launched = true;
+    }
+  }
+  if (!launched) {
+    constexpr int BK = FwdTraits<DMAX>::BK;
+    const size_t smem = sizeof(float) * (BQ * (DMAX + 1) + BK * (DMAX + 1) + BK * DMAX + BQ * BK);
+    auto kernel = ANLLM_KERNEL(fwd_kernel, T, DMAX, BQ, BK);
+    allow_smem(kernel, smem);
+    ANLLM_LAUNCH(kernel, grid, kThreads, smem, stream)(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   if (nsplit > 1) {
     ANLLM_CHECK(rows < std::numeric_limits<int32_t>::max(), "too many query rows");
-    combine_kernel<T><<<static_cast<unsigned>(rows), 128, 0, stream>>>(
+    auto combine = ANLLM_KERNEL(combine_kernel, T);
+    ANLLM_LAUNCH(combine, static_cast<unsigned>(rows), 128, 0, stream)(
         p.part_acc, p.part_m, p.part_l, static_cast<T*>(p.out), p.lse, rows, p.D, p.nsplit);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -380,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cuda(
   const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_anchor.contiguous(), q_valid.contiguous()};
   const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_anchor.contiguous(), k_valid.contiguous()};
   const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
-  ANLLM_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  ANLLM_CHECK(on_kernel_device(q), "q must be a CUDA tensor");
   // Validation first (host only), so mixed-device inputs get the clear error, then the guard.
   c10::cuda::OptionalCUDAGuard guard(q.device());
   auto out = at::empty({s.B, s.Hq, s.Tq, s.D}, q.options());
@@ -396,22 +410,9 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cuda(
   build_side_index(kl, kside, &anchors);
 
   FwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_st = q.stride(2);
-  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
-  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
+  set_attention_params(p, q, k, v, ql, kl, s, kside, anchors, scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.ql = layout_view(ql);
-  p.kl = layout_view(kl);
-  p.ks = kside.view();
-  p.ka = anchors.view();
-  p.B = s.B; p.Hq = s.Hq; p.Hkv = s.Hkv; p.Tq = s.Tq; p.Tk = s.Tk;
-  p.D = static_cast<int>(s.D);
-  p.group = static_cast<int>(s.Hq / s.Hkv);
-  p.scale = static_cast<float>(scale);
   p.nsplit = 1;
   switch (q.scalar_type()) {
     case at::kFloat: launch_fwd_dim<float>(p, q, out, lse); break;

@@ -1,17 +1,35 @@
 // Shared pieces of the CUDA kernels: layout views, the per-row key/query index (built on device, no
 // host sync), tile traits, block-wide scans and small numeric helpers.
 //
-// Tiling scheme (all attention kernels): 128 threads as an 8 x 16 grid (ty, tx). A thread owns the
-// rows ty, ty+8, ... of a tile and the columns tx, tx+16, ... (keys for score tiles, head-dim
-// entries for output tiles). All math is fp32 on CUDA cores; bf16/fp16 are converted on load. The
-// head dim is padded to DMAX in {64, 128, 256} with zeros, so any D <= 256 runs.
+// Tiling scheme of the CUDA-core attention kernels (fwd_kernel, dq_kernel, dkv_kernel): 128 threads as an
+// 8 x 16 grid (ty, tx). A thread owns the rows ty, ty+8, ... of a tile and the columns tx, tx+16, ...
+// (keys for score tiles, head-dim entries for output tiles). Their math is fp32; bf16/fp16 are converted
+// on load. The tensor-core kernels (fwd_wmma.cuh, bwd_wmma.cuh: bf16/fp16, WMMA) use four warps on
+// 16 x 16 fragments instead. The head dim is padded to DMAX in {64, 128, 256} with zeros, so any
+// D <= 256 runs.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#ifdef ANLLM_CUDA_EMU
+// Test-only build: the same sources as host C++ under the CUDA emulator (csrc/emu/cuda_emu.h, docs/gpu.md).
+#include "../emu/cuda_emu.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
+// Portability macros: these expand to the plain CUDA forms here; the emulator defines its own.
+#define ANLLM_SHARED(T, name, dims) __shared__ T name dims
+#define ANLLM_SHARED_ALIGN(a, T, name, dims) __shared__ __align__(a) T name dims
+#define ANLLM_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#define ANLLM_DYNAMIC_SHARED_ALIGN(a, T, name) extern __shared__ __align__(a) T name[]
+#define ANLLM_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+// An instantiation of a template kernel, whose __launch_bounds__ argument is the constant
+// <kernel>_launch_bound declared before it (the emulator checks launches against it, see cuda_emu.h;
+// test_cuda_emu.py checks the declarations). Here the plain template-id.
+#define ANLLM_KERNEL(name, ...) name<__VA_ARGS__>
+#endif
 
 #include <cstdint>
 #include <limits>
@@ -88,9 +106,66 @@ struct AnchorIndex {
 
 LayoutView layout_view(const LayoutTensors& l);
 
+// The device the kernels' tensors live on: CUDA (the CPU in the emulator build, whose "device memory" is
+// host memory).
+inline bool on_kernel_device(const at::Tensor& t) {
+#ifdef ANLLM_CUDA_EMU
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
+// Host staging buffers for small tables copied to the device without a host sync: pinned memory (the
+// emulator has no pinned allocator and no copy: its device memory is host memory).
+inline at::TensorOptions host_staging_options() {
+#ifdef ANLLM_CUDA_EMU
+  return at::TensorOptions();
+#else
+  return at::TensorOptions().pinned_memory(true);
+#endif
+}
+
 // Builds the chunk summaries of one side (and the anchor list when `anchors` is non-null) on the
 // current stream. Layout tensors must be contiguous CUDA tensors.
 void build_side_index(const LayoutTensors& l, SideIndex& side, AnchorIndex* anchors);
+
+// What the forward and the backward kernels share: the inputs, both layouts, the key side's index
+// and the problem's sizes. FwdParams and BwdParams extend it; set_attention_params fills it for both
+// launchers (one place, in the style of causal-conv1d's set_*_params).
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sh, q_st;  // strides of batch, head and token (the head dim is contiguous)
+  int64_t k_sb, k_sh, k_st;
+  int64_t v_sb, v_sh, v_st;
+  LayoutView ql, kl;
+  SideView ks;    // chunk summaries of the keys
+  AnchorView ka;  // the valid anchor keys of every row
+  int64_t B, Hq, Hkv, Tq, Tk;
+  int D, group;  // head dim, query heads per key/value head
+  float scale;
+};
+
+inline void set_attention_params(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const LayoutTensors& ql, const LayoutTensors& kl, const AttentionShape& s,
+                                 const SideIndex& kside, const AnchorIndex& anchors, double scale) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_st = q.stride(2);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
+  p.ql = layout_view(ql);
+  p.kl = layout_view(kl);
+  p.ks = kside.view();
+  p.ka = anchors.view();
+  p.B = s.B; p.Hq = s.Hq; p.Hkv = s.Hkv; p.Tq = s.Tq; p.Tk = s.Tk;
+  p.D = static_cast<int>(s.D);
+  p.group = static_cast<int>(s.Hq / s.Hkv);
+  p.scale = static_cast<float>(scale);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Device helpers.
@@ -129,7 +204,7 @@ __device__ __forceinline__ int64_t count_le_dev(const T* a, int64_t n, T x) {
 
 // Tile sizes per padded head dim. Shared memory stays under ~99 KB (sm86/sm89 opt-in limit).
 // The key tiles a tile of queries visits, decided once per tile from its rows' layout (shared
-// memory, BQ <= 32 rows): own-segment chunks [c_lo, c_hi) of the key side's chunk summaries, as
+// memory, BQ <= 64 rows): own-segment chunks [c_lo, c_hi) of the key side's chunk summaries, as
 // n_own = (c_hi - c_lo) * sub tiles, then n_anc tiles over the first n_av earlier anchors (those at or
 // before the tile's last position; none when every row is an anchor). smin/smax/pmax summarise the rows.
 struct QueryTilePlan {
@@ -143,11 +218,22 @@ __device__ __forceinline__ void plan_query_tile(int lane, int64_t b, int sub, co
                                                 const bool* r_anchor, const int32_t* r_seg,
                                                 const int64_t* r_pos, const SideView& ks,
                                                 const AnchorView& ka, QueryTilePlan& plan) {
-  const bool v = lane < BQ && r_valid[lane];
-  int32_t smin = v ? r_seg[lane] : kI32Max, smax = v ? r_seg[lane] : kI32Min;
-  int64_t pmax = v ? r_pos[lane] : kI64Min;
+  static_assert(BQ <= 64, "a warp plans at most 64 rows");
+  // lane l summarises rows l and l + 32
+  bool v = false, na = false;
+  int32_t smin = kI32Max, smax = kI32Min;
+  int64_t pmax = kI64Min;
+#pragma unroll
+  for (int r = lane; r < BQ; r += 32) {
+    if (!r_valid[r]) continue;
+    v = true;
+    na = na || !r_anchor[r];
+    smin = min(smin, r_seg[r]);
+    smax = max(smax, r_seg[r]);
+    pmax = max(pmax, r_pos[r]);
+  }
   const unsigned any_valid = __ballot_sync(kFull, v);
-  const unsigned any_na = __ballot_sync(kFull, v && !r_anchor[lane]);
+  const unsigned any_na = __ballot_sync(kFull, na);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     smin = min(smin, __shfl_xor_sync(kFull, smin, o));
@@ -236,7 +322,8 @@ template <> struct DkvTraits<256> { static constexpr int BQ = 16, BK = 16; };
 
 // The AnSAN rule restricted to one kind of key tile. Own-segment tiles take only pairs with equal
 // segments, anchor tiles (gathered valid anchors) only pairs with different segments, so the two
-// kinds together give exactly allowed(i, j) of SPEC section 3 whatever the key order.
+// kinds together give exactly allowed(i, j) of the AnSAN mask rule (docs/method.md,
+// section "The AnSAN mask rule") whatever the key order.
 __device__ __forceinline__ bool pair_allowed(bool anchor_tile, bool q_valid, bool q_anchor, int64_t q_pos,
                                              int32_t q_seg, bool k_ok, int64_t k_pos, int32_t k_seg) {
   if (!q_valid || !k_ok || k_pos > q_pos) return false;
@@ -245,13 +332,18 @@ __device__ __forceinline__ bool pair_allowed(bool anchor_tile, bool q_valid, boo
 
 inline int padded_head_dim(int64_t D) { return D <= 64 ? 64 : (D <= 128 ? 128 : 256); }
 
-// Sets the dynamic shared memory limit of a kernel (needed above 48 KB).
+// Sets the dynamic shared memory limit of a kernel (needed when static + dynamic exceed 48 KB). The kernel's
+// static shared memory counts against the same per-block limit as the dynamic bytes.
 template <typename K>
 inline void allow_smem(K kernel, size_t bytes) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  ANLLM_CHECK(bytes <= prop->sharedMemPerBlockOptin, "kernel needs ", bytes,
-              " bytes of shared memory per block, the device allows ", prop->sharedMemPerBlockOptin);
-  if (bytes > 48 * 1024)
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const size_t total = bytes + attr.sharedSizeBytes;
+  ANLLM_CHECK(total <= prop->sharedMemPerBlockOptin, "kernel needs ", bytes, " bytes of dynamic and ",
+              attr.sharedSizeBytes, " bytes of static shared memory per block, the device allows ",
+              prop->sharedMemPerBlockOptin);
+  if (total > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
 }

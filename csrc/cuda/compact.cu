@@ -40,8 +40,8 @@ constexpr int kDescFields = 6;
 __global__ void __launch_bounds__(kPlanThreads)
     plan_kernel(const bool* __restrict__ keep, const int64_t* __restrict__ lengths, int64_t cap,
                 int32_t* __restrict__ src, int64_t* __restrict__ new_len, int64_t* __restrict__ first_move) {
-  __shared__ int32_t warp_tot[32];
-  __shared__ int64_t first_drop;
+  ANLLM_SHARED(int32_t, warp_tot, [32]);
+  ANLLM_SHARED(int64_t, first_drop, );
   const int64_t b = blockIdx.x;
   int64_t len = lengths[b];
   len = len < 0 ? 0 : (len > cap ? cap : len);
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kMoveThreads)
     move_kernel(const int64_t* __restrict__ desc, int64_t B, int64_t heads_max, int64_t cap,
                 const int32_t* __restrict__ src, const int64_t* __restrict__ new_len,
                 const int64_t* __restrict__ first_move) {
-  __shared__ __align__(16) char buf[kMoveBytes];
+  ANLLM_SHARED_ALIGN(16, char, buf, [kMoveBytes]);
   int64_t item = blockIdx.x;
   const int64_t h = item % heads_max;
   item /= heads_max;
@@ -150,7 +150,7 @@ int64_t widest_access(const at::Tensor& t, const SlotView& sv) {
 
 at::Tensor compact_cuda(at::TensorList tensors, const at::Tensor& keep_in, const at::Tensor& lengths_in) {
   const CompactProblem pr = check_compact_inputs(tensors, keep_in, lengths_in);
-  ANLLM_CHECK(keep_in.is_cuda(), "keep must be a CUDA tensor");
+  ANLLM_CHECK(on_kernel_device(keep_in), "keep must be a CUDA tensor");
   // Validation first (host only), so mixed-device inputs get the clear error, then the guard.
   c10::cuda::OptionalCUDAGuard guard(keep_in.device());
   const at::Tensor keep = keep_in.contiguous();
@@ -162,7 +162,7 @@ at::Tensor compact_cuda(at::TensorList tensors, const at::Tensor& keep_in, const
   auto first_move = at::empty({B}, lengths.options());
   auto src = at::empty({B, std::max<int64_t>(cap, 1)}, keep.options().dtype(at::kInt));
   auto stream = at::cuda::getCurrentCUDAStream();
-  plan_kernel<<<static_cast<unsigned>(B), kPlanThreads, 0, stream>>>(
+  ANLLM_LAUNCH(plan_kernel, static_cast<unsigned>(B), kPlanThreads, 0, stream)(
       keep.data_ptr<bool>(), lengths.data_ptr<int64_t>(), cap, src.data_ptr<int32_t>(),
       new_len.data_ptr<int64_t>(), first_move.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -183,13 +183,13 @@ at::Tensor compact_cuda(at::TensorList tensors, const at::Tensor& keep_in, const
   const int64_t n_tensors = static_cast<int64_t>(host.size()) / kDescFields;
   if (n_tensors == 0 || cap == 0) return new_len;
   at::Tensor desc_cpu = at::empty({static_cast<int64_t>(host.size())},
-                                  at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+                                  host_staging_options().dtype(at::kLong));
   std::copy(host.begin(), host.end(), desc_cpu.data_ptr<int64_t>());
   at::Tensor desc = desc_cpu.to(keep.device(), /*non_blocking=*/true);
 
   const int64_t planes = n_tensors * B * pr.heads_per_tensor_max;
   ANLLM_CHECK(planes < std::numeric_limits<int32_t>::max(), "too many planes for one launch");
-  move_kernel<<<static_cast<unsigned>(planes), kMoveThreads, 0, stream>>>(
+  ANLLM_LAUNCH(move_kernel, static_cast<unsigned>(planes), kMoveThreads, 0, stream)(
       desc.data_ptr<int64_t>(), B, pr.heads_per_tensor_max, std::max<int64_t>(cap, 1),
       src.data_ptr<int32_t>(), new_len.data_ptr<int64_t>(), first_move.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

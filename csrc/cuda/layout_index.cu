@@ -95,8 +95,8 @@ struct IndexOut {
 };
 
 __global__ void __launch_bounds__(kIndexThreads) build_index_kernel(LayoutView l, IndexOut o) {
-  __shared__ int64_t buf64[32];
-  __shared__ int32_t buf32[32];
+  ANLLM_SHARED(int64_t, buf64, [32]);
+  ANLLM_SHARED(int32_t, buf32, [32]);
   const int64_t b = blockIdx.x;
   const int64_t T = l.T, nC = o.nC;
   const int64_t* pos = l.pos + b * T;
@@ -247,8 +247,8 @@ void build_side_index(const LayoutTensors& l, SideIndex& side, AnchorIndex* anch
     o.a_cnt = anchors->cnt.data_ptr<int32_t>();
   }
   if (B == 0) return;
-  build_index_kernel<<<static_cast<unsigned>(B), kIndexThreads, 0,
-                       at::cuda::getCurrentCUDAStream()>>>(layout_view(l), o);
+  ANLLM_LAUNCH(build_index_kernel, static_cast<unsigned>(B), kIndexThreads, 0,
+               at::cuda::getCurrentCUDAStream())(layout_view(l), o);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,5 +1,5 @@
-// token_layout on the CPU: the per-token layout of a [B, T] chunk of ids in one pass per row (SPEC
-// section 2), plus where the next chunk starts and whether the chunk holds an anchor or padding.
+// token_layout on the CPU: the per-token layout of a [B, T] chunk of ids in one pass per row
+// (docs/method.md, section "Anchors and segments"), plus where the next chunk starts and whether the chunk holds an anchor or padding.
 //
 // Python's token_layout runs this for CPU inputs: a decode step needs the layout of one token, which as
 // a dozen small ATen ops costs more than the step's attention bookkeeping should. Other devices use
@@ -11,7 +11,7 @@
 #include <limits>
 #include <vector>
 
-#include "checks.h"
+#include "../checks.h"
 
 namespace anllm {
 namespace {

@@ -9,7 +9,7 @@
 #include <cstring>
 #include <vector>
 
-#include "compact_common.h"
+#include "../compact_common.h"
 
 namespace anllm {
 namespace {

@@ -1,5 +1,5 @@
 // CPU registration of anchor_attention_fwd/bwd with run-time selection of the kernel variant
-// (cpu_dispatch.h). This file is compiled with the baseline flags: it must run on any CPU, since it
+// (cpu/dispatch.h). This file is compiled with the baseline flags: it must run on any CPU, since it
 // decides which instructions the kernels may use.
 //
 // ANLLM_CPU_CAPABILITY=default|avx2|avx512 caps the choice, as ATEN_CPU_CAPABILITY does for ATen:
@@ -11,8 +11,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "checks.h"
-#include "cpu_dispatch.h"
+#include "../checks.h"
+#include "dispatch.h"
 
 // Entry points of the variants (cpu/attention_*.cpp). Weak: a build without a variant (another
 // architecture, ANLLM_CPU_FLAGS builds) leaves its entry null.

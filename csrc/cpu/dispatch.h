@@ -1,6 +1,6 @@
 // Run-time CPU dispatch of the attention kernels, after ATen's DispatchStub: the kernel source
 // (cpu/attention_kernels.h) is compiled once per capability (baseline x86-64, AVX2+FMA, AVX-512),
-// each into its own namespace with one C entry point; anchor_attention_cpu.cpp picks the best one
+// each into its own namespace with one C entry point; cpu/anchor_attention.cpp picks the best one
 // this CPU supports, or the one ANLLM_CPU_CAPABILITY caps it to.
 #pragma once
 

@@ -9,7 +9,7 @@
 #pragma once
 
 #ifndef ANLLM_CPU_NS
-#error "cpu_tile_matmul.h is part of the per-capability CPU kernels; include it via cpu/attention_kernels.h"
+#error "cpu/tile_matmul.h is part of the per-capability CPU kernels; include it via cpu/attention_kernels.h"
 #endif
 
 #include <ATen/cpu/vec/vec.h>
