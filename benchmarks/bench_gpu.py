@@ -125,6 +125,37 @@ def causal_sdpa(device):
     return run
 
 
+def flex_baselines(lay, T, D, device):
+    """FlexAttention, compiled, block masks built once (outside the timing), as a user would run it: the AnSAN
+    mask_mod, and decomposed (own segment + the gathered anchors appended to the keys, anllm_ext.flex). The
+    anchor gather and concatenation run inside the timed call (they are part of that method's work)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        from anllm_ext import flex
+    except ImportError:
+        return {}
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # one compiled function per variant: a shared one would recompile on every switch of mask_mod
+    compiled_plain = torch.compile(flex_attention, dynamic=False)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    plain = create_block_mask(flex.ansan_mask_mod(lay, lay), 1, None, T, T, device=device)
+    anchor = (lay.is_anchor & lay.valid)[0].nonzero().flatten()
+    dummy = torch.zeros(1, 1, T, 1, device=device)
+    _, _, a_lay = flex.gather_anchors(dummy, dummy, lay)
+    decomposed = create_block_mask(flex.decomposed_mask_mod(lay, lay, a_lay), 1, None, T, T + a_lay.shape[1],
+                                   device=device)
+
+    def run_decomposed(q, k, v):
+        keys = torch.cat([k, k.index_select(2, anchor)], 2)
+        values = torch.cat([v, v.index_select(2, anchor)], 2)
+        return compiled(q, keys, values, block_mask=decomposed, enable_gqa=True)
+
+    return {"flex_mask_mod": lambda q, k, v: compiled_plain(q, k, v, block_mask=plain, enable_gqa=True),
+            "flex_decomposed": run_decomposed}
+
+
 def attention_section(ext, T, cfg, device, dtype):
     from anllm_ext.reference import ansan_mask
 
@@ -140,8 +171,10 @@ def attention_section(ext, T, cfg, device, dtype):
         "ours": lambda q, k, v: ext.anchor_attention(q, k, v, lay, lay),
         "sdpa_dense_mask": lambda q, kr, vr: F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask),
         "sdpa_causal": lambda q, kr, vr: flash(q, kr, vr, is_causal=True),
+        **flex_baselines(lay, T, D, device),
     }
-    inputs = {"ours": (q, k, v), "sdpa_dense_mask": (q, kr, vr), "sdpa_causal": (q, kr, vr)}
+    inputs = {"ours": (q, k, v), "sdpa_dense_mask": (q, kr, vr), "sdpa_causal": (q, kr, vr),
+              "flex_mask_mod": (q, k, v), "flex_decomposed": (q, k, v)}
     r = {"T": T, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": str(dtype), "visible_pairs_per_head": visible,
          "causal_pairs_per_head": causal, "visible_fraction_of_causal": visible / causal}
 
@@ -189,6 +222,15 @@ def attention_section(ext, T, cfg, device, dtype):
         if t["ours"] and t["sdpa_dense_mask"]:
             dm = r[f"{phase}_speedup_vs_dense_mask"] = t["sdpa_dense_mask"] / t["ours"]
             line += f", vs dense mask {dm:.1f}x (goal >= 5x: {'met' if dm >= 5 else 'missed'})"
+        for flex in ("flex_mask_mod", "flex_decomposed"):
+            if t["ours"] and t.get(flex):
+                fx = r[f"{phase}_speedup_vs_{flex}"] = t[flex] / t["ours"]
+                line += f", vs {flex} {fx:.2f}x (goal > 1: {'met' if fx > 1 else 'missed'})"
+        # TFLOP/s counted on the visible pairs (forward 4 flops per pair and head dim, backward 10)
+        flops = (4 if phase == "fwd" else 10) * visible * D * Hq
+        for n, v in t.items():
+            if v:
+                r[f"{phase}_tflops_visible_{n}"] = flops / (v * 1e-3) / 1e12
         lines.append(line)
     for name in fns:
         if f"{name}_error" in r:
