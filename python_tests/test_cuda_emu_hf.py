@@ -12,38 +12,15 @@ import pytest
 import torch
 
 from emu_helpers import emu, needs_emu, route_ops_to_emulator
+from helpers import MODEL_ANCHOR, stream, tiny_model
 
 pytestmark = needs_emu
 
-ANCHOR = 7
-VOCAB = 64
+ANCHOR = MODEL_ANCHOR
 
 
 def tiny_llama(seed=0):
-    import transformers as tf
-
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         attn_implementation="sdpa", eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = tf.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # attention far from uniform, so errors show
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model
-
-
-def stream(B, T, seed=0, anchor_p=0.15, left_pad=()):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (B, T), generator=g)
-    ids[ids == ANCHOR] = ANCHOR + 1
-    ids[torch.rand(B, T, generator=g) < anchor_p] = ANCHOR
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, n in enumerate(left_pad):
-        mask[b, :n] = 0
-        ids[b, :n] = 0
-    return ids, mask
+    return tiny_model("llama", seed, max_position_embeddings=256)
 
 
 def single_pass(model, ids, mask):
