@@ -9,7 +9,8 @@ anchor or padding, compacts all layers in place in one call (``compact_kv_`` + `
 keeping ``valid & (is_anchor | segment == row's open segment)``. Padding therefore never stays in
 the cache, and rows of a batch have their own lengths.
 
-The protocol with a patched model (:func:`anllm_ext.patch`; these public methods are all it uses):
+The protocol with a model (these public methods are all :func:`anllm_ext.patch`'s hooks use, and all a model
+of your own needs to use the cache without the patch; python_tests/test_anchor_cache.py drives it that way):
 
 1. before the layers run, the patch's pre-hook asks :meth:`AnchorCache.next_start` where the chunk starts
    in every row, computes the chunk's layout and calls :meth:`AnchorCache.begin_forward`, which reserves
@@ -107,8 +108,9 @@ class AnchorLayer(CacheLayerMixin):
         plan = owner._plan
         if plan is None:
             raise RuntimeError(
-                "AnchorCache.update called outside a patched forward: use the cache with a model patched by "
-                "anllm_ext.patch(model, anchor_ids)"
+                "AnchorCache.update called outside a forward: a model patched by anllm_ext.patch(model, anchor_ids) "
+                "drives the cache; a model of your own calls begin_forward(chunk layout) first, then per layer "
+                "update + attend, then end_forward (see AnchorCache's docstring)"
             )
         if key_states.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("AnchorCache is for inference: run under torch.no_grad() / torch.inference_mode()")

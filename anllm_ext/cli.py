@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import List, Optional
 
 import torch
@@ -80,93 +79,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------
 # anllm generate
 # --------------------------------------------------------------------------------------------------
-
-
-class _Timer:
-    """A transformers streamer that timestamps the first generated token and shows a tqdm bar."""
-
-    def __init__(self, total_new: int, desc: str, show: bool):
-        from .console import progress_bar
-
-        self.t_first = None
-        self.n_new = 0
-        self._seen_prompt = False
-        self.bar = progress_bar(total_new, desc, show)
-
-    def put(self, value):
-        if not self._seen_prompt:  # generate() first puts the prompt
-            self._seen_prompt = True
-            return
-        if self.t_first is None:
-            self.t_first = time.perf_counter()
-        self.n_new += 1
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def end(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _run(model, ids, mask, args, anchor: bool, anchors: Optional[List[int]]):
-    from transformers import DynamicCache
-
-    from .cache import cache_kv_bytes
-    from .generation import generate
-    from .hf import cache_kwarg
-
-    n_prompt = ids.shape[1]
-    label = "anchor cache" if anchor else "full cache"
-    # the anchor run's bar comes from anllm_ext.generate (prefill chunks + decoding)
-    timer = _Timer(args.max_new_tokens, f"{label}: decode", args.progress and not anchor)
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, streamer=timer)
-    if args.do_sample:
-        gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
-    if args.ignore_eos:
-        gen_kwargs["eos_token_id"] = None
-    if args.do_sample:
-        torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    if anchor:
-        out, cache = generate(model, ids, mask, prefill_chunk=args.prefill_chunk, anchor_ids=anchors,
-                              return_cache=True, progress=args.progress, **gen_kwargs)
-    else:
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, **gen_kwargs)
-    t1 = time.perf_counter()
-    timer.end()
-    t_first = timer.t_first or t1
-    n_new = out.shape[1] - n_prompt
-    if anchor:
-        st = cache.stats()
-        kv, peak = st["kv_bytes"], st["peak_kv_bytes"]
-        kept = sum(st["kept_slots"])
-    else:
-        kv = peak = cache_kv_bytes(cache)  # a DynamicCache only grows
-        kept = cache.get_seq_length() * ids.shape[0]
-    return {
-        "label": label,
-        "ids": out,
-        "new": n_new,
-        "prefill_s": t_first - t0,
-        "prefill_tps": n_prompt * ids.shape[0] / max(t_first - t0, 1e-9),
-        "decode_tps": (n_new - 1) / (t1 - t_first) if n_new > 1 and t1 > t_first else float("nan"),
-        "kv": kv,
-        "peak": peak,
-        "slots": kept,
-    }
-
-
-def _first_difference(full, anc, n_prompt: int) -> str:
-    """Where the two runs' generated tokens part (first row of the batch), as a note for the summary line."""
-    a, b = full["ids"][0, n_prompt:].tolist(), anc["ids"][0, n_prompt:].tolist()
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return f" (they part at generated token {i + 1})"
-    if len(a) != len(b):
-        return f" (one stops after {min(len(a), len(b))} generated tokens)"
-    return ""
 
 
 def _load_prompt(args, tok, ac_mode: Optional[bool] = None):
@@ -229,10 +141,15 @@ def cmd_generate(args) -> int:
           f"{int(torch.isin(ids, torch.tensor(anchors, device=ids.device)).sum())} in the prompt), "
           f"prefill chunk {args.prefill_chunk}")
 
+    from .side_by_side import first_difference, timed_generate
+
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, ignore_eos=args.ignore_eos, seed=args.seed, prefill_chunk=args.prefill_chunk,
+                    progress=args.progress)
     runs = []
     if not args.anchor_only:
-        runs.append(_run(model, ids, mask, args, anchor=False, anchors=anchors))
-    runs.append(_run(model, ids, mask, args, anchor=True, anchors=anchors))
+        runs.append(timed_generate(model, ids, mask, anchor=False, anchor_ids=anchors, **settings))
+    runs.append(timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, **settings))
 
     # every run's text, as generated (blank lines included: they are what the model wrote), one after the other
     for r in runs:
@@ -255,7 +172,7 @@ def cmd_generate(args) -> int:
               f"peak {100 * (1 - anc['peak'] / max(full['peak'], 1)):.1f}%")
         print(f"decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
         same = torch.equal(full["ids"], anc["ids"])
-        print(f"same tokens as the full cache: {'yes' if same else 'no'}{_first_difference(full, anc, ids.shape[1])}")
+        print(f"same tokens as the full cache: {'yes' if same else 'no'}{first_difference(full, anc, ids.shape[1])}")
         if not same and saved is None:
             print("note: a model not trained with AnSAN (anchor attention) loses quality under anchor inference; "
                   "the memory and speed mechanics are the same")

@@ -97,7 +97,7 @@ def flex_ansan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_la
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q_layout.shape != q.shape[::2] or k_layout.shape != k.shape[::2]:
         raise ValueError(f"layouts {tuple(q_layout.shape)} / {tuple(k_layout.shape)} do not match q / k tokens")
-    B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
+    B, Tq = q.shape[0], q.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not decomposed:
         mask_mod, keys, values = ansan_mask_mod(q_layout, k_layout), k, v

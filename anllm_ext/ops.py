@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import warnings
 
@@ -133,9 +133,9 @@ def _check_one_device(named_tensors):
 
 
 @torch.library.register_fake("anllm::anchor_attention_fwd")
-def _anchor_attention_fwd_fake(q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid, scale):
-    names = "q k v q_pos q_seg q_anchor q_valid k_pos k_seg k_anchor k_valid".split()
-    _check_one_device(zip(names, (q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid)))
+def _anchor_attention_fwd_fake(q, k, v, q_pos, q_seg, q_is_anchor, q_valid, k_pos, k_seg, k_is_anchor, k_valid, scale):
+    names = "q k v q_pos q_seg q_is_anchor q_valid k_pos k_seg k_is_anchor k_valid".split()
+    _check_one_device(zip(names, (q, k, v, q_pos, q_seg, q_is_anchor, q_valid, k_pos, k_seg, k_is_anchor, k_valid)))
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "anllm: q, k, v must be 4-D")
     B, Hq, Tq, D = q.shape
     return q.new_empty(B, Hq, Tq, D), q.new_empty(B, Hq, Tq, dtype=torch.float32)

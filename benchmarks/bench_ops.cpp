@@ -33,7 +33,7 @@ int64_t g_T = 4096;
 constexpr int64_t kHq = 9, kHkv = 3, kD = 64, kEvery = 24;
 
 struct Problem {
-  at::Tensor q, k, v, pos, seg, anchor, valid, mask, k_rep, v_rep;
+  at::Tensor q, k, v, pos, seg, is_anchor, valid, mask, k_rep, v_rep;
   double scale;
 };
 
@@ -49,12 +49,12 @@ const Problem& problem() {
     auto t = at::arange(T, at::kLong).unsqueeze(0);
     p.pos = t;
     p.seg = at::floor_divide(t, kEvery).to(at::kInt);
-    p.anchor = at::remainder(t, kEvery) == (kEvery - 1);
+    p.is_anchor = at::remainder(t, kEvery) == (kEvery - 1);
     p.valid = at::ones({1, T}, at::kBool);
     // Dense AnSAN mask, the rule of docs/method.md with broadcasting: [1, 1, T, T].
     auto qi = t.view({1, T, 1}), kj = t.view({1, 1, T});
     auto qs = p.seg.view({1, T, 1}), ks = p.seg.view({1, 1, T});
-    auto qa = p.anchor.view({1, T, 1}), ka = p.anchor.view({1, 1, T});
+    auto qa = p.is_anchor.view({1, T, 1}), ka = p.is_anchor.view({1, 1, T});
     p.mask = ((kj <= qi) & ((ks == qs) | (ka & qa.logical_not()))).unsqueeze(1);
     p.k_rep = p.k.repeat_interleave(kHq / kHkv, 1);
     p.v_rep = p.v.repeat_interleave(kHq / kHkv, 1);
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_fwd(const Problem& p) {
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(p.q, p.k, p.v, p.pos, p.seg, p.anchor, p.valid, p.pos, p.seg, p.anchor, p.valid,
+  return op.call(p.q, p.k, p.v, p.pos, p.seg, p.is_anchor, p.valid, p.pos, p.seg, p.is_anchor, p.valid,
                  p.scale);
 }
 
@@ -113,8 +113,8 @@ void BM_AnchorAttentionBwd(benchmark::State& state) {
   auto dout = at::randn_like(out);
   auto delta = (dout * out).sum(-1);
   for (auto _ : state)
-    benchmark::DoNotOptimize(op.call(dout, p.q, p.k, p.v, lse, delta, p.pos, p.seg, p.anchor,
-                                     p.valid, p.pos, p.seg, p.anchor, p.valid, p.scale));
+    benchmark::DoNotOptimize(op.call(dout, p.q, p.k, p.v, lse, delta, p.pos, p.seg, p.is_anchor,
+                                     p.valid, p.pos, p.seg, p.is_anchor, p.valid, p.scale));
 }
 
 template <bool kCausal, bool kGqa>

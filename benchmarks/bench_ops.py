@@ -115,8 +115,8 @@ def bench_decode_call(n_anchors, n_open, Hq, Hkv, D, calls):
     last = 22 * n_anchors + n_open
     pos = torch.cat([torch.arange(n_anchors) * 22, torch.arange(last - n_open + 1, last + 1)])[None]
     seg = torch.cat([torch.arange(n_anchors), torch.full((n_open,), n_anchors)])[None].to(torch.int32)
-    anc = torch.arange(Tk)[None] < n_anchors
-    k_lay = anllm_ext.Layout(pos, seg, anc, torch.ones(1, Tk, dtype=torch.bool))
+    is_anchor = torch.arange(Tk)[None] < n_anchors
+    k_lay = anllm_ext.Layout(pos, seg, is_anchor, torch.ones(1, Tk, dtype=torch.bool))
     q_lay = k_lay[:, -1:]
     flush = torch.empty(16 << 20)
 

@@ -24,8 +24,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> call_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
-    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
-    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale) {
   static const auto op =
       c10::Dispatcher::singleton()
@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> call_attention_fwd(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor, k_valid, scale);
+  return op.call(q, k, v, q_pos, q_seg, q_is_anchor, q_valid, k_pos, k_seg, k_is_anchor, k_valid, scale);
 }
 
 // [first, last] byte a tensor's elements can touch in its storage (numel() > 0).
@@ -125,14 +125,14 @@ void write_new_tokens(const at::Tensor& src, at::Tensor& dst, at::IntArrayRef of
 std::tuple<at::Tensor, at::Tensor> anchor_attention_append(
     const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
     at::Tensor& v_cache, at::IntArrayRef offsets, const at::Tensor& q_pos, const at::Tensor& q_seg,
-    const at::Tensor& q_anchor, const at::Tensor& q_valid, const at::Tensor& k_pos,
-    const at::Tensor& k_seg, const at::Tensor& k_anchor, const at::Tensor& k_valid, double scale) {
+    const at::Tensor& q_is_anchor, const at::Tensor& q_valid, const at::Tensor& k_pos,
+    const at::Tensor& k_seg, const at::Tensor& k_is_anchor, const at::Tensor& k_valid, double scale) {
   const int64_t Tk = k_pos.dim() == 2 ? k_pos.size(1) : -1;
   check_append_inputs(q, k_new, v_new, k_cache, v_cache, offsets, Tk);
   write_new_tokens(k_new, k_cache, offsets);
   write_new_tokens(v_new, v_cache, offsets);
-  return call_attention_fwd(q, k_cache.narrow(2, 0, Tk), v_cache.narrow(2, 0, Tk), q_pos, q_seg, q_anchor,
-                            q_valid, k_pos, k_seg, k_anchor, k_valid, scale);
+  return call_attention_fwd(q, k_cache.narrow(2, 0, Tk), v_cache.narrow(2, 0, Tk), q_pos, q_seg, q_is_anchor,
+                            q_valid, k_pos, k_seg, k_is_anchor, k_valid, scale);
 }
 
 }  // namespace

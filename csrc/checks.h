@@ -26,14 +26,14 @@ namespace anllm {
 struct LayoutTensors {
   at::Tensor pos;     // int64
   at::Tensor seg;     // int32
-  at::Tensor anchor;  // bool
+  at::Tensor is_anchor;  // bool
   at::Tensor valid;   // bool
 };
 
 inline void check_layout(const LayoutTensors& l, int64_t B, int64_t T, const at::Tensor& ref,
                          const char* side) {
   const std::pair<const at::Tensor*, const char*> parts[] = {
-      {&l.pos, "positions"}, {&l.seg, "segments"}, {&l.anchor, "is_anchor"}, {&l.valid, "valid"}};
+      {&l.pos, "positions"}, {&l.seg, "segments"}, {&l.is_anchor, "is_anchor"}, {&l.valid, "valid"}};
   const at::ScalarType want[] = {at::kLong, at::kInt, at::kBool, at::kBool};
   for (int i = 0; i < 4; ++i) {
     const at::Tensor& t = *parts[i].first;

@@ -18,21 +18,21 @@ TORCH_LIBRARY(anllm, m) {
   // query sees nothing, in which case out is zero).
   m.def(
       "anchor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor q_seg, "
-      "Tensor q_anchor, Tensor q_valid, Tensor k_pos, Tensor k_seg, Tensor k_anchor, "
+      "Tensor q_is_anchor, Tensor q_valid, Tensor k_pos, Tensor k_seg, Tensor k_is_anchor, "
       "Tensor k_valid, float scale) -> (Tensor, Tensor)");
   // Gradients of anchor_attention_fwd. delta = rowsum(dout * out) - dlse, fp32 [B,Hq,Tq].
   m.def(
       "anchor_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
-      "Tensor q_pos, Tensor q_seg, Tensor q_anchor, Tensor q_valid, Tensor k_pos, Tensor k_seg, "
-      "Tensor k_anchor, Tensor k_valid, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor q_pos, Tensor q_seg, Tensor q_is_anchor, Tensor q_valid, Tensor k_pos, Tensor k_seg, "
+      "Tensor k_is_anchor, Tensor k_valid, float scale) -> (Tensor, Tensor, Tensor)");
   // Inference with a preallocated cache (AnchorCache), one call per layer: writes k_new/v_new
   // [B,Hkv,Tq,D] into k_cache/v_cache [B,Hkv,Cap,D] at slots offsets[b] .. offsets[b]+Tq-1 of every
   // row b, then returns anchor_attention_fwd of q over the first Tk slots (Tk = the key layout's
   // length, which describes those slots, new tokens included).
   m.def(
       "anchor_attention_append_(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, int[] offsets, Tensor q_pos, Tensor q_seg, Tensor q_anchor, Tensor q_valid, "
-      "Tensor k_pos, Tensor k_seg, Tensor k_anchor, Tensor k_valid, float scale) -> (Tensor, Tensor)");
+      "Tensor(b!) v_cache, int[] offsets, Tensor q_pos, Tensor q_seg, Tensor q_is_anchor, Tensor q_valid, "
+      "Tensor k_pos, Tensor k_seg, Tensor k_is_anchor, Tensor k_valid, float scale) -> (Tensor, Tensor)");
   // In place: moves the kept slots among the first lengths[b] of every row of every tensor to the
   // front, order preserved. tensors: [B,H,Cap,D] caches or [B,Cap] per-slot tensors; keep bool [B,Cap];
   // lengths int64 [B]. Returns the new lengths.

@@ -14,6 +14,15 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def threads(request):
+    """torch's thread count set to the test's parameter (``indirect=["threads"]``), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 import anllm_ext
-from helpers import tiny_causal_lm
+from helpers import tiny_causal_lm, token_stream
 
 ANCHOR, ROWS, TOKENS = 5, 4, 24
 
@@ -18,10 +18,7 @@ def build_model():
 
 
 def global_batch():
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(ANCHOR + 1, 64, (ROWS, TOKENS), generator=gen)
-    ids[torch.rand(ROWS, TOKENS, generator=gen) < 0.15] = ANCHOR
-    return ids
+    return token_stream(ROWS, TOKENS, vocab=64, anchor=ANCHOR, anchor_p=0.15, seed=1)[0]
 
 
 def train(model, ids, steps=3):

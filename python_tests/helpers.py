@@ -20,32 +20,44 @@ ANCHOR = 1  # token id used as the anchor in synthetic streams
 VOCAB = 50
 
 
-def token_stream(B, T, pattern="random", padding="none", device="cpu", anchor_every=8, generator=None):
-    """Random ids [B, T] with anchors placed by `pattern`, plus an attention mask with `padding`.
+def token_stream(B, T, pattern="random", padding="none", device="cpu", anchor_every=8, generator=None, *,
+                 vocab=VOCAB, low=1, anchor=ANCHOR, anchor_p=None, left_pad=None, seed=None):
+    """The one token-stream builder: random ids [B, T] in [low, vocab) with `anchor` placed by `pattern`, and an
+    attention mask with `padding`.
 
-    pattern: random | at_zero | consecutive | all | none | periodic | cache_like
-    (cache_like: a long run of anchors, then a few segments, as a compacted cache holds them)
-    padding: none | left | right | mixed (rows padded differently, left and right)
+    pattern: random (rate `anchor_p`, default 1 / anchor_every) | at_zero | consecutive | all | none |
+    periodic | cache_like (a long run of anchors, then a few segments, as a compacted cache holds them)
+    padding: none | left | right | mixed (rows padded differently, left and right); or `left_pad`, the
+    left padding of each row, whose ids become 0 (the tiny models' pad id).
+    `seed` draws from a fresh generator (reproducible per call); else `generator` or torch's global one.
     """
-    ids = torch.randint(2, VOCAB, (B, T), generator=generator)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab, (B, T), generator=generator)
+    ids[ids == anchor] = anchor + 1  # no anchor but the ones the pattern places
     if pattern == "random":
-        ids[torch.rand(B, T, generator=generator) < 1.0 / anchor_every] = ANCHOR
+        ids[torch.rand(B, T, generator=generator) < (anchor_p if anchor_p is not None else 1.0 / anchor_every)] = anchor
     elif pattern == "at_zero":
-        ids[:, 0] = ANCHOR
-        ids[:, anchor_every::anchor_every] = ANCHOR
+        ids[:, 0] = anchor
+        ids[:, anchor_every::anchor_every] = anchor
     elif pattern == "consecutive":
         for start in range(T // 3, T, max(T // 3, 1)):
-            ids[:, start:start + 3] = ANCHOR
+            ids[:, start:start + 3] = anchor
     elif pattern == "all":
-        ids[:] = ANCHOR
+        ids[:] = anchor
     elif pattern == "cache_like":
-        ids[:, : T // 2] = ANCHOR
-        ids[:, T // 2 + 5::9] = ANCHOR
+        ids[:, : T // 2] = anchor
+        ids[:, T // 2 + 5::9] = anchor
     elif pattern == "periodic":
-        ids[:, anchor_every - 1::anchor_every] = ANCHOR
+        ids[:, anchor_every - 1::anchor_every] = anchor
     elif pattern != "none":
         raise ValueError(pattern)
     mask = torch.ones(B, T, dtype=torch.long)
+    if left_pad is not None:
+        for b, n in enumerate(left_pad):
+            mask[b, :n] = 0
+            ids[b, :n] = 0
+        return ids.to(device), mask.to(device)
     for b in range(B):
         n_pad = (b * 7 + 3) % max(T // 2, 1) if T > 1 else 0
         if padding == "left" or (padding == "mixed" and b % 2 == 0):
@@ -150,17 +162,9 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return tiny_causal_lm(family, seed, weight_std=0.15, **config)
 
 
-def stream(B, T, seed=0, anchor_p=0.15, left_pad=()):
-    """Ids [B, T] of MODEL_VOCAB with MODEL_ANCHOR at rate `anchor_p`, and a mask with the rows' left padding."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, MODEL_VOCAB, (B, T), generator=g)
-    ids[ids == MODEL_ANCHOR] = MODEL_ANCHOR + 1
-    ids[torch.rand(B, T, generator=g) < anchor_p] = MODEL_ANCHOR
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b, n in enumerate(left_pad):
-        mask[b, :n] = 0
-        ids[b, :n] = 0
-    return ids, mask
+def model_stream(B, T, seed=0, anchor_p=0.15, left_pad=()):
+    """token_stream over the tiny models' vocabulary: MODEL_ANCHOR at rate `anchor_p`, the rows' left padding."""
+    return token_stream(B, T, vocab=MODEL_VOCAB, anchor=MODEL_ANCHOR, anchor_p=anchor_p, left_pad=left_pad, seed=seed)
 
 
 def single_pass_logits(model, ids, mask=None):
@@ -198,3 +202,21 @@ def assert_close_by_error_rule(ours, computed_in_dtype, ref32, dtype, what="outp
     ours_err = (ours.float() - ref32.float()).abs().max().item()
     torch_err = (computed_in_dtype.float() - ref32.float()).abs().max().item()
     assert ours_err <= 2 * torch_err + FLOOR[dtype], f"{what}: error {ours_err:.3g} vs torch {torch_err:.3g}"
+
+
+# ------------------------------------------------------------------------------------ training runs
+
+
+def run_training(tmp_path, model_dir, data, **overrides):
+    """A short `anllm train` run through the library API on the CPU: 12 steps of 4 x 48-token EP blocks, 4 held-out
+    blocks scored before and after. `overrides`: fields of AnLLMArguments or AnLLMTrainingArguments."""
+    from anllm_ext.training import AnLLMArguments, AnLLMTrainingArguments, train
+
+    anllm = dict(data=[str(data)], model=model_dir, anchor_mode="ep", block_size=48, eval_blocks=4,
+                 eval_before=True, prefill_chunk=16)
+    targs = dict(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4,
+                 learning_rate=3e-3, warmup_steps=0, logging_steps=1, save_steps=1000, seed=0,
+                 disable_tqdm=True, use_cpu=True)
+    for k, v in overrides.items():
+        (anllm if k in AnLLMArguments.__dataclass_fields__ else targs)[k] = v
+    return train(AnLLMArguments(**anllm), AnLLMTrainingArguments(**targs))

@@ -1,7 +1,5 @@
 """anchor_attention against the dense plain-PyTorch oracle (anllm_ext.reference)."""
 import contextlib
-import itertools
-import math
 
 import pytest
 import torch

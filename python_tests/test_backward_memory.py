@@ -52,14 +52,6 @@ def test_budget_comes_from_the_environment(monkeypatch):
             _C.cpu_backward_plan(1, 1, 2048, 2048, 64, 64)
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("budget_mib", ["0", "2", "512"])
 def test_budgeted_backward_matches_the_reference(threads, budget_mib, monkeypatch):

@@ -18,14 +18,6 @@ from helpers import kept_slots, layout, qkv, token_stream
 THREADS = [1, 2, 3]
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def test_extension_is_built_with_openmp():
     if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
         pytest.skip("setup.py compiles with OpenMP only on Linux with an OpenMP torch")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from emu_helpers import emu, needs_emu, route_ops_to_emulator
-from helpers import MODEL_ANCHOR, stream, tiny_model
+from helpers import MODEL_ANCHOR, model_stream, tiny_model
 
 pytestmark = needs_emu
 
@@ -57,7 +57,7 @@ def launches():
 
 
 def test_cached_decode_equals_one_masked_pass(patched_model, monkeypatch):
-    ids, mask = stream(1, 44, seed=1)
+    ids, mask = model_stream(1, 44, seed=1)
     cpu_ref = single_pass(patched_model, ids, mask)  # the CPU kernels
     emu().emu_set_seed(11)
     route_ops_to_emulator(monkeypatch.setattr)
@@ -74,7 +74,7 @@ def test_cached_decode_equals_one_masked_pass(patched_model, monkeypatch):
 def test_padded_batch_equals_rows_alone(patched_model, monkeypatch):
     emu().emu_set_seed(12)
     route_ops_to_emulator(monkeypatch.setattr)
-    ids, mask = stream(3, 36, seed=3, left_pad=(4, 0, 9))
+    ids, mask = model_stream(3, 36, seed=3, left_pad=(4, 0, 9))
     batched, cache = cached(patched_model, ids, mask, n_prompt=26, chunk=6)
     ref = single_pass(patched_model, ids, mask)
     keep = mask.bool()
@@ -87,7 +87,7 @@ def test_padded_batch_equals_rows_alone(patched_model, monkeypatch):
 
 
 def test_gradients_through_emulated_backward(patched_model, monkeypatch):
-    ids, mask = stream(2, 40, seed=4, left_pad=(0, 6))
+    ids, mask = model_stream(2, 40, seed=4, left_pad=(0, 6))
     keep = mask.bool()
 
     def grads():

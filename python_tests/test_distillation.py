@@ -8,20 +8,12 @@ import torch.nn.functional as F
 
 import anllm_ext
 from anllm_ext.distillation import DistillationConfig, kl_to_teacher, predicted_token_mask
-from helpers import needs_smollm2, tiny_causal_lm
+from helpers import needs_smollm2, run_training, tiny_causal_lm
 
 
 def run_distill(tmp_path, model_dir, data, **overrides):
-    from anllm_ext.training import AnLLMArguments, AnLLMTrainingArguments, train
-
-    anllm = dict(data=[str(data)], model=model_dir, anchor_mode="ep", block_size=48, eval_blocks=0,
-                 distill=True)
-    targs = dict(output_dir=str(tmp_path / "out"), max_steps=10, per_device_train_batch_size=4,
-                 learning_rate=3e-3, warmup_steps=0, logging_steps=1, save_steps=1000, seed=0,
-                 disable_tqdm=True, use_cpu=True)
-    for k, v in overrides.items():
-        (anllm if k in AnLLMArguments.__dataclass_fields__ else targs)[k] = v
-    return train(AnLLMArguments(**anllm), AnLLMTrainingArguments(**targs))
+    """A short self-distillation run: run_training with --distill, 10 steps, no held-out scoring."""
+    return run_training(tmp_path, model_dir, data, **{"distill": True, "eval_blocks": 0, "max_steps": 10, **overrides})
 
 
 def test_kl_matches_the_definition_and_masks_positions():

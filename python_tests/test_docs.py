@@ -13,7 +13,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import anllm_ext

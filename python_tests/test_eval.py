@@ -9,7 +9,7 @@ import torch
 import anllm_ext
 from anllm_ext import evaluation as ev
 
-from helpers import ANCHOR, needs_smollm2, save_tiny_model, tiny_causal_lm
+from helpers import ANCHOR, needs_smollm2, save_tiny_model, tiny_causal_lm, token_stream
 
 VOCAB = 64
 
@@ -26,9 +26,8 @@ def _blocks(lengths, every=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     out = []
     for n in lengths:
-        b = torch.randint(2, VOCAB, (n,), generator=g)
-        b[every - 1 :: every] = ANCHOR
-        out.append(b.tolist())
+        ids, _ = token_stream(1, n, "periodic", anchor_every=every, generator=g, vocab=VOCAB, low=2)
+        out.append(ids[0].tolist())
     return out
 
 

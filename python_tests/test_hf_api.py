@@ -19,7 +19,7 @@ from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
 
 from helpers import needs_smollm2
-from helpers import MODEL_ANCHOR as ANCHOR, cached_logits, generated_cache, single_pass_logits, stream, tiny_model
+from helpers import MODEL_ANCHOR as ANCHOR, cached_logits, generated_cache, single_pass_logits, model_stream, tiny_model
 
 
 def true_positions(mask):
@@ -29,7 +29,7 @@ def true_positions(mask):
 
 def test_anchor_cache_takes_a_model_or_its_config():
     model = patch(tiny_model("llama"), ANCHOR)
-    ids, mask = stream(2, 20, seed=1, left_pad=(0, 4))
+    ids, mask = model_stream(2, 20, seed=1, left_pad=(0, 4))
     from_model, from_config = AnchorCache(model), AnchorCache(model.config)
     assert len(from_model.layers) == len(from_config.layers) == model.config.num_hidden_layers
     outs = []
@@ -44,7 +44,7 @@ def test_anchor_cache_takes_a_model_or_its_config():
 
 def test_deepcopy_of_a_patched_model_has_its_own_patch():
     base = tiny_model("llama", seed=2)
-    ids, mask = stream(2, 30, seed=16, left_pad=(0, 5))
+    ids, mask = model_stream(2, 30, seed=16, left_pad=(0, 5))
     other = [ANCHOR] + sorted(set(ids[0, 10:13].tolist()) - {ANCHOR})  # ids the input holds: they change the mask
     original = patch(copy.deepcopy(base), ANCHOR)
     clone = copy.deepcopy(original)
@@ -69,7 +69,7 @@ def test_deepcopy_of_a_patched_model_has_its_own_patch():
 
 def test_position_ids_must_be_the_true_positions():
     model = patch(tiny_model("llama"), ANCHOR)
-    ids, mask = stream(2, 24, seed=17, left_pad=(0, 6))
+    ids, mask = model_stream(2, 24, seed=17, left_pad=(0, 6))
     plain = single_pass_logits(model, ids, mask)
     with torch.no_grad():
         given = model(input_ids=ids, attention_mask=mask, position_ids=true_positions(mask), use_cache=False).logits
@@ -98,7 +98,7 @@ def test_no_anchors_left_padded_equals_unpatched(family):
     """The docs' rule: with no anchor in the input (and none generated), a patched model computes what the
     unpatched model computes at the same positions; generate() gives both the same positions."""
     model = tiny_model(family)
-    ids, mask = stream(3, 28, seed=18, anchor_p=0.0, left_pad=(0, 5, 11))
+    ids, mask = model_stream(3, 28, seed=18, anchor_p=0.0, left_pad=(0, 5, 11))
     keep = mask.bool()
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=true_positions(mask)).logits
@@ -186,7 +186,7 @@ def test_autocast(device_type, dtype):
     the patched model attends in that dtype (as SDPA does) and stays as close to the fp32 computation as
     transformers' eager attention does, in one pass, cached decoding and a training step."""
     model32 = tiny_model("llama").to(device_type)
-    ids, mask = stream(2, 40, seed=6)  # no padding: eager attention at low precision turns it into NaN
+    ids, mask = model_stream(2, 40, seed=6)  # no padding: eager attention at low precision turns it into NaN
     ids, mask = ids.to(device_type), mask.to(device_type)
     layout = token_layout(ids, ANCHOR, mask)
     allowed = ansan_mask(layout, layout)[:, None]

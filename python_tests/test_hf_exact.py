@@ -16,7 +16,7 @@ from anllm_ext import AnchorCache, patch, prefill, unpatch
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
 
-from helpers import (FAMILIES, MODEL_ANCHOR, MODEL_VOCAB, cached_logits, single_pass_logits, stream,
+from helpers import (FAMILIES, MODEL_ANCHOR, MODEL_VOCAB, cached_logits, single_pass_logits, model_stream,
                      tiny_model)
 
 ANCHOR, VOCAB = MODEL_ANCHOR, MODEL_VOCAB
@@ -37,7 +37,7 @@ def assert_close_valid(a, b, mask, atol=2e-5, rtol=1e-5):
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
 def test_cached_equals_single_pass(family, chunk, device):
     model = patch(tiny_model(family), ANCHOR).to(device)
-    ids, mask = on(device, *stream(1, 48, seed=1))
+    ids, mask = on(device, *model_stream(1, 48, seed=1))
     ref = single_pass_logits(model, ids, mask)
     got, cache = cached_logits(model, ids, mask, n_prompt=36, chunk=chunk)
     assert_close_valid(got, ref, mask)
@@ -48,7 +48,7 @@ def test_cached_equals_single_pass(family, chunk, device):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_cached_batch_mixed_left_padding(family, device):
     model = patch(tiny_model(family), ANCHOR).to(device)
-    ids, mask = on(device, *stream(3, 40, seed=2, left_pad=(0, 5, 11)))
+    ids, mask = on(device, *model_stream(3, 40, seed=2, left_pad=(0, 5, 11)))
     ref = single_pass_logits(model, ids, mask)
     got, cache = cached_logits(model, ids, mask, n_prompt=30, chunk=7)
     assert_close_valid(got, ref, mask)
@@ -59,7 +59,7 @@ def test_cached_batch_mixed_left_padding(family, device):
 
 def test_batch_rows_equal_rows_alone(device):
     model = patch(tiny_model("llama"), ANCHOR).to(device)
-    ids, mask = on(device, *stream(3, 40, seed=3, left_pad=(4, 0, 9)))
+    ids, mask = on(device, *model_stream(3, 40, seed=3, left_pad=(4, 0, 9)))
     batched, _ = cached_logits(model, ids, mask, n_prompt=28, chunk=6)
     for b in range(3):
         n = int((mask[b] == 0).sum())
@@ -73,7 +73,7 @@ def test_single_pass_equals_eager_dense_mask_with_grads(family, device):
     eager = copy.deepcopy(model)
     unpatch(eager)
     eager.set_attn_implementation("eager")
-    ids, mask = on(device, *stream(2, 33, seed=4, left_pad=(0, 6)))
+    ids, mask = on(device, *model_stream(2, 33, seed=4, left_pad=(0, 6)))
     layout = token_layout(ids, ANCHOR, mask)
     allowed = ansan_mask(layout, layout)[:, None]  # [B,1,T,T]
     additive = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill(
@@ -97,7 +97,7 @@ def test_padding_outputs_are_zeros(device):
     """Padding queries see no key: every layer's attention output there is exactly zero (the layers' output
     projections have no bias), in one masked pass and against the anchor cache; all logits are finite."""
     model = patch(tiny_model("llama"), ANCHOR).to(device)
-    ids, mask = on(device, *stream(2, 20, seed=5, left_pad=(0, 8)))
+    ids, mask = on(device, *model_stream(2, 20, seed=5, left_pad=(0, 8)))
     pad = mask == 0
     outputs = []
     hooks = [layer.self_attn.register_forward_hook(lambda m, args, out: outputs.append(out[0]))
@@ -122,7 +122,7 @@ def test_padding_outputs_are_zeros(device):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_no_anchor_input_equals_unpatched(family):
     model = tiny_model(family)
-    ids, _ = stream(2, 30, seed=6, anchor_p=0.0)
+    ids, _ = model_stream(2, 30, seed=6, anchor_p=0.0)
     assert not bool((ids == ANCHOR).any())
     ref = single_pass_logits(model, ids)
     # no anchor generated either (both runs suppress it): then the tokens must be the same
@@ -143,7 +143,7 @@ def test_no_anchor_input_equals_unpatched(family):
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_greedy_generation_equals_repeated_single_passes(family, device):
     model = patch(tiny_model(family, seed=3), ANCHOR).to(device)
-    ids, mask = on(device, *stream(2, 26, seed=7, left_pad=(0, 4)))
+    ids, mask = on(device, *model_stream(2, 26, seed=7, left_pad=(0, 4)))
     n_new = 12
     out, cache = anllm_ext.generate(model, ids, mask, prefill_chunk=6, max_new_tokens=n_new,
                                     return_cache=True, pad_token_id=0)
@@ -158,7 +158,7 @@ def test_greedy_generation_equals_repeated_single_passes(family, device):
 
 def test_generated_anchor_triggers_compaction(device):
     model = patch(tiny_model("llama", seed=3), ANCHOR).to(device)
-    ids, = on(device, stream(1, 20, seed=8, anchor_p=0.0)[0])
+    ids, = on(device, model_stream(1, 20, seed=8, anchor_p=0.0)[0])
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class OnlyAnchor(LogitsProcessor):  # every generated token is an anchor
@@ -178,7 +178,7 @@ def test_generated_anchor_triggers_compaction(device):
 
 def test_sampling_and_beam_search_run(device):
     model = patch(tiny_model("llama"), ANCHOR).to(device)
-    ids, mask = on(device, *stream(2, 18, seed=9, left_pad=(0, 3)))
+    ids, mask = on(device, *model_stream(2, 18, seed=9, left_pad=(0, 3)))
     torch.manual_seed(0)
     s = anllm_ext.generate(model, ids, mask, max_new_tokens=5, do_sample=True, top_k=10, prefill_chunk=8, pad_token_id=0)
     assert s.shape == (2, 23) and torch.equal(s[:, :18], ids)
@@ -205,7 +205,7 @@ def test_sampling_and_beam_search_run(device):
 
 def test_dynamic_cache_on_patched_model_is_exact(device):
     model = patch(tiny_model("llama"), ANCHOR).to(device)
-    ids, mask = on(device, *stream(2, 30, seed=10, left_pad=(3, 0)))
+    ids, mask = on(device, *model_stream(2, 30, seed=10, left_pad=(3, 0)))
     ref = single_pass_logits(model, ids, mask)
     with torch.no_grad():
         out = model(input_ids=ids[:, :20], attention_mask=mask[:, :20], use_cache=True)
@@ -219,7 +219,7 @@ def test_dynamic_cache_on_patched_model_is_exact(device):
 
 def test_peak_bounded_by_anchors_open_segment_and_chunk(device):
     model = patch(tiny_model("llama"), ANCHOR).to(device)
-    ids, = on(device, stream(1, 300, seed=11, anchor_p=0.1)[0])
+    ids, = on(device, model_stream(1, 300, seed=11, anchor_p=0.1)[0])
     chunk = 32
     cache, _ = prefill(model, ids, chunk_size=chunk)
     lay = token_layout(ids, ANCHOR)
@@ -239,7 +239,7 @@ def test_peak_bounded_by_anchors_open_segment_and_chunk(device):
 def test_errors_are_clear():
     model = tiny_model("llama", attention_dropout=0.1)
     patch(model, ANCHOR)
-    ids, _ = stream(1, 12, seed=12)
+    ids, _ = model_stream(1, 12, seed=12)
     model.train()
     with pytest.raises(UnsupportedError, match="dropout"):
         model(input_ids=ids, use_cache=False)
@@ -268,7 +268,7 @@ def test_beam_search_with_many_generated_anchors(device):
     best beam's score equals a single masked pass over the final sequence."""
     many = list(range(7, 27))  # 20 of 64 ids are anchors: beams close segments at different places
     model = patch(tiny_model("llama", seed=5), many).to(device)
-    ids, mask = on(device, *stream(2, 20, seed=13, left_pad=(0, 5)))
+    ids, mask = on(device, *model_stream(2, 20, seed=13, left_pad=(0, 5)))
     kw = dict(max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
     a = anllm_ext.generate(model, ids, mask, prefill_chunk=6, **kw)
@@ -286,7 +286,7 @@ def test_beam_search_with_many_generated_anchors(device):
 
 def test_gradient_checkpointing_and_inputs_embeds():
     model = patch(tiny_model("qwen2"), ANCHOR)
-    ids, mask = stream(2, 24, seed=14, left_pad=(0, 3))
+    ids, mask = model_stream(2, 24, seed=14, left_pad=(0, 3))
     w = torch.randn(2, 24, VOCAB)
     model.train()
     (model(input_ids=ids, attention_mask=mask, use_cache=False).logits * w)[mask.bool()].sum().backward()
@@ -312,7 +312,7 @@ def test_reduced_precision_cached_and_single_pass(dtype, device):
     """bf16/fp16 models: the patched pass and anchor-cached inference agree with the fp32 computation
     about as well as transformers' own attention at that dtype does."""
     model32 = tiny_model("llama").to(device)
-    ids, mask = on(device, *stream(2, 40, seed=6))  # no padding: eager attention at low precision turns it into NaN
+    ids, mask = on(device, *model_stream(2, 40, seed=6))  # no padding: eager attention at low precision turns it into NaN
     layout = token_layout(ids, ANCHOR, mask)
     dense = ansan_mask(layout, layout)[:, None]
 
@@ -356,7 +356,7 @@ def test_deferred_cache_writes():
     layer0 = cache.layers[0]
     plain_update = layer0.update
     layer0.update = lambda k, v, *a, **kw: tuple(t.clone() for t in plain_update(k, v, *a, **kw))
-    ids, _ = stream(1, 12, seed=13)
+    ids, _ = model_stream(1, 12, seed=13)
     with pytest.raises(UnsupportedError, match="did not pass the keys/values"):
         with torch.no_grad():
             model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})

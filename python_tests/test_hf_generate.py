@@ -10,7 +10,7 @@ import anllm_ext
 from anllm_ext import AnchorCache, patch, unpatch
 from anllm_ext.hf import cache_kwarg
 
-from helpers import MODEL_ANCHOR as ANCHOR, generated_cache, needs_smollm2, single_pass_logits, stream, tiny_model
+from helpers import MODEL_ANCHOR as ANCHOR, generated_cache, needs_smollm2, single_pass_logits, model_stream, tiny_model
 
 MANY = list(range(7, 27))  # 20 of 64 ids are anchors: generated tokens close segments often
 
@@ -33,7 +33,7 @@ def assert_compacted(cache, tokens_seen):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_greedy_default_is_anchor_cache_and_exact(family):
     model = patch(tiny_model(family, seed=3), ANCHOR)
-    ids, mask = stream(2, 26, seed=7, left_pad=(0, 4))
+    ids, mask = model_stream(2, 26, seed=7, left_pad=(0, 4))
     n_new = 10
     out = model.generate(ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False, pad_token_id=0,
                          return_dict_in_generate=True)
@@ -45,7 +45,7 @@ def test_greedy_default_is_anchor_cache_and_exact(family):
 
 def test_sampling_seeded_equals_explicit_anchor_cache():
     model = patch(tiny_model("llama", seed=4), ANCHOR)
-    ids, mask = stream(2, 20, seed=8, left_pad=(3, 0))
+    ids, mask = model_stream(2, 20, seed=8, left_pad=(3, 0))
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20, temperature=1.5, pad_token_id=0)
     torch.manual_seed(11)
     default = model.generate(ids, return_dict_in_generate=True, **kw)
@@ -59,7 +59,7 @@ def test_sampling_seeded_equals_explicit_anchor_cache():
 
 def test_beam_search_default_equals_explicit_and_full_cache():
     model = patch(tiny_model("llama", seed=5), MANY)
-    ids, mask = stream(2, 20, seed=13, left_pad=(0, 5))
+    ids, mask = model_stream(2, 20, seed=13, left_pad=(0, 5))
     kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=4, do_sample=False, pad_token_id=0,
               return_dict_in_generate=True, output_scores=True)
     default = model.generate(ids, **kw)
@@ -88,7 +88,7 @@ class Recorder:
 
 def test_streamer_sees_every_token():
     model = patch(tiny_model("llama", seed=3), ANCHOR)
-    ids, _ = stream(1, 24, seed=9)
+    ids, _ = model_stream(1, 24, seed=9)
     rec = Recorder()
     out = model.generate(ids, max_new_tokens=9, do_sample=False, pad_token_id=0, streamer=rec,
                          return_dict_in_generate=True)
@@ -105,7 +105,7 @@ class StopAtAnchor(StoppingCriteria):
 
 def test_stopping_criteria_stop_at_a_generated_anchor():
     model = patch(tiny_model("llama", seed=5), MANY)
-    ids, _ = stream(1, 16, seed=14, anchor_p=0.0)
+    ids, _ = model_stream(1, 16, seed=14, anchor_p=0.0)
     ids[ids >= 7] = 3  # no anchor in the prompt: the first one the model generates stops it
     kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([StopAtAnchor()]))
     out = model.generate(ids, return_dict_in_generate=True, **kw)
@@ -120,7 +120,7 @@ def test_full_cache_switches():
     """default_cache="full", cache_implementation="dynamic" and an explicit DynamicCache keep the full
     cache, with the same tokens (the patched model's mask is exact on either cache)."""
     model = patch(tiny_model("llama", seed=3), ANCHOR)
-    ids, mask = stream(2, 22, seed=15, left_pad=(0, 6))
+    ids, mask = model_stream(2, 22, seed=15, left_pad=(0, 6))
     kw = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     anchor = model.generate(ids, **kw)
     assert isinstance(generated_cache(anchor), AnchorCache)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import anllm_ext
-from anllm_ext import AnchorCache, ep_anchor_ids, patch, prefill, unpatch
+from anllm_ext import ep_anchor_ids, patch, prefill, unpatch
 from anllm_ext.layout import token_layout
 
 from helpers import needs_smollm2

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import anllm_ext
-from helpers import kept_slots, tiny_causal_lm
+from helpers import kept_slots, tiny_causal_lm, token_stream
 
 ANCHOR, PAD, VOCAB = 3, 0, 64
 SOAK_TOKENS = int(os.environ.get("ANLLM_SOAK_TOKENS", 100_000))
@@ -32,14 +32,8 @@ def tiny_llama(layers=1):
 
 def prompts(B, generator):
     """Left-padded prompts of different lengths (padding in the cache's history from the start)."""
-    T = 24
-    ids = torch.randint(4, VOCAB, (B, T), generator=generator)
-    ids[torch.rand(B, T, generator=generator) < 0.15] = ANCHOR
-    mask = torch.ones(B, T, dtype=torch.long)
-    for b in range(B):
-        mask[b, : b % 7] = 0
-    ids[mask == 0] = PAD
-    return ids, mask
+    return token_stream(B, 24, generator=generator, vocab=VOCAB, low=4, anchor=ANCHOR, anchor_p=0.15,
+                        left_pad=[b % 7 for b in range(B)])
 
 
 def rss_bytes() -> int:

@@ -15,10 +15,10 @@ import torch
 
 import anllm_ext
 from anllm_ext.config import AnchorConfig, make_anchor_config
-from anllm_ext.data import AnchorDataCollator, encode_document, load_documents, split_blocks, tokenize_dataset
+from anllm_ext.data import AnchorDataCollator, encode_document, load_documents, split_blocks
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
-from helpers import TEXT, needs_smollm2, tiny_causal_lm
+from helpers import TEXT, needs_smollm2, run_training, tiny_causal_lm
 
 
 def tok_and_model(path):
@@ -143,22 +143,9 @@ def test_training_loss_and_grads_equal_eager_dense_mask(tiny_dir):
 
 
 # ------------------------------------------------------------------------------------------ runs
-def run_train(tmp_path, model_dir, data, **overrides):
-    from anllm_ext.training import AnLLMArguments, AnLLMTrainingArguments, train
-
-    anllm = dict(data=[str(data)], model=model_dir, anchor_mode="ep", block_size=48, eval_blocks=4,
-                 eval_before=True, prefill_chunk=16)
-    targs = dict(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4,
-                 learning_rate=3e-3, warmup_steps=0, logging_steps=1, save_steps=1000, seed=0,
-                 disable_tqdm=True, use_cpu=True)
-    for k, v in overrides.items():
-        (anllm if k in AnLLMArguments.__dataclass_fields__ else targs)[k] = v
-    return train(AnLLMArguments(**anllm), AnLLMTrainingArguments(**targs))
-
-
 @needs_smollm2
 def test_train_reduces_loss_saves_and_restores_anchor_inference(tmp_path, tiny_dir, corpus):
-    res = run_train(tmp_path, tiny_dir, corpus / "train", eval_data=[str(corpus / "eval.txt")])
+    res = run_training(tmp_path, tiny_dir, corpus / "train", eval_data=[str(corpus / "eval.txt")])
     losses = [h["loss"] for h in res["log_history"] if "loss" in h]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     before, after = res["eval_before"]["modes"], res["eval_after"]["modes"]
@@ -182,8 +169,8 @@ def test_train_reduces_loss_saves_and_restores_anchor_inference(tmp_path, tiny_d
 def test_train_bf16_mixed_precision(tmp_path, tiny_dir, corpus):
     """--bf16 (the Trainer's autocast; on CPU here): the anchor kernels run forward and backward in bf16,
     the fp32 master weights train, and the loss falls as in fp32."""
-    res = run_train(tmp_path, tiny_dir, corpus / "train", bf16=True, eval_blocks=0)
-    fp32 = run_train(tmp_path / "fp32", tiny_dir, corpus / "train", eval_blocks=0)
+    res = run_training(tmp_path, tiny_dir, corpus / "train", bf16=True, eval_blocks=0)
+    fp32 = run_training(tmp_path / "fp32", tiny_dir, corpus / "train", eval_blocks=0)
     losses = [h["loss"] for h in res["log_history"] if "loss" in h]
     ref = [h["loss"] for h in fp32["log_history"] if "loss" in h]
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
@@ -200,7 +187,7 @@ def test_train_bf16_mixed_precision(tmp_path, tiny_dir, corpus):
 def test_cli_generate_restores_a_trained_models_anchors(tmp_path, tiny_dir, corpus, capsys):
     from anllm_ext.cli import main
 
-    run_train(tmp_path, tiny_dir, corpus / "train", anchor_mode="ac", max_steps=1, eval_blocks=0)
+    run_training(tmp_path, tiny_dir, corpus / "train", anchor_mode="ac", max_steps=1, eval_blocks=0)
     capsys.readouterr()
     assert main(["generate", "--model", str(tmp_path / "out"), "--prompt", TEXT, "--max-new-tokens", "3",
                  "--no-progress", "--anchor-only"]) == 0
@@ -211,7 +198,7 @@ def test_cli_generate_restores_a_trained_models_anchors(tmp_path, tiny_dir, corp
 
 @needs_smollm2
 def test_saved_model_loads_with_plain_transformers_without_anllm_ext(tmp_path, tiny_dir, corpus):
-    run_train(tmp_path, tiny_dir, corpus / "train", max_steps=1, eval_blocks=0)
+    run_training(tmp_path, tiny_dir, corpus / "train", max_steps=1, eval_blocks=0)
     code = (
         "import sys; sys.modules['anllm_ext'] = None\n"
         "import torch, transformers as tf\n"
@@ -237,7 +224,7 @@ def test_patch_without_ids_on_a_model_without_anchor_config_raises():
 def test_lora_ac_adapter_round_trip(tmp_path, tiny_dir, corpus):
     """LoRA in AC mode: the <AC> row trains, the adapter is small, and the adapter directory, the merged
     directory and the in-memory model give the same logits."""
-    res = run_train(tmp_path, tiny_dir, corpus / "train", anchor_mode="ac", lora=True, lora_r=4, max_steps=3,
+    res = run_training(tmp_path, tiny_dir, corpus / "train", anchor_mode="ac", lora=True, lora_r=4, max_steps=3,
                     eval_blocks=2, adapter_dtype="float32")
     from anllm_ext.models import load_model
 
@@ -268,7 +255,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_dir, corpus):
     empty.mkdir()
     (empty / "a.txt").write_text("")
     with pytest.raises(ValueError, match="no non-empty document"):
-        run_train(tmp_path, tiny_dir, empty)
+        run_training(tmp_path, tiny_dir, empty)
     with pytest.raises(ValueError, match="no training data"):
         from anllm_ext.training import AnLLMTrainingArguments, train
 
@@ -283,7 +270,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_dir, corpus):
 
 @needs_smollm2
 def test_token_budget_stops_and_checkpoints_the_last_step(tmp_path, tiny_dir, corpus):
-    res = run_train(tmp_path, tiny_dir, corpus / "train", max_steps=50, max_tokens=300, eval_blocks=0)
+    res = run_training(tmp_path, tiny_dir, corpus / "train", max_steps=50, max_tokens=300, eval_blocks=0)
     steps = res["train_steps"]
     assert 1 <= steps < 50 and res["train_tokens"] >= 300
     # the step before the last had not reached the budget: it stopped as soon as it could

@@ -14,7 +14,7 @@ from anllm_ext.config import AnchorConfig
 from anllm_ext.errors import UnsupportedError
 from anllm_ext.hf import cache_kwarg, patched_anchor_ids
 
-from helpers import MODEL_ANCHOR as ANCHOR, needs_smollm2, single_pass_logits, stream, tiny_causal_lm, tiny_model
+from helpers import MODEL_ANCHOR as ANCHOR, needs_smollm2, single_pass_logits, model_stream, tiny_causal_lm, tiny_model
 
 GREEDY = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
@@ -48,7 +48,7 @@ def test_issue_repro_set_attn_implementation_lifts_the_patch(impl):
 @pytest.mark.parametrize("swap", ["config attribute", "decoder submodule"])
 def test_attention_switched_behind_the_patch_raises_and_patch_repairs(swap):
     model = patch(tiny_model("llama"), ANCHOR)
-    ids, _ = stream(1, 20, seed=3)
+    ids, _ = model_stream(1, 20, seed=3)
     want = model.generate(ids, **GREEDY)
     if swap == "config attribute":
         model.config._attn_implementation = "sdpa"
@@ -66,14 +66,14 @@ def test_attention_switched_behind_the_patch_raises_and_patch_repairs(swap):
 @pytest.mark.parametrize("impl", ["static", "offloaded_static"])
 def test_static_cache_implementation_is_refused_clearly(impl):
     model = patch(tiny_model("llama"), ANCHOR)
-    ids, _ = stream(1, 20, seed=4)
+    ids, _ = model_stream(1, 20, seed=4)
     with pytest.raises(UnsupportedError, match=rf"got cache_implementation='{impl}'.*static.*AnchorCache"):
         model.generate(ids, cache_implementation=impl, **GREEDY)
 
 
 def test_user_built_caches_are_exact_or_refused():
     model = patch(tiny_model("llama", seed=1), ANCHOR)
-    ids, mask = stream(2, 20, seed=5, left_pad=(0, 3))
+    ids, mask = model_stream(2, 20, seed=5, left_pad=(0, 3))
     kw = dict(attention_mask=mask, **GREEDY)
     want = model.generate(ids, **kw)
     name = cache_kwarg(model)
@@ -99,7 +99,7 @@ def test_user_built_caches_are_exact_or_refused():
 
 def test_right_padded_generate_gets_transformers_advice():
     model = patch(tiny_model("llama"), ANCHOR)
-    ids, _ = stream(2, 12, seed=6)
+    ids, _ = model_stream(2, 12, seed=6)
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
     with pytest.raises(ValueError, match=r"right padding.*padding_side='left'"):
@@ -116,7 +116,7 @@ def test_right_padded_generate_gets_transformers_advice():
 
 def test_patched_model_saves_its_anchors(tmp_path):
     model = patch(tiny_model("llama", seed=2), [9, ANCHOR])
-    ids, mask = stream(2, 24, seed=7, left_pad=(0, 4))
+    ids, mask = model_stream(2, 24, seed=7, left_pad=(0, 4))
     want = single_pass_logits(model, ids, mask)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -149,7 +149,7 @@ def test_a_trained_anchor_configuration_is_kept():
 @pytest.mark.parametrize("chunk", [0, -1, 2.5, "8"])
 def test_prefill_chunk_is_validated(chunk):
     model = patch(tiny_model("llama"), ANCHOR)
-    ids, _ = stream(1, 10, seed=8)
+    ids, _ = model_stream(1, 10, seed=8)
     with pytest.raises((ValueError, TypeError), match=r"prefill_chunk must be an integer >= 1"):
         anllm_ext.generate(model, ids, prefill_chunk=chunk, max_new_tokens=2)
     with pytest.raises((ValueError, TypeError), match=r"chunk_size must be an integer >= 1"):
@@ -167,7 +167,7 @@ def test_anchor_ids_are_validated(anchors, error):
 
 def test_generate_arguments_are_validated():
     model = patch(tiny_model("llama"), ANCHOR)
-    ids, _ = stream(1, 10, seed=9)
+    ids, _ = model_stream(1, 10, seed=9)
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         anllm_ext.generate(model, ids, max_new_tokens=-1)
     with pytest.raises(ValueError, match="input_ids"):

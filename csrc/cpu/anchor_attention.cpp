@@ -84,20 +84,20 @@ const Variant& selected_variant() {
 
 std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
-    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
-    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale) {
-  return cpu_attention_kernels().fwd(q, k, v, q_pos, q_seg, q_anchor, q_valid, k_pos, k_seg, k_anchor,
+  return cpu_attention_kernels().fwd(q, k, v, q_pos, q_seg, q_is_anchor, q_valid, k_pos, k_seg, k_is_anchor,
                                      k_valid, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_pos, const at::Tensor& q_seg,
-    const at::Tensor& q_anchor, const at::Tensor& q_valid, const at::Tensor& k_pos,
-    const at::Tensor& k_seg, const at::Tensor& k_anchor, const at::Tensor& k_valid, double scale) {
-  return cpu_attention_kernels().bwd(dout, q, k, v, lse, delta, q_pos, q_seg, q_anchor, q_valid, k_pos,
-                                     k_seg, k_anchor, k_valid, scale);
+    const at::Tensor& q_is_anchor, const at::Tensor& q_valid, const at::Tensor& k_pos,
+    const at::Tensor& k_seg, const at::Tensor& k_is_anchor, const at::Tensor& k_valid, double scale) {
+  return cpu_attention_kernels().bwd(dout, q, k, v, lse, delta, q_pos, q_seg, q_is_anchor, q_valid, k_pos,
+                                     k_seg, k_is_anchor, k_valid, scale);
 }
 
 int64_t scratch_budget_bytes() {

@@ -50,19 +50,19 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 struct RowLayout {
   const int64_t* pos;
   const int32_t* seg;
-  const bool* anchor;
+  const bool* is_anchor;
   const bool* valid;
 };
 
 RowLayout row_layout(const LayoutTensors& l, int64_t b) {
   const int64_t T = l.pos.size(1);
   return {l.pos.data_ptr<int64_t>() + b * T, l.seg.data_ptr<int32_t>() + b * T,
-          l.anchor.data_ptr<bool>() + b * T, l.valid.data_ptr<bool>() + b * T};
+          l.is_anchor.data_ptr<bool>() + b * T, l.valid.data_ptr<bool>() + b * T};
 }
 
-LayoutTensors contiguous_layout(const at::Tensor& pos, const at::Tensor& seg, const at::Tensor& anc,
+LayoutTensors contiguous_layout(const at::Tensor& pos, const at::Tensor& seg, const at::Tensor& is_anchor,
                                 const at::Tensor& val) {
-  return {pos.contiguous(), seg.contiguous(), anc.contiguous(), val.contiguous()};
+  return {pos.contiguous(), seg.contiguous(), is_anchor.contiguous(), val.contiguous()};
 }
 
 // Per-row structure of the keys, built once per call. Positions and segments are copied to int32
@@ -118,7 +118,7 @@ KeyIndex build_key_index(const LayoutTensors& kl, int64_t B, int64_t Tk) {
         ch.seg_min = std::min(ch.seg_min, r.seg[j]);
         ch.seg_max = std::max(ch.seg_max, r.seg[j]);
         ch.pos_min = std::min(ch.pos_min, p);
-        if (r.anchor[j]) {
+        if (r.is_anchor[j]) {
           auto& runs = ix.anchor_runs[b];
           if (!runs.empty() && runs.back().first + runs.back().second == j)
             ++runs.back().second;
@@ -153,7 +153,7 @@ QueryTile summarize_queries(const RowLayout& r, int64_t begin, int64_t count) {
   for (int64_t i = begin; i < begin + count; ++i) {
     if (!r.valid[i]) continue;
     t.any_valid = true;
-    t.any_non_anchor |= !r.anchor[i];
+    t.any_non_anchor |= !r.is_anchor[i];
     t.seg_min = std::min(t.seg_min, r.seg[i]);
     t.seg_max = std::max(t.seg_max, r.seg[i]);
     t.pos_max = std::max(t.pos_max, checked_pos32(r.pos[i]));
@@ -245,9 +245,9 @@ struct KeyBlock {
 
 // Applies allowed(i, j) restricted to one kind of block (see the file comment) to a row of scores.
 inline void mask_row(const KeyBlock& blk, float* s, bool q_valid, int32_t qpos, int32_t qseg,
-                     bool q_anchor) {
+                     bool q_is_anchor) {
   const int64_t n = blk.n;
-  if (!q_valid || (blk.anchors && q_anchor)) {
+  if (!q_valid || (blk.anchors && q_is_anchor)) {
     std::fill(s, s + n, kNegInf);
     return;
   }
@@ -268,7 +268,7 @@ void scores_block(const float* q, int64_t ldq, const KeyBlock& blk, int64_t rows
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t qi = q0 + r % nq;
     mask_row(blk, S + r * ld_s, qr.valid[qi], qr.valid[qi] ? static_cast<int32_t>(qr.pos[qi]) : 0,
-             qr.seg[qi], qr.anchor[qi]);
+             qr.seg[qi], qr.is_anchor[qi]);
   }
 }
 
@@ -345,11 +345,11 @@ std::pair<at::Tensor, at::Tensor> float_kv(const at::Tensor& k, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& q_pos,
-    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
-    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale_d) {
-  const LayoutTensors ql = contiguous_layout(q_pos, q_seg, q_anchor, q_valid);
-  const LayoutTensors kl = contiguous_layout(k_pos, k_seg, k_anchor, k_valid);
+  const LayoutTensors ql = contiguous_layout(q_pos, q_seg, q_is_anchor, q_valid);
+  const LayoutTensors kl = contiguous_layout(k_pos, k_seg, k_is_anchor, k_valid);
   const AttentionShape s = check_attention_inputs(q_in, k_in, v_in, ql, kl);
   const at::Tensor q = as_float(q_in);
   const auto [k, v] = float_kv(k_in, v_in);
@@ -509,11 +509,11 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& lse_in, const at::Tensor& delta_in, const at::Tensor& q_pos,
-    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
-    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale_d) {
-  const LayoutTensors ql = contiguous_layout(q_pos, q_seg, q_anchor, q_valid);
-  const LayoutTensors kl = contiguous_layout(k_pos, k_seg, k_anchor, k_valid);
+  const LayoutTensors ql = contiguous_layout(q_pos, q_seg, q_is_anchor, q_valid);
+  const LayoutTensors kl = contiguous_layout(k_pos, k_seg, k_is_anchor, k_valid);
   const AttentionShape s = check_attention_inputs(q_in, k_in, v_in, ql, kl);
   ANLLM_CHECK_SHAPE(dout_in, s.B, s.Hq, s.Tq, s.D);
   ANLLM_CHECK_SHAPE(lse_in, s.B, s.Hq, s.Tq);

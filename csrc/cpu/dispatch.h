@@ -15,14 +15,14 @@ namespace anllm {
 
 using AttentionFwdFn = std::tuple<at::Tensor, at::Tensor> (*)(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
-    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
-    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale);
 using AttentionBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& q_pos, const at::Tensor& q_seg,
-    const at::Tensor& q_anchor, const at::Tensor& q_valid, const at::Tensor& k_pos,
-    const at::Tensor& k_seg, const at::Tensor& k_anchor, const at::Tensor& k_valid, double scale);
+    const at::Tensor& q_is_anchor, const at::Tensor& q_valid, const at::Tensor& k_pos,
+    const at::Tensor& k_seg, const at::Tensor& k_is_anchor, const at::Tensor& k_valid, double scale);
 
 struct CpuAttentionKernels {
   AttentionFwdFn fwd;

@@ -57,7 +57,7 @@ token_layout_cpu(const at::Tensor& input_ids, const at::Tensor& anchor_ids, cons
   const auto opts = ids.options();
   auto pos = at::empty({B, T}, opts);
   auto seg = at::empty({B, T}, opts.dtype(at::kInt));
-  auto anc = at::empty({B, T}, opts.dtype(at::kBool));
+  auto is_anchor = at::empty({B, T}, opts.dtype(at::kBool));
   auto val = at::empty({B, T}, opts.dtype(at::kBool));
   auto next_pos = at::empty({B}, opts);
   auto next_seg = at::empty({B}, opts);
@@ -77,7 +77,7 @@ token_layout_cpu(const at::Tensor& input_ids, const at::Tensor& anchor_ids, cons
       const bool a = v && is_anchor_id(ip[i]);
       seg.data_ptr<int32_t>()[i] = static_cast<int32_t>(s);  // anchors strictly before t
       pos.data_ptr<int64_t>()[i] = v ? p0 + n_valid : p0;    // padding gets the row's start position
-      anc.data_ptr<bool>()[i] = a;
+      is_anchor.data_ptr<bool>()[i] = a;
       val.data_ptr<bool>()[i] = v;
       n_valid += v;
       s += a;
@@ -86,7 +86,7 @@ token_layout_cpu(const at::Tensor& input_ids, const at::Tensor& anchor_ids, cons
     next_pos.data_ptr<int64_t>()[b] = p0 + n_valid;
     next_seg.data_ptr<int64_t>()[b] = s;
   }
-  return {pos, seg, anc, val, next_pos, next_seg, at::scalar_tensor(boundary, opts.dtype(at::kBool))};
+  return {pos, seg, is_anchor, val, next_pos, next_seg, at::scalar_tensor(boundary, opts.dtype(at::kBool))};
 }
 
 }  // namespace

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(dq_kernel_launch_bound) dq_kernel(const BwdPar
   ANLLM_SHARED(int64_t, r_pos, [BQ]);
   ANLLM_SHARED(int32_t, r_seg, [BQ]);
   ANLLM_SHARED(bool, r_valid, [BQ]);
-  ANLLM_SHARED(bool, r_anchor, [BQ]);
+  ANLLM_SHARED(bool, r_is_anchor, [BQ]);
   ANLLM_SHARED(float, r_lse, [BQ]);
   ANLLM_SHARED(float, r_delta, [BQ]);
   ANLLM_SHARED(int64_t, k_row, [BK]);
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(dq_kernel_launch_bound) dq_kernel(const BwdPar
     const float l = in ? p.lse[hrow + qi] : -INFINITY;
     // A row that saw nothing in the forward (lse = -inf) gets no gradient.
     r_valid[tid] = in && p.ql.valid[li] && l != -INFINITY;
-    r_anchor[tid] = in && p.ql.anchor[li];
+    r_is_anchor[tid] = in && p.ql.is_anchor[li];
     r_pos[tid] = in ? p.ql.pos[li] : 0;
     r_seg[tid] = in ? p.ql.seg[li] : 0;
     r_lse[tid] = l;
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(dq_kernel_launch_bound) dq_kernel(const BwdPar
     }
   }
   // The key tiles to visit (warp 0; BQ <= 32).
-  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_anchor, r_seg, r_pos, p.ks, p.ka, plan);
+  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
   const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(dq_kernel_launch_bound) dq_kernel(const BwdPar
 #pragma unroll
         for (int j = 0; j < CJ; ++j) {
           const int c = tx + j * kTX;
-          const bool ok = pair_allowed(!own, r_valid[r], r_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0,
+          const bool ok = pair_allowed(!own, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0,
                                        k_pos[c], k_seg[c]);
           const float pr = ok ? __expf(s[i][j] - r_lse[r]) : 0.f;
           Ss[r * BK + c] = pr * (dp[i][j] - r_delta[r]);
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(dkv_kernel_launch_bound) dkv_kernel(const BwdP
   ANLLM_SHARED(int64_t, r_pos, [BQ]);
   ANLLM_SHARED(int32_t, r_seg, [BQ]);
   ANLLM_SHARED(bool, r_valid, [BQ]);
-  ANLLM_SHARED(bool, r_anchor, [BQ]);
+  ANLLM_SHARED(bool, r_is_anchor, [BQ]);
   ANLLM_SHARED(float, r_lse, [BQ]);
   ANLLM_SHARED(float, r_delta, [BQ]);
   ANLLM_SHARED(int64_t, k_row, [BK]);  // key index, -1: no key
@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(dkv_kernel_launch_bound) dkv_kernel(const BwdP
           const int64_t li = b * p.Tq + (in ? qi : 0);
           const float l = in ? p.lse[hrow + qi] : -INFINITY;
           r_valid[tid] = in && p.ql.valid[li] && l != -INFINITY;
-          r_anchor[tid] = in && p.ql.anchor[li];
+          r_is_anchor[tid] = in && p.ql.is_anchor[li];
           r_pos[tid] = in ? p.ql.pos[li] : 0;
           r_seg[tid] = in ? p.ql.seg[li] : 0;
           r_lse[tid] = l;
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(dkv_kernel_launch_bound) dkv_kernel(const BwdP
 #pragma unroll
             for (int j = 0; j < CJ; ++j) {
               const int cc = tx + j * kTX;
-              const bool ok = pair_allowed(ANCHOR, r_valid[r], r_anchor[r], r_pos[r], r_seg[r],
+              const bool ok = pair_allowed(ANCHOR, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r],
                                            k_row[cc] >= 0, k_pos[cc], k_seg[cc]);
               const float pr = ok ? __expf(s[i][j] - r_lse[r]) : 0.f;
               Ps[r * BK + cc] = pr;
@@ -518,11 +518,11 @@ void launch_bwd_dim(const BwdParams& p, const at::Tensor& q) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& lse_in, const at::Tensor& delta_in, const at::Tensor& q_pos,
-    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
-    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale) {
-  const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_anchor.contiguous(), q_valid.contiguous()};
-  const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_anchor.contiguous(), k_valid.contiguous()};
+  const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_is_anchor.contiguous(), q_valid.contiguous()};
+  const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_is_anchor.contiguous(), k_valid.contiguous()};
   const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
   ANLLM_CHECK(on_kernel_device(q), "q must be a CUDA tensor");
   // Validation first (host only), so mixed-device inputs get the clear error, then the guard.

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
   ANLLM_SHARED(int64_t, r_pos, [BQ]);
   ANLLM_SHARED(int32_t, r_seg, [BQ]);
   ANLLM_SHARED(bool, r_valid, [BQ]);
-  ANLLM_SHARED(bool, r_anchor, [BQ]);
+  ANLLM_SHARED(bool, r_is_anchor, [BQ]);
   ANLLM_SHARED(float, r_m, [BQ]);
   ANLLM_SHARED(float, r_l, [BQ]);
   ANLLM_SHARED(float, r_alpha, [BQ]);
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
     const bool in = row_of(tid, h, qi);
     const int64_t li = b * p.Tq + (in ? qi : 0);
     r_valid[tid] = in && p.ql.valid[li];
-    r_anchor[tid] = in && p.ql.anchor[li];
+    r_is_anchor[tid] = in && p.ql.is_anchor[li];
     r_pos[tid] = in ? p.ql.pos[li] : 0;
     r_seg[tid] = in ? p.ql.seg[li] : 0;
     r_m[tid] = -INFINITY;
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
   }
 
   // The key tiles to visit (warp 0; BQ <= 32).
-  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_anchor, r_seg, r_pos, p.ks, p.ka, plan);
+  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
   const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
 #pragma unroll
         for (int j = 0; j < CJ; ++j) {
           const int c = tx + j * kTX;
-          const bool ok = pair_allowed(!own, r_valid[r], r_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0,
+          const bool ok = pair_allowed(!own, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0,
                                        k_pos[c], k_seg[c]);
           Ss[r * BK + c] = ok ? s[i][j] : -INFINITY;
         }
@@ -388,11 +388,11 @@ void launch_fwd_dim(const FwdParams& p, const at::Tensor& q, at::Tensor& out, at
 
 std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
-    const at::Tensor& q_seg, const at::Tensor& q_anchor, const at::Tensor& q_valid,
-    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_anchor,
+    const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
+    const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale) {
-  const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_anchor.contiguous(), q_valid.contiguous()};
-  const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_anchor.contiguous(), k_valid.contiguous()};
+  const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_is_anchor.contiguous(), q_valid.contiguous()};
+  const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_is_anchor.contiguous(), k_valid.contiguous()};
   const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
   ANLLM_CHECK(on_kernel_device(q), "q must be a CUDA tensor");
   // Validation first (host only), so mixed-device inputs get the clear error, then the guard.

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(dq_wmma_kernel_launch_bound) dq_wmma_kernel(co
   ANLLM_SHARED(int64_t, r_pos, [BQ]);
   ANLLM_SHARED(int32_t, r_seg, [BQ]);
   ANLLM_SHARED(bool, r_valid, [BQ]);
-  ANLLM_SHARED(bool, r_anchor, [BQ]);
+  ANLLM_SHARED(bool, r_is_anchor, [BQ]);
   ANLLM_SHARED(float, r_lse, [BQ]);
   ANLLM_SHARED(float, r_delta, [BQ]);
   ANLLM_SHARED(int64_t, k_row, [BK]);
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(dq_wmma_kernel_launch_bound) dq_wmma_kernel(co
     const float l = in ? p.lse[hrow + qi] : -INFINITY;
     // A row that saw nothing in the forward (lse = -inf) gets no gradient.
     r_valid[tid] = in && p.ql.valid[li] && l != -INFINITY;
-    r_anchor[tid] = in && p.ql.anchor[li];
+    r_is_anchor[tid] = in && p.ql.is_anchor[li];
     r_pos[tid] = in ? p.ql.pos[li] : 0;
     r_seg[tid] = in ? p.ql.seg[li] : 0;
     r_lse[tid] = l;
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(dq_wmma_kernel_launch_bound) dq_wmma_kernel(co
       Gs[r * LDT + d] = y;
     }
   }
-  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_anchor, r_seg, r_pos, p.ks, p.ka, plan);
+  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
   const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(dq_wmma_kernel_launch_bound) dq_wmma_kernel(co
     // dS = P (dP - delta) with P = exp(scale S - lse) on the visible pairs, 0 elsewhere (fp32).
     for (int e = tid; e < BQ * BK; e += kThreads) {
       const int r = e / BK, c = e % BK;
-      const bool ok = pair_allowed(!own, r_valid[r], r_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0, k_pos[c],
+      const bool ok = pair_allowed(!own, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0, k_pos[c],
                                    k_seg[c]);
       const float pr = ok ? __expf(Ss[r * LDS + c] * p.scale - r_lse[r]) : 0.f;
       Ds[r * LDP + c] = from_float<T>(pr * (Ps[r * LDS + c] - r_delta[r]));

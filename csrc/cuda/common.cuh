@@ -59,7 +59,7 @@ constexpr int kAnyNonAnchor = 2;  // the chunk holds a valid non-anchor token
 struct LayoutView {
   const int64_t* pos;
   const int32_t* seg;
-  const bool* anchor;
+  const bool* is_anchor;
   const bool* valid;
   int64_t T;
 };
@@ -215,7 +215,7 @@ struct QueryTilePlan {
 // Called by all 32 lanes of one warp; lane 0 writes `plan` (callers __syncthreads() before reading it).
 template <int BQ, int BK>
 __device__ __forceinline__ void plan_query_tile(int lane, int64_t b, int sub, const bool* r_valid,
-                                                const bool* r_anchor, const int32_t* r_seg,
+                                                const bool* r_is_anchor, const int32_t* r_seg,
                                                 const int64_t* r_pos, const SideView& ks,
                                                 const AnchorView& ka, QueryTilePlan& plan) {
   static_assert(BQ <= 64, "a warp plans at most 64 rows");
@@ -227,7 +227,7 @@ __device__ __forceinline__ void plan_query_tile(int lane, int64_t b, int sub, co
   for (int r = lane; r < BQ; r += 32) {
     if (!r_valid[r]) continue;
     v = true;
-    na = na || !r_anchor[r];
+    na = na || !r_is_anchor[r];
     smin = min(smin, r_seg[r]);
     smax = max(smax, r_seg[r]);
     pmax = max(pmax, r_pos[r]);
@@ -324,10 +324,10 @@ template <> struct DkvTraits<256> { static constexpr int BQ = 16, BK = 16; };
 // segments, anchor tiles (gathered valid anchors) only pairs with different segments, so the two
 // kinds together give exactly allowed(i, j) of the AnSAN mask rule (docs/method.md,
 // section "The AnSAN mask rule") whatever the key order.
-__device__ __forceinline__ bool pair_allowed(bool anchor_tile, bool q_valid, bool q_anchor, int64_t q_pos,
+__device__ __forceinline__ bool pair_allowed(bool anchor_tile, bool q_valid, bool q_is_anchor, int64_t q_pos,
                                              int32_t q_seg, bool k_ok, int64_t k_pos, int32_t k_seg) {
   if (!q_valid || !k_ok || k_pos > q_pos) return false;
-  return anchor_tile ? (!q_anchor && k_seg != q_seg) : (k_seg == q_seg);
+  return anchor_tile ? (!q_is_anchor && k_seg != q_seg) : (k_seg == q_seg);
 }
 
 inline int padded_head_dim(int64_t D) { return D <= 64 ? 64 : (D <= 128 ? 128 : 256); }

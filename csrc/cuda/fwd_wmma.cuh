@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
   ANLLM_SHARED(int64_t, r_pos, [BQ]);
   ANLLM_SHARED(int32_t, r_seg, [BQ]);
   ANLLM_SHARED(bool, r_valid, [BQ]);
-  ANLLM_SHARED(bool, r_anchor, [BQ]);
+  ANLLM_SHARED(bool, r_is_anchor, [BQ]);
   ANLLM_SHARED(float, r_m, [BQ]);
   ANLLM_SHARED(float, r_l, [BQ]);
   ANLLM_SHARED(float, r_alpha, [BQ]);
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
     const bool in = row_of(tid, h, qi);
     const int64_t li = b * p.Tq + (in ? qi : 0);
     r_valid[tid] = in && p.ql.valid[li];
-    r_anchor[tid] = in && p.ql.anchor[li];
+    r_is_anchor[tid] = in && p.ql.is_anchor[li];
     r_pos[tid] = in ? p.ql.pos[li] : 0;
     r_seg[tid] = in ? p.ql.seg[li] : 0;
     r_m[tid] = -INFINITY;
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
   }
 
   // The key tiles to visit (warp 0).
-  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_anchor, r_seg, r_pos, p.ks, p.ka, plan);
+  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
   const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
 #pragma unroll
       for (int u = 0; u < BK / 32; ++u) {
         const int c = lane + u * 32;
-        const bool ok = pair_allowed(!own, r_valid[r], r_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0, k_pos[c],
+        const bool ok = pair_allowed(!own, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0, k_pos[c],
                                      k_seg[c]);
         x[u] = ok ? Ss[r * LDS + c] * p.scale : -INFINITY;
         mx = fmaxf(mx, x[u]);

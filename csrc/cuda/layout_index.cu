@@ -11,7 +11,7 @@ namespace anllm {
 namespace cuda {
 
 LayoutView layout_view(const LayoutTensors& l) {
-  return {l.pos.data_ptr<int64_t>(), l.seg.data_ptr<int32_t>(), l.anchor.data_ptr<bool>(),
+  return {l.pos.data_ptr<int64_t>(), l.seg.data_ptr<int32_t>(), l.is_anchor.data_ptr<bool>(),
           l.valid.data_ptr<bool>(), l.pos.size(1)};
 }
 
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kIndexThreads) build_index_kernel(LayoutView l
   const int64_t T = l.T, nC = o.nC;
   const int64_t* pos = l.pos + b * T;
   const int32_t* seg = l.seg + b * T;
-  const bool* anc = l.anchor + b * T;
+  const bool* is_anchor = l.is_anchor + b * T;
   const bool* val = l.valid + b * T;
   const int64_t cb = b * nC;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kIndexThreads) build_index_kernel(LayoutView l
       pmin = min(pmin, p);
       pmax = max(pmax, p);
       fl |= kAnyValid;
-      if (!anc[j]) {
+      if (!is_anchor[j]) {
         pmax_na = max(pmax_na, p);
         fl |= kAnyNonAnchor;
       }
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kIndexThreads) build_index_kernel(LayoutView l
   int32_t count = 0;
   for (int64_t base = 0; base < T; base += kIndexThreads) {
     const int64_t j = base + threadIdx.x;
-    const int32_t f = (j < T && val[j] && anc[j]) ? 1 : 0;
+    const int32_t f = (j < T && val[j] && is_anchor[j]) ? 1 : 0;
     int32_t tot;
     const int32_t incl = block_inclusive_scan(f, SumOp(), buf32, tot);
     if (f) {

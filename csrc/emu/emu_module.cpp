@@ -53,9 +53,9 @@ namespace {
 // seg_max, flags, pm_seg_max, sm_seg_min), i64 [4, B, nC] (pos_min, pos_max, pos_max_na,
 // pm_pos_max_na), and with anchors: a_i32 [2, B, T] (idx, seg), a_i64 [2, B, T] (pos, smin_pos),
 // count int32 [B].
-std::vector<at::Tensor> side_index(const at::Tensor& pos, const at::Tensor& seg, const at::Tensor& anchor,
+std::vector<at::Tensor> side_index(const at::Tensor& pos, const at::Tensor& seg, const at::Tensor& is_anchor,
                                    const at::Tensor& valid, bool with_anchors) {
-  const anllm::LayoutTensors l{pos.contiguous(), seg.contiguous(), anchor.contiguous(), valid.contiguous()};
+  const anllm::LayoutTensors l{pos.contiguous(), seg.contiguous(), is_anchor.contiguous(), valid.contiguous()};
   anllm::cuda::SideIndex side;
   anllm::cuda::AnchorIndex anchors;
   anllm::cuda::build_side_index(l, side, with_anchors ? &anchors : nullptr);
@@ -114,7 +114,7 @@ std::vector<int64_t> kernel_info(const std::string& name_part) {
 }  // namespace anllm_emu
 
 TORCH_LIBRARY_FRAGMENT(anllm_cuda_emu, m) {
-  m.def("emu_side_index(Tensor pos, Tensor seg, Tensor anchor, Tensor valid, bool with_anchors) -> Tensor[]");
+  m.def("emu_side_index(Tensor pos, Tensor seg, Tensor is_anchor, Tensor valid, bool with_anchors) -> Tensor[]");
   m.def("emu_set_seed(int seed) -> ()", &anllm_emu::set_seed);
   m.def("emu_set_fast_math(bool on) -> ()", &anllm_emu::set_fast_math);
   m.def("emu_set_sm_count(int n) -> int", &anllm_emu::set_sm_count);

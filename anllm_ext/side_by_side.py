@@ -1,0 +1,98 @@
+"""The full cache and the anchor cache side by side: one timed generation each, with their KV figures
+(what ``anllm generate`` and ``make demo`` print)."""
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import torch
+from transformers import DynamicCache
+
+from .cache import cache_kv_bytes
+from .console import progress_bar
+from .generation import generate
+from .hf import cache_kwarg
+
+
+class _Timer:
+    """A transformers streamer that timestamps the first generated token and shows a tqdm bar."""
+
+    def __init__(self, total_new: int, desc: str, show: bool):
+        self.t_first = None
+        self.n_new = 0
+        self._seen_prompt = False
+        self.bar = progress_bar(total_new, desc, show)
+
+    def put(self, value):
+        if not self._seen_prompt:  # generate() first puts the prompt
+            self._seen_prompt = True
+            return
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.n_new += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def end(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool, anchor_ids: Optional[List[int]],
+                   max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                   ignore_eos: bool = False, seed: int = 0, prefill_chunk: int = 128, progress: bool = False) -> dict:
+    """One generation with the anchor cache (``anchor``: chunked prefill, :func:`anllm_ext.generate`) or with
+    transformers' full ``DynamicCache`` on the unpatched model; returns the output ids and the figures:
+    ``label, ids, new, prefill_s, prefill_tps, decode_tps, kv, peak, slots`` (KV bytes at the end and at
+    the peak, key/value slots kept over the batch)."""
+    n_prompt = ids.shape[1]
+    label = "anchor cache" if anchor else "full cache"
+    # the anchor run's bar comes from anllm_ext.generate (prefill chunks + decoding)
+    timer = _Timer(max_new_tokens, f"{label}: decode", progress and not anchor)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=timer)
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+        torch.manual_seed(seed)
+    if ignore_eos:
+        gen_kwargs["eos_token_id"] = None
+    t0 = time.perf_counter()
+    if anchor:
+        out, cache = generate(model, ids, mask, prefill_chunk=prefill_chunk, anchor_ids=anchor_ids,
+                              return_cache=True, progress=progress, **gen_kwargs)
+    else:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, **gen_kwargs)
+    t1 = time.perf_counter()
+    timer.end()
+    t_first = timer.t_first or t1
+    n_new = out.shape[1] - n_prompt
+    if anchor:
+        st = cache.stats()
+        kv, peak = st["kv_bytes"], st["peak_kv_bytes"]
+        kept = sum(st["kept_slots"])
+    else:
+        kv = peak = cache_kv_bytes(cache)  # a DynamicCache only grows
+        kept = cache.get_seq_length() * ids.shape[0]
+    return {
+        "label": label,
+        "ids": out,
+        "new": n_new,
+        "prefill_s": t_first - t0,
+        "prefill_tps": n_prompt * ids.shape[0] / max(t_first - t0, 1e-9),
+        "decode_tps": (n_new - 1) / (t1 - t_first) if n_new > 1 and t1 > t_first else float("nan"),
+        "kv": kv,
+        "peak": peak,
+        "slots": kept,
+    }
+
+
+def first_difference(full, anc, n_prompt: int) -> str:
+    """Where the two runs' generated tokens part (first row of the batch), as a note for the summary line."""
+    a, b = full["ids"][0, n_prompt:].tolist(), anc["ids"][0, n_prompt:].tolist()
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f" (they part at generated token {i + 1})"
+    if len(a) != len(b):
+        return f" (one stops after {min(len(a), len(b))} generated tokens)"
+    return ""
