@@ -7,7 +7,7 @@ import torch
 import anllm_ext
 from anllm_ext import reference
 
-from helpers import ANCHOR, DTYPES, FLOOR, assert_close_by_error_rule, kept_slots, layout, qkv, token_stream  # noqa: F401 (FLOOR: test_cuda_emu.py imports it from here)
+from helpers import DTYPES, assert_close_by_error_rule, kept_slots, layout, qkv, token_stream
 
 @contextlib.contextmanager
 def uninitialized_memory_is_nan():

@@ -12,8 +12,7 @@ import anllm_ext
 from anllm_ext import reference
 
 from emu_helpers import SEEDS, emu, needs_emu, parts
-from helpers import kept_slots, layout, qkv, token_stream
-from test_attention import FLOOR, assert_close_by_error_rule
+from helpers import assert_close_by_error_rule, kept_slots, layout, qkv, token_stream
 
 pytestmark = needs_emu
 
@@ -206,7 +205,13 @@ def backward_case(B, Hkv, group, T, D, dtype, pattern, padding, seed):
     ids, mask = token_stream(B, T, pattern, padding)
     lay = layout(ids, mask)
     q, k, v = qkv(B, Hkv * group, Hkv, T, T, D, dtype)
-    scale = 1.0 / math.sqrt(D)
+    return check_backward(q, k, v, lay, dtype)
+
+
+def check_backward(q, k, v, lay, dtype):
+    """The emulated backward (dq, dk, dv for a random dout and dlse) against autograd of the oracle, each with
+    flash-attention's error rule; returns (dq, dk, dv)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = emu_forward(q, k, v, lay, lay, scale)
     dout = torch.randn(out.shape).to(dtype)
     dlse = torch.randn_like(lse).masked_fill(torch.isneginf(lse), 0)
@@ -247,10 +252,60 @@ def test_backward_dtypes_headdims(dtype, D, group):
     (127, "cache_like", "mixed", 3), (129, "random", "left", 4),
 ])
 def test_tensor_core_dq_lengths_patterns(dtype, T, pattern, padding, group):
-    """bf16/fp16 with a dout of the same dtype: dq on tensor cores (bwd_wmma.cuh), dk/dv on dkv_kernel."""
+    """bf16/fp16 with a dout of the same dtype: dq on tensor cores (bwd_wmma.cuh: dq_wmma_kernel)."""
     emu().emu_launch_log(True)
     backward_case(2, 1, group, T, 64, dtype, pattern, padding, T % 3)
     assert any(line.startswith("dq_wmma in") for line in emu().emu_launch_log(False))
+
+
+def dkv_wmma_launched():
+    """dk/dv ran on tensor cores: both dkv_wmma_kernel variants launched, neither CUDA-core dkv_kernel."""
+    log = emu().emu_launch_log(False)
+    return (any(line.startswith("dkv_wmma_own in") for line in log)
+            and any(line.startswith("dkv_wmma_anc in") for line in log)
+            and not any(line.startswith(("own in", "anc in")) for line in log))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, Hkv, group, T, D, pattern, padding", [
+    (2, 1, 1, 1, 64, "none", "none"), (2, 1, 4, 1, 40, "all", "none"), (2, 1, 3, 63, 40, "random", "mixed"),
+    (2, 1, 4, 64, 128, "all", "left"), (2, 2, 1, 65, 64, "consecutive", "right"), (2, 1, 1, 65, 128, "none", "mixed"),
+    (2, 1, 4, 129, 40, "cache_like", "mixed"), (1, 1, 3, 129, 128, "random", "left"),
+    (2, 1, 3, 129, 64, "random", "right"), (1, 1, 3, 33, 256, "random", "mixed"),
+])
+def test_tensor_core_dkv_lengths_headdims_gqa(dtype, B, Hkv, group, T, D, pattern, padding):
+    """bf16/fp16 with a dout of the same dtype: dk/dv on tensor cores (bwd_wmma.cuh: dkv_wmma_kernel, its
+    own-segment and anchor variants), against autograd of the fp32 oracle with flash-attention's rule, over
+    lengths around the 64-key / 64-query tiles, head dims 40/64/128 (and 256), GQA 1/3/4 and padding."""
+    emu().emu_launch_log(True)
+    backward_case(B, Hkv, group, T, D, dtype, pattern, padding, T % 3)
+    assert dkv_wmma_launched(), emu().emu_launch_log(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_dkv_fully_masked_rows(dtype):
+    """A row of padding only and a row padded after 10 tokens: their padded keys get zero dk/dv, rows that saw
+    nothing give nothing, and the rest matches the oracle."""
+    emu().emu_set_seed(4)
+    emu().emu_launch_log(True)
+    torch.manual_seed(4)
+    ids, mask = token_stream(3, 70, "random", "none")
+    mask[1] = 0
+    mask[2, 10:] = 0
+    lay = layout(ids, mask)
+    q, k, v = qkv(3, 4, 2, 70, 70, 64, dtype)
+    dq, dk, dv = check_backward(q, k, v, lay, dtype)
+    assert dkv_wmma_launched()
+    for g in (dq, dk, dv):
+        assert (g[1] == 0).all() and (g[2, :, 10:] == 0).all()
+
+
+def test_tensor_core_dkv_long_split_anchor_queries():
+    """Tq >= 1024 in bf16: the tensor-core anchor kernel splits the query range over blocks (qsplit > 1,
+    atomicAdd into the anchors' rows)."""
+    emu().emu_launch_log(True)
+    backward_case(1, 1, 2, 1100, 40, torch.bfloat16, "random", "left", 11)
+    assert dkv_wmma_launched()
 
 
 def test_backward_long_split_anchor_queries():

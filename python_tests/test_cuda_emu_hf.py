@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from emu_helpers import emu, needs_emu, route_ops_to_emulator
-from helpers import MODEL_ANCHOR, model_stream, tiny_model
+from helpers import MODEL_ANCHOR, cached_logits, model_stream, tiny_model
 
 pytestmark = needs_emu
 
@@ -26,21 +26,6 @@ def tiny_llama(seed=0):
 def single_pass(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-
-
-def cached(model, ids, mask, n_prompt, chunk):
-    """Chunked prefill of ids[:, :n_prompt], then one token at a time; all logits."""
-    from anllm_ext import prefill
-
-    cache, lp = prefill(model, ids[:, :n_prompt], None if mask is None else mask[:, :n_prompt], chunk_size=chunk,
-                        return_logits=True)
-    outs = [lp]
-    with torch.no_grad():
-        for t in range(n_prompt, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], attention_mask=None if mask is None else mask[:, :t + 1],
-                        cache=cache, use_cache=True)
-            outs.append(out.logits)
-    return torch.cat(outs, dim=1), cache
 
 
 @pytest.fixture
@@ -65,7 +50,7 @@ def test_cached_decode_equals_one_masked_pass(patched_model, monkeypatch):
     ref = single_pass(patched_model, ids, mask)
     assert launches() > before, "the patched model did not reach the emulated kernels"
     torch.testing.assert_close(ref, cpu_ref, atol=2e-5, rtol=1e-5)
-    got, cache = cached(patched_model, ids, mask, n_prompt=34, chunk=9)
+    got, cache = cached_logits(patched_model, ids, mask, n_prompt=34, chunk=9)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
     assert cache.lengths()[0] < 44  # closed segments were dropped (emulated compaction)
     assert any("plan_kernel" in line for line in emu().emu_launch_log(False))
@@ -75,13 +60,13 @@ def test_padded_batch_equals_rows_alone(patched_model, monkeypatch):
     emu().emu_set_seed(12)
     route_ops_to_emulator(monkeypatch.setattr)
     ids, mask = model_stream(3, 36, seed=3, left_pad=(4, 0, 9))
-    batched, cache = cached(patched_model, ids, mask, n_prompt=26, chunk=6)
+    batched, cache = cached_logits(patched_model, ids, mask, n_prompt=26, chunk=6)
     ref = single_pass(patched_model, ids, mask)
     keep = mask.bool()
     torch.testing.assert_close(batched[keep], ref[keep], atol=2e-5, rtol=1e-5)
     for b in range(3):
         n = int((mask[b] == 0).sum())
-        alone, _ = cached(patched_model, ids[b:b + 1, n:], None, n_prompt=26 - n, chunk=6)
+        alone, _ = cached_logits(patched_model, ids[b:b + 1, n:], None, n_prompt=26 - n, chunk=6)
         torch.testing.assert_close(batched[b, n:], alone[0], atol=2e-5, rtol=1e-5)
         assert bool(cache.kept_layout(b).valid.all())  # padding never enters the kept cache
 

@@ -12,54 +12,44 @@
 //                    non-anchor queries at or after the anchors' positions in other segments; adds
 //                    into the anchors' dk/dv rows with atomicAdd (the query range is split across
 //                    blocks). Runs after the own kernel on the same stream.
+//                    For the inputs of dq_wmma_kernel, dkv_wmma_kernel<own> / <anc> (bwd_wmma.cuh) do
+//                    the same on tensor cores.
 // dk/dv are accumulated in fp32 [B, Hkv, Tk, D] and cast at the end.
 #include <torch/library.h>
 
 #include "bwd_wmma.cuh"
 #include "common.cuh"
+#include "tiles.cuh"
 
 namespace anllm {
 namespace cuda {
 namespace {
 
-// For this thread's rows r = ty + i * kTY and key columns c = tx + j * kTX of a tile:
-// s[i][j] = q_r . k_c (q pre-scaled) and dp[i][j] = dout_r . v_c, from the shared Qs/Os ([BQ][QS]) and
-// Ks/Vs ([BK][KS]) tiles. Both backward kernels need exactly these two products.
-template <int RI, int CJ, int DMAX, int QS, int KS>
-__device__ __forceinline__ void scores_and_dp(const float* Qs, const float* Os, const float* Ks,
-                                              const float* Vs, int ty, int tx, float (&s)[RI][CJ],
-                                              float (&dp)[RI][CJ]) {
+// For this thread's rows r = ty + i * kTY and key columns c = tx + j * kTX of a tile: s = q_r . k_c
+// (q pre-scaled) and dp = dout_r . v_c from the shared Qs/Os ([BQ][QS]) and Ks/Vs ([BK][KS]) tiles, then
+// P = exp(s - lse) on the pairs the tile allows (0 elsewhere) and dS = P (dp - delta), written to
+// Ds [BQ][BK] (and P to Ps [BQ][BK] when STORE_P). Both backward kernels need exactly these.
+template <int RI, int CJ, int DMAX, int QS, int KS, int BK, bool STORE_P>
+__device__ __forceinline__ void probs_and_ds(const float* Qs, const float* Os, const float* Ks, const float* Vs,
+                                             int ty, int tx, const PairTile& tile, bool anchor_tile,
+                                             const float* r_lse, const float* r_delta, float* Ps, float* Ds) {
+  float s[RI][CJ], dp[RI][CJ];
 #pragma unroll
   for (int i = 0; i < RI; ++i)
 #pragma unroll
     for (int j = 0; j < CJ; ++j) s[i][j] = dp[i][j] = 0.f;
-#pragma unroll 2
-  for (int d = 0; d < DMAX; ++d) {
-    float qv[RI], ov[RI], kv[CJ], vv[CJ];
+  micro_tile_mma2<RI, CJ, DMAX, QS, 1, KS, 1>(Qs, Ks, s, Os, Vs, dp, ty, tx);
 #pragma unroll
-    for (int i = 0; i < RI; ++i) {
-      qv[i] = Qs[(ty + i * kTY) * QS + d];
-      ov[i] = Os[(ty + i * kTY) * QS + d];
-    }
+  for (int i = 0; i < RI; ++i) {
+    const int r = ty + i * kTY;
 #pragma unroll
     for (int j = 0; j < CJ; ++j) {
-      kv[j] = Ks[(tx + j * kTX) * KS + d];
-      vv[j] = Vs[(tx + j * kTX) * KS + d];
+      const int c = tx + j * kTX;
+      const float pr = tile.allowed(anchor_tile, r, c) ? __expf(s[i][j] - r_lse[r]) : 0.f;
+      if constexpr (STORE_P) Ps[r * BK + c] = pr;
+      Ds[r * BK + c] = pr * (dp[i][j] - r_delta[r]);
     }
-#pragma unroll
-    for (int i = 0; i < RI; ++i)
-#pragma unroll
-      for (int j = 0; j < CJ; ++j) {
-        s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
-        dp[i][j] = fmaf(ov[i], vv[j], dp[i][j]);
-      }
   }
-}
-
-// dout[i] as fp32: an fp32 dout is read as it is (as the CPU kernel does), not rounded to the dtype of q.
-template <typename T>
-__device__ __forceinline__ float load_dout(const BwdParams& p, int64_t i) {
-  return p.dout_f32 ? static_cast<const float*>(p.dout)[i] : to_float(static_cast<const T*>(p.dout)[i]);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -90,50 +80,19 @@ __global__ void __launch_bounds__(dq_kernel_launch_bound) dq_kernel(const BwdPar
   ANLLM_SHARED(QueryTilePlan, plan, );
 
   const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
-  const int64_t qt = blockIdx.x % p.n_qtiles;
-  const int64_t h = (blockIdx.x / p.n_qtiles) % p.Hq;
-  const int64_t b = blockIdx.x / (p.n_qtiles * p.Hq);
-  const int64_t hk = h / p.group;
-  const int64_t q0 = qt * BQ;
-  const int64_t hrow = (b * p.Hq + h) * p.Tq;  // row index of query 0 of this head
+  const BwdQueryBlock blk = bwd_query_block<BQ>(p);
+  const int64_t b = blk.b, h = blk.h, hk = blk.hk, q0 = blk.q0, hrow = blk.hrow;
 
-  if (tid < BQ) {
-    const int64_t qi = q0 + tid;
-    const bool in = qi < p.Tq;
-    const int64_t li = b * p.Tq + (in ? qi : 0);
-    const float l = in ? p.lse[hrow + qi] : -INFINITY;
-    // A row that saw nothing in the forward (lse = -inf) gets no gradient.
-    r_valid[tid] = in && p.ql.valid[li] && l != -INFINITY;
-    r_is_anchor[tid] = in && p.ql.is_anchor[li];
-    r_pos[tid] = in ? p.ql.pos[li] : 0;
-    r_seg[tid] = in ? p.ql.seg[li] : 0;
-    r_lse[tid] = l;
-    r_delta[tid] = in ? p.delta[hrow + qi] : 0.f;
-  }
+  const PairTile tile{r_valid, r_is_anchor, r_pos, r_seg, k_row, k_pos, k_seg};
+
+  if (tid < BQ) bwd_load_row(p, b, hrow, q0, tid, tile, r_lse, r_delta);
   __syncthreads();
-  {
-    const T* q = static_cast<const T*>(p.q);
-    for (int e = tid; e < BQ * DMAX; e += kThreads) {
-      const int r = e / DMAX, d = e % DMAX;
-      float x = 0.f, g = 0.f;
-      if (d < p.D && r_valid[r]) {
-        const int64_t qi = q0 + r;
-        x = to_float(q[b * p.q_sb + h * p.q_sh + qi * p.q_st + d]) * p.scale;
-        g = load_dout<T>(p, (hrow + qi) * p.D + d);
-      }
-      Qs[r * QS + d] = x;
-      Os[r * QS + d] = g;
-    }
-  }
+  bwd_stage_queries<T, float, BQ, DMAX, QS>(p, b, h, hrow, q0, tid, r_valid, Qs, Os);
   // The key tiles to visit (warp 0; BQ <= 32).
   if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
   const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
-  const T* kg = static_cast<const T*>(p.k);
-  const T* vg = static_cast<const T*>(p.v);
-  const int64_t k_base = b * p.k_sb + hk * p.k_sh;
-  const int64_t v_base = b * p.v_sb + hk * p.v_sh;
 
   float acc[RI][DJ];
 #pragma unroll
@@ -143,52 +102,12 @@ __global__ void __launch_bounds__(dq_kernel_launch_bound) dq_kernel(const BwdPar
 
   for (int64_t t = 0; t < n_tiles; ++t) {
     const bool own = t < n_own;
-    int64_t key0, a0;
-    if (!key_tile_start<BK>(p.ks, b, plan, SUB, t, key0, a0)) continue;  // uniform across the block
+    if (!enter_key_tile<BK>(p, b, plan, SUB, t, tid, tile)) continue;  // uniform across the block
+    stage_keys_values<T, float, BK, DMAX, KS, KS>(p, b, hk, k_row, tid, Ks, Vs);
     __syncthreads();
-    if (tid < BK) load_key_slot(p.kl, p.ka, b, p.Tk, own, key0, a0, plan.n_av, tid, k_row, k_pos, k_seg);
+    probs_and_ds<RI, CJ, DMAX, QS, KS, BK, false>(Qs, Os, Ks, Vs, ty, tx, tile, !own, r_lse, r_delta, nullptr, Ss);
     __syncthreads();
-    for (int e = tid; e < BK * DMAX; e += kThreads) {
-      const int c = e / DMAX, d = e % DMAX;
-      const int64_t j = k_row[c];
-      float kx = 0.f, vx = 0.f;
-      if (j >= 0 && d < p.D) {
-        kx = to_float(kg[k_base + j * p.k_st + d]);
-        vx = to_float(vg[v_base + j * p.v_st + d]);
-      }
-      Ks[c * KS + d] = kx;
-      Vs[c * KS + d] = vx;
-    }
-    __syncthreads();
-    {
-      float s[RI][CJ], dp[RI][CJ];
-      scores_and_dp<RI, CJ, DMAX, QS, KS>(Qs, Os, Ks, Vs, ty, tx, s, dp);
-#pragma unroll
-      for (int i = 0; i < RI; ++i) {
-        const int r = ty + i * kTY;
-#pragma unroll
-        for (int j = 0; j < CJ; ++j) {
-          const int c = tx + j * kTX;
-          const bool ok = pair_allowed(!own, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0,
-                                       k_pos[c], k_seg[c]);
-          const float pr = ok ? __expf(s[i][j] - r_lse[r]) : 0.f;
-          Ss[r * BK + c] = pr * (dp[i][j] - r_delta[r]);
-        }
-      }
-    }
-    __syncthreads();
-#pragma unroll 4
-    for (int c = 0; c < BK; ++c) {
-      float ds[RI], kv[DJ];
-#pragma unroll
-      for (int i = 0; i < RI; ++i) ds[i] = Ss[(ty + i * kTY) * BK + c];
-#pragma unroll
-      for (int j = 0; j < DJ; ++j) kv[j] = Ks[c * KS + tx + j * kTX];
-#pragma unroll
-      for (int i = 0; i < RI; ++i)
-#pragma unroll
-        for (int j = 0; j < DJ; ++j) acc[i][j] = fmaf(ds[i], kv[j], acc[i][j]);
-    }
+    micro_tile_mma<RI, DJ, BK, BK, 1, 1, KS>(Ss, Ks, ty, tx, acc);
   }
 
   T* dq = static_cast<T*>(p.dq);
@@ -214,7 +133,6 @@ __global__ void __launch_bounds__(dkv_kernel_launch_bound) dkv_kernel(const BwdP
   constexpr int RI = BQ / kTY, CJ = BK / kTX;  // score micro tile: queries x keys
   constexpr int KI = BK / kTY, DJ = DMAX / kTX;  // gradient micro tile: keys x head dim
   constexpr int QS = DMAX, KS = DMAX + 1;
-  constexpr int SUBQ = kChunk / BQ;
   ANLLM_DYNAMIC_SHARED(float, smem);
   float* Ks = smem;            // [BK][KS]
   float* Vs = Ks + BK * KS;    // [BK][KS]
@@ -232,108 +150,23 @@ __global__ void __launch_bounds__(dkv_kernel_launch_bound) dkv_kernel(const BwdP
   ANLLM_SHARED(int64_t, k_row, [BK]);  // key index, -1: no key
   ANLLM_SHARED(int64_t, k_pos, [BK]);
   ANLLM_SHARED(int32_t, k_seg, [BK]);
-  ANLLM_SHARED(int64_t, t_c0, );
-  ANLLM_SHARED(int64_t, t_c1, );
-  ANLLM_SHARED(int64_t, t_kpmin, );
-  ANLLM_SHARED(int32_t, t_ksmin, );
-  ANLLM_SHARED(int32_t, t_ksmax, );
-  ANLLM_SHARED(int, t_any, );
+  ANLLM_SHARED(KeyTilePlan, kplan, );
 
   const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
-  int64_t item = blockIdx.x;
-  const int qsplit = ANCHOR ? p.qsplit : 1;
-  const int split = static_cast<int>(item % qsplit);
-  item /= qsplit;
-  const int64_t kt = item % p.n_ktiles;
-  item /= p.n_ktiles;
-  const int64_t hk = item % p.Hkv;
-  const int64_t b = item / p.Hkv;
-  const int64_t first = kt * BK;  // first key (own) or first anchor list entry (anchor)
-  if (ANCHOR && first >= p.ka.count[b]) return;  // uniform: no anchors in this tile
+  const BwdKeyBlock blk = bwd_key_block<BK, ANCHOR>(p);
+  const int64_t b = blk.b, hk = blk.hk;
+  if (ANCHOR && blk.first >= p.ka.count[b]) return;  // uniform: no anchors in this tile
 
-  if (tid < BK) {
-    int64_t j = -1, kp = 0;
-    int32_t ksg = 0;
-    if (!ANCHOR) {
-      const int64_t jj = first + tid;
-      if (jj < p.Tk && p.kl.valid[b * p.Tk + jj]) {
-        j = jj;
-        kp = p.kl.pos[b * p.Tk + jj];
-        ksg = p.kl.seg[b * p.Tk + jj];
-      }
-    } else {
-      const int64_t a = first + tid;
-      if (a < p.ka.count[b]) {
-        j = p.ka.idx[b * p.ka.cap + a];
-        kp = p.ka.pos[b * p.ka.cap + a];
-        ksg = p.ka.seg[b * p.ka.cap + a];
-      }
-    }
-    k_row[tid] = j;
-    k_pos[tid] = kp;
-    k_seg[tid] = ksg;
-  }
-  __syncthreads();
-  if (tid < 32) {
-    bool any = false;
-    int32_t smin = kI32Max, smax = kI32Min;
-    int64_t pmin = kI64Max;
-    for (int c = tid; c < BK; c += 32) {
-      if (k_row[c] < 0) continue;
-      any = true;
-      smin = min(smin, k_seg[c]);
-      smax = max(smax, k_seg[c]);
-      pmin = min(pmin, k_pos[c]);
-    }
-    const unsigned any_b = __ballot_sync(kFull, any);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      smin = min(smin, __shfl_xor_sync(kFull, smin, o));
-      smax = max(smax, __shfl_xor_sync(kFull, smax, o));
-      pmin = min(pmin, __shfl_xor_sync(kFull, pmin, o));
-    }
-    if (tid == 0) {
-      const int64_t nC = p.qs.nC;
-      int64_t c0 = 0, c1 = 0;
-      if (any_b) {
-        if (!ANCHOR) {
-          c0 = lower_bound_dev(p.qs.pm_seg_max + b * nC, nC, smin);
-          c1 = count_le_dev(p.qs.sm_seg_min + b * nC, nC, smax);
-        } else {
-          const int64_t lo = lower_bound_dev(p.qs.pm_pos_max_na + b * nC, nC, pmin);
-          const int64_t per = (nC - lo + qsplit - 1) / qsplit;
-          c0 = lo + split * per;
-          c1 = min(nC, c0 + per);
-        }
-      }
-      t_any = any_b != 0 && c1 > c0;
-      t_c0 = c0;
-      t_c1 = c1;
-      t_kpmin = pmin;
-      t_ksmin = smin;
-      t_ksmax = smax;
-    }
-  }
-  __syncthreads();
-  if (!t_any) return;  // uniform; nothing to add
+  const PairTile tile{r_valid, r_is_anchor, r_pos, r_seg, k_row, k_pos, k_seg};
 
-  {
-    const T* kg = static_cast<const T*>(p.k);
-    const T* vg = static_cast<const T*>(p.v);
-    const int64_t k_base = b * p.k_sb + hk * p.k_sh;
-    const int64_t v_base = b * p.v_sb + hk * p.v_sh;
-    for (int e = tid; e < BK * DMAX; e += kThreads) {
-      const int c = e / DMAX, d = e % DMAX;
-      const int64_t j = k_row[c];
-      float kx = 0.f, vx = 0.f;
-      if (j >= 0 && d < p.D) {
-        kx = to_float(kg[k_base + j * p.k_st + d]);
-        vx = to_float(vg[v_base + j * p.v_st + d]);
-      }
-      Ks[c * KS + d] = kx;
-      Vs[c * KS + d] = vx;
-    }
-  }
+  if (tid < BK)
+    load_key_slot(p.kl, p.ka, b, p.Tk, !ANCHOR, blk.first, blk.first, p.ka.count[b], tid, k_row, k_pos, k_seg);
+  __syncthreads();
+  if (tid < 32) plan_key_tile<BK, ANCHOR>(tid, p, blk, tile, kplan);
+  __syncthreads();
+  if (!kplan.any) return;  // uniform; nothing to add
+
+  stage_keys_values<T, float, BK, DMAX, KS, KS>(p, b, hk, k_row, tid, Ks, Vs);
 
   float gk[KI][DJ], gv[KI][DJ];
 #pragma unroll
@@ -341,94 +174,17 @@ __global__ void __launch_bounds__(dkv_kernel_launch_bound) dkv_kernel(const BwdP
 #pragma unroll
     for (int j = 0; j < DJ; ++j) gk[i][j] = gv[i][j] = 0.f;
 
-  const int64_t c0 = t_c0, c1 = t_c1, kpmin = t_kpmin;
-  const int32_t ksmin = t_ksmin, ksmax = t_ksmax;
-  const int64_t qcb = b * p.qs.nC;
-  const T* q = static_cast<const T*>(p.q);
-
-  for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-    const int64_t hrow = (b * p.Hq + h) * p.Tq;
-    for (int64_t c = c0; c < c1; ++c) {
-      // Chunk-level skip, uniform across the block.
-      if (!ANCHOR) {
-        if (!(p.qs.flags[qcb + c] & kAnyValid) || p.qs.seg_max[qcb + c] < ksmin ||
-            p.qs.seg_min[qcb + c] > ksmax || p.qs.pos_max[qcb + c] < kpmin)
-          continue;
-      } else {
-        if (!(p.qs.flags[qcb + c] & kAnyNonAnchor) || p.qs.pos_max_na[qcb + c] < kpmin) continue;
-      }
-      for (int sub = 0; sub < SUBQ; ++sub) {
-        const int64_t q0 = c * kChunk + sub * BQ;
-        if (q0 >= p.Tq) break;  // uniform
-        __syncthreads();        // previous sub-tile is done with the shared buffers
-        if (tid < BQ) {
-          const int64_t qi = q0 + tid;
-          const bool in = qi < p.Tq;
-          const int64_t li = b * p.Tq + (in ? qi : 0);
-          const float l = in ? p.lse[hrow + qi] : -INFINITY;
-          r_valid[tid] = in && p.ql.valid[li] && l != -INFINITY;
-          r_is_anchor[tid] = in && p.ql.is_anchor[li];
-          r_pos[tid] = in ? p.ql.pos[li] : 0;
-          r_seg[tid] = in ? p.ql.seg[li] : 0;
-          r_lse[tid] = l;
-          r_delta[tid] = in ? p.delta[hrow + qi] : 0.f;
-        }
-        __syncthreads();
-        for (int e = tid; e < BQ * DMAX; e += kThreads) {
-          const int r = e / DMAX, d = e % DMAX;
-          float x = 0.f, g = 0.f;
-          if (d < p.D && r_valid[r]) {
-            const int64_t qi = q0 + r;
-            x = to_float(q[b * p.q_sb + h * p.q_sh + qi * p.q_st + d]) * p.scale;
-            g = load_dout<T>(p, (hrow + qi) * p.D + d);
-          }
-          Qs[r * QS + d] = x;
-          Os[r * QS + d] = g;
-        }
-        __syncthreads();
-        {
-          float s[RI][CJ], dp[RI][CJ];
-          scores_and_dp<RI, CJ, DMAX, QS, KS>(Qs, Os, Ks, Vs, ty, tx, s, dp);
-#pragma unroll
-          for (int i = 0; i < RI; ++i) {
-            const int r = ty + i * kTY;
-#pragma unroll
-            for (int j = 0; j < CJ; ++j) {
-              const int cc = tx + j * kTX;
-              const bool ok = pair_allowed(ANCHOR, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r],
-                                           k_row[cc] >= 0, k_pos[cc], k_seg[cc]);
-              const float pr = ok ? __expf(s[i][j] - r_lse[r]) : 0.f;
-              Ps[r * BK + cc] = pr;
-              Ds[r * BK + cc] = pr * (dp[i][j] - r_delta[r]);
-            }
-          }
-        }
-        __syncthreads();
-        // dv += P^T dO ; dk += dS^T (scale * q)
-#pragma unroll 2
-        for (int r = 0; r < BQ; ++r) {
-          float pk[KI], dk[KI], ov[DJ], qv[DJ];
-#pragma unroll
-          for (int i = 0; i < KI; ++i) {
-            pk[i] = Ps[r * BK + ty + i * kTY];
-            dk[i] = Ds[r * BK + ty + i * kTY];
-          }
-#pragma unroll
-          for (int j = 0; j < DJ; ++j) {
-            ov[j] = Os[r * QS + tx + j * kTX];
-            qv[j] = Qs[r * QS + tx + j * kTX];
-          }
-#pragma unroll
-          for (int i = 0; i < KI; ++i)
-#pragma unroll
-            for (int j = 0; j < DJ; ++j) {
-              gv[i][j] = fmaf(pk[i], ov[j], gv[i][j]);
-              gk[i][j] = fmaf(dk[i], qv[j], gk[i][j]);
-            }
-        }
-      }
-    }
-  }
+  for_key_tile_queries<BQ, ANCHOR>(p, blk, kplan, [&](int64_t h, int64_t hrow, int64_t q0) {
+    __syncthreads();  // previous sub-tile is done with the shared buffers
+    if (tid < BQ) bwd_load_row(p, b, hrow, q0, tid, tile, r_lse, r_delta);
+    __syncthreads();
+    bwd_stage_queries<T, float, BQ, DMAX, QS>(p, b, h, hrow, q0, tid, r_valid, Qs, Os);
+    __syncthreads();
+    probs_and_ds<RI, CJ, DMAX, QS, KS, BK, true>(Qs, Os, Ks, Vs, ty, tx, tile, ANCHOR, r_lse, r_delta, Ps, Ds);
+    __syncthreads();
+    // dv += P^T dO ; dk += dS^T (scale * q): keys as rows, the tile's queries as k
+    micro_tile_mma2<KI, DJ, BQ, 1, BK, 1, QS>(Ps, Os, gv, Ds, Qs, gk, ty, tx);
+  });
 
   // Write back (k_row is not modified after the first barrier).
 #pragma unroll
@@ -458,7 +214,7 @@ void launch_bwd(BwdParams p, const at::Tensor& q) {
   bool dq_done = false;
   if constexpr (!std::is_same_v<T, float>) {
     if (!p.dout_f32) {  // tensor cores (an fp32 dout stays fp32: dq_kernel below)
-      using W = WmmaDqTraits<DMAX>;
+      using W = WmmaTraits<DMAX>;
       p.n_qtiles = (p.Tq + W::BQ - 1) / W::BQ;
       const int64_t blocks = p.B * p.Hq * p.n_qtiles;
       ANLLM_CHECK(blocks < std::numeric_limits<int32_t>::max(), "problem too large for one grid");
@@ -481,27 +237,50 @@ void launch_bwd(BwdParams p, const at::Tensor& q) {
     ANLLM_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, smem, stream)(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  {
-    constexpr int BQ = DkvTraits<DMAX>::BQ, BK = DkvTraits<DMAX>::BK;
-    p.n_ktiles = (p.Tk + BK - 1) / BK;
-    const size_t smem = sizeof(float) * (2 * BK * (DMAX + 1) + 2 * BQ * DMAX + 2 * BQ * BK);
+  // dk/dv: the own-segment kernel, then the anchor kernel on the same stream. Anchor tiles split the query
+  // range so that each block walks ~8 query chunks.
+  p.qsplit = static_cast<int>(std::min<int64_t>(32, std::max<int64_t>(1, p.qs.nC / 8)));
+  // With qsplit > 1 several blocks add into an anchor's dk/dv rows with float atomicAdd in no fixed
+  // order: the low bits vary from run to run.
+  if (p.qsplit > 1)
+    at::globalContext().alertNotDeterministic(
+        "anllm::anchor_attention_bwd on CUDA with more than 1024 queries (the key/value gradients of anchor "
+        "keys are summed with atomicAdd across query splits)");
+  // Grid of both kernels for key tiles of bk keys (the anchor kernel: times qsplit).
+  auto dkv_blocks = [&](int bk) {
+    p.n_ktiles = (p.Tk + bk - 1) / bk;
     const int64_t blocks = p.B * p.Hkv * p.n_ktiles;
-    // Anchor tiles: split the query range so that each block walks ~8 query chunks.
-    p.qsplit = static_cast<int>(std::min<int64_t>(32, std::max<int64_t>(1, p.qs.nC / 8)));
-    // With qsplit > 1 several blocks add into an anchor's dk/dv rows with float atomicAdd in no fixed
-    // order: the low bits vary from run to run.
-    if (p.qsplit > 1)
-      at::globalContext().alertNotDeterministic(
-          "anllm::anchor_attention_bwd on CUDA with more than 1024 queries (the key/value gradients of anchor "
-          "keys are summed with atomicAdd across query splits)");
     ANLLM_CHECK(blocks * p.qsplit < std::numeric_limits<int32_t>::max(), "problem too large for one grid");
+    return static_cast<unsigned>(blocks);
+  };
+  bool dkv_done = false;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (!p.dout_f32) {  // tensor cores (an fp32 dout stays fp32: dkv_kernel below)
+      using W = WmmaDkvTraits<DMAX>;
+      const unsigned blocks = dkv_blocks(W::BK);
+      const size_t smem = WmmaDkvSmem<DMAX, W::BQ, W::BK>::bytes;
+      auto dkv_wmma_own = ANLLM_KERNEL(dkv_wmma_kernel, T, DMAX, W::BQ, W::BK, W::WM, false);
+      allow_smem(dkv_wmma_own, smem);
+      ANLLM_LAUNCH(dkv_wmma_own, blocks, kThreads, smem, stream)(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto dkv_wmma_anc = ANLLM_KERNEL(dkv_wmma_kernel, T, DMAX, W::BQ, W::BK, W::WM, true);
+      allow_smem(dkv_wmma_anc, smem);
+      ANLLM_LAUNCH(dkv_wmma_anc, blocks * p.qsplit, kThreads, smem, stream)(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dkv_done = true;
+    }
+  }
+  if (!dkv_done) {
+    constexpr int BQ = DkvTraits<DMAX>::BQ, BK = DkvTraits<DMAX>::BK;
+    const unsigned blocks = dkv_blocks(BK);
+    const size_t smem = sizeof(float) * (2 * BK * (DMAX + 1) + 2 * BQ * DMAX + 2 * BQ * BK);
     auto own = ANLLM_KERNEL(dkv_kernel, T, DMAX, BQ, BK, false);
     allow_smem(own, smem);
-    ANLLM_LAUNCH(own, static_cast<unsigned>(blocks), kThreads, smem, stream)(p);
+    ANLLM_LAUNCH(own, blocks, kThreads, smem, stream)(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto anc = ANLLM_KERNEL(dkv_kernel, T, DMAX, BQ, BK, true);
     allow_smem(anc, smem);
-    ANLLM_LAUNCH(anc, static_cast<unsigned>(blocks * p.qsplit), kThreads, smem, stream)(p);
+    ANLLM_LAUNCH(anc, blocks * p.qsplit, kThreads, smem, stream)(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -521,12 +300,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_attention_bwd_cuda(
     const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
     const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale) {
-  const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_is_anchor.contiguous(), q_valid.contiguous()};
-  const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_is_anchor.contiguous(), k_valid.contiguous()};
-  const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
-  ANLLM_CHECK(on_kernel_device(q), "q must be a CUDA tensor");
-  // Validation first (host only), so mixed-device inputs get the clear error, then the guard.
-  c10::cuda::OptionalCUDAGuard guard(q.device());
+  const CudaAttentionInputs in =
+      check_cuda_attention_inputs(q, k, v, q_pos, q_seg, q_is_anchor, q_valid, k_pos, k_seg, k_is_anchor, k_valid);
+  const LayoutTensors &ql = in.ql, &kl = in.kl;
+  const AttentionShape& s = in.s;
+  c10::cuda::OptionalCUDAGuard guard(q.device());  // after the validation
   ANLLM_CHECK_SHAPE(dout_in, s.B, s.Hq, s.Tq, s.D);
   ANLLM_CHECK_SHAPE(lse_in, s.B, s.Hq, s.Tq);
   ANLLM_CHECK_SHAPE(delta_in, s.B, s.Hq, s.Tq);

@@ -14,6 +14,7 @@
 
 #include "common.cuh"
 #include "fwd_wmma.cuh"
+#include "tiles.cuh"
 
 namespace anllm {
 namespace cuda {
@@ -46,61 +47,22 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
   ANLLM_SHARED(QueryTilePlan, plan, );
 
   const int tid = threadIdx.x, ty = tid / kTX, tx = tid % kTX;
-  int64_t item = blockIdx.x;
-  const int split = static_cast<int>(item % p.nsplit);
-  item /= p.nsplit;
-  const int64_t qt = item % p.n_qtiles;
-  item /= p.n_qtiles;
-  const int64_t hg = item % p.n_hgroups;
-  const int64_t b = item / p.n_hgroups;
-  const int64_t h0 = hg * p.rows_h;
-  const int64_t hk = h0 / p.group;
-  const int n_rows = p.rows_h * p.rows_q;
+  const FwdBlock blk = fwd_block(p);
+  const PairTile tile{r_valid, r_is_anchor, r_pos, r_seg, k_row, k_pos, k_seg};
 
-  // Row r -> (head, query); false when the row is outside the problem.
-  auto row_of = [&](int r, int64_t& h, int64_t& qi) {
-    h = h0 + r / p.rows_q;
-    qi = qt * p.rows_q + r % p.rows_q;
-    return r < n_rows && qi < p.Tq;
-  };
-
-  if (tid < BQ) {
-    int64_t h, qi;
-    const bool in = row_of(tid, h, qi);
-    const int64_t li = b * p.Tq + (in ? qi : 0);
-    r_valid[tid] = in && p.ql.valid[li];
-    r_is_anchor[tid] = in && p.ql.is_anchor[li];
-    r_pos[tid] = in ? p.ql.pos[li] : 0;
-    r_seg[tid] = in ? p.ql.seg[li] : 0;
-    r_m[tid] = -INFINITY;
-    r_l[tid] = 0.f;
-    r_alpha[tid] = 1.f;
-  }
+  fwd_init_rows<BQ>(p, blk, tid, tile, r_m, r_l, r_alpha);
   __syncthreads();
 
   // Query tile (pre-multiplied by the scale); rows without a valid query are zero.
-  {
-    const T* q = static_cast<const T*>(p.q);
-    for (int e = tid; e < BQ * DMAX; e += kThreads) {
-      const int r = e / DMAX, d = e % DMAX;
-      float x = 0.f;
-      if (d < p.D && r_valid[r]) {
-        int64_t h, qi;
-        row_of(r, h, qi);
-        x = to_float(q[b * p.q_sb + h * p.q_sh + qi * p.q_st + d]) * p.scale;
-      }
-      Qs[r * QS + d] = x;
-    }
-  }
+  fwd_stage_queries<T, float, BQ, DMAX, QS>(p, blk, tid, r_valid, Qs);
 
   // The key tiles to visit (warp 0; BQ <= 32).
-  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
+  if (tid < 32) plan_query_tile<BQ, BK>(tid, blk.b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
-  const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
-  const int64_t per = (n_tiles + p.nsplit - 1) / p.nsplit;
-  const int64_t t_begin = split * per;
-  const int64_t t_end = min(n_tiles, t_begin + per);
+  const int64_t n_own = plan.n_own;
+  int64_t t_begin, t_end;
+  fwd_split_tiles(p, blk, plan, t_begin, t_end);
 
   float o[RI][DJ];
 #pragma unroll
@@ -108,29 +70,10 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
 #pragma unroll
     for (int j = 0; j < DJ; ++j) o[i][j] = 0.f;
 
-  const T* kg = static_cast<const T*>(p.k);
-  const T* vg = static_cast<const T*>(p.v);
-  const int64_t k_base = b * p.k_sb + hk * p.k_sh;
-  const int64_t v_base = b * p.v_sb + hk * p.v_sh;
-
   for (int64_t t = t_begin; t < t_end; ++t) {
     const bool own = t < n_own;
-    int64_t key0, a0;
-    if (!key_tile_start<BK>(p.ks, b, plan, SUB, t, key0, a0)) continue;  // uniform across the block
-    __syncthreads();  // the previous tile is done with the shared buffers
-    if (tid < BK) load_key_slot(p.kl, p.ka, b, p.Tk, own, key0, a0, plan.n_av, tid, k_row, k_pos, k_seg);
-    __syncthreads();
-    for (int e = tid; e < BK * DMAX; e += kThreads) {
-      const int c = e / DMAX, d = e % DMAX;
-      const int64_t j = k_row[c];
-      float kx = 0.f, vx = 0.f;
-      if (j >= 0 && d < p.D) {
-        kx = to_float(kg[k_base + j * p.k_st + d]);
-        vx = to_float(vg[v_base + j * p.v_st + d]);
-      }
-      Ks[c * KS + d] = kx;
-      Vs[c * VS + d] = vx;
-    }
+    if (!enter_key_tile<BK>(p, blk.b, plan, SUB, t, tid, tile)) continue;  // uniform across the block
+    stage_keys_values<T, float, BK, DMAX, KS, VS>(p, blk.b, blk.hk, k_row, tid, Ks, Vs);
     __syncthreads();
 
     // Scores of the thread's RI x CJ micro tile.
@@ -140,27 +83,14 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
       for (int i = 0; i < RI; ++i)
 #pragma unroll
         for (int j = 0; j < CJ; ++j) s[i][j] = 0.f;
-#pragma unroll 4
-      for (int d = 0; d < DMAX; ++d) {
-        float qv[RI], kv[CJ];
-#pragma unroll
-        for (int i = 0; i < RI; ++i) qv[i] = Qs[(ty + i * kTY) * QS + d];
-#pragma unroll
-        for (int j = 0; j < CJ; ++j) kv[j] = Ks[(tx + j * kTX) * KS + d];
-#pragma unroll
-        for (int i = 0; i < RI; ++i)
-#pragma unroll
-          for (int j = 0; j < CJ; ++j) s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
-      }
+      micro_tile_mma<RI, CJ, DMAX, QS, 1, KS, 1>(Qs, Ks, ty, tx, s);
 #pragma unroll
       for (int i = 0; i < RI; ++i) {
         const int r = ty + i * kTY;
 #pragma unroll
         for (int j = 0; j < CJ; ++j) {
           const int c = tx + j * kTX;
-          const bool ok = pair_allowed(!own, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0,
-                                       k_pos[c], k_seg[c]);
-          Ss[r * BK + c] = ok ? s[i][j] : -INFINITY;
+          Ss[r * BK + c] = tile.allowed(!own, r, c) ? s[i][j] : -INFINITY;
         }
       }
     }
@@ -169,44 +99,18 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
     // Online softmax, one warp per row.
     {
       const int warp = tid / 32, lane = tid % 32;
+      constexpr int NU = (BK + 31) / 32;
       for (int r = warp; r < BQ; r += kThreads / 32) {
-        float x[(BK + 31) / 32];
-        float mx = -INFINITY;
+        float x[NU];
 #pragma unroll
-        for (int u = 0; u < (BK + 31) / 32; ++u) {
+        for (int u = 0; u < NU; ++u) {
           const int c = lane + u * 32;
           x[u] = c < BK ? Ss[r * BK + c] : -INFINITY;
-          mx = fmaxf(mx, x[u]);
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, off));
-        const float m_old = r_m[r];
-        const float m_new = fmaxf(m_old, mx);
-        float alpha = 1.f, sum = 0.f;
-        if (m_new != -INFINITY) {
-          alpha = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
-#pragma unroll
-          for (int u = 0; u < (BK + 31) / 32; ++u) {
-            x[u] = x[u] == -INFINITY ? 0.f : __expf(x[u] - m_new);
-            sum += x[u];
-          }
-        } else {
-#pragma unroll
-          for (int u = 0; u < (BK + 31) / 32; ++u) x[u] = 0.f;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
-#pragma unroll
-        for (int u = 0; u < (BK + 31) / 32; ++u) {
+        online_softmax_row(x, lane, r, r_m, r_l, r_alpha, [&](int u, float pr) {
           const int c = lane + u * 32;
-          if (c < BK) Ss[r * BK + c] = x[u];
-        }
-        __syncwarp();
-        if (lane == 0) {
-          r_l[r] = r_l[r] * alpha + sum;
-          r_m[r] = m_new;
-          r_alpha[r] = alpha;
-        }
+          if (c < BK) Ss[r * BK + c] = pr;
+        });
       }
     }
     __syncthreads();
@@ -218,18 +122,7 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
 #pragma unroll
       for (int j = 0; j < DJ; ++j) o[i][j] *= a;
     }
-#pragma unroll 4
-    for (int c = 0; c < BK; ++c) {
-      float pv[RI], vv[DJ];
-#pragma unroll
-      for (int i = 0; i < RI; ++i) pv[i] = Ss[(ty + i * kTY) * BK + c];
-#pragma unroll
-      for (int j = 0; j < DJ; ++j) vv[j] = Vs[c * VS + tx + j * kTX];
-#pragma unroll
-      for (int i = 0; i < RI; ++i)
-#pragma unroll
-        for (int j = 0; j < DJ; ++j) o[i][j] = fmaf(pv[i], vv[j], o[i][j]);
-    }
+    micro_tile_mma<RI, DJ, BK, BK, 1, 1, VS>(Ss, Vs, ty, tx, o);
   }
   __syncthreads();
 
@@ -239,8 +132,8 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
   for (int i = 0; i < RI; ++i) {
     const int r = ty + i * kTY;
     int64_t h, qi;
-    if (!row_of(r, h, qi)) continue;
-    const int64_t row = (b * p.Hq + h) * p.Tq + qi;
+    if (!blk.row(p, r, h, qi)) continue;
+    const int64_t row = (blk.b * p.Hq + h) * p.Tq + qi;
     const float l = r_l[r];
     const float inv = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
@@ -250,22 +143,10 @@ __global__ void __launch_bounds__(fwd_kernel_launch_bound) fwd_kernel(const FwdP
       if (p.nsplit == 1)
         static_cast<T*>(p.out)[row * p.D + d] = from_float<T>(o[i][j] * inv);
       else
-        p.part_acc[(split * rows_total + row) * p.D + d] = o[i][j];
+        p.part_acc[(blk.split * rows_total + row) * p.D + d] = o[i][j];
     }
   }
-  if (tid < BQ) {
-    int64_t h, qi;
-    if (row_of(tid, h, qi)) {
-      const int64_t row = (b * p.Hq + h) * p.Tq + qi;
-      const float l = r_l[tid];
-      if (p.nsplit == 1) {
-        p.lse[row] = l > 0.f ? r_m[tid] + __logf(l) : -INFINITY;
-      } else {
-        p.part_m[split * rows_total + row] = l > 0.f ? r_m[tid] : -INFINITY;
-        p.part_l[split * rows_total + row] = l;
-      }
-    }
-  }
+  fwd_store_row_stats<BQ>(p, blk, tid, r_m, r_l);
 }
 
 // Merges the nsplit partial results of every row by log-sum-exp. One block per row.
@@ -313,8 +194,8 @@ void launch_fwd(FwdParams p, const at::Tensor& q, at::Tensor& out, at::Tensor& l
   int bq = BQ, bk = FwdTraits<DMAX>::BK;
   if constexpr (low_precision) {
     if (tensor_cores) {
-      bq = WmmaFwdTraits<DMAX>::BQ;
-      bk = WmmaFwdTraits<DMAX>::BK;
+      bq = WmmaTraits<DMAX>::BQ;
+      bk = WmmaTraits<DMAX>::BK;
     }
   }
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -351,7 +232,7 @@ void launch_fwd(FwdParams p, const at::Tensor& q, at::Tensor& out, at::Tensor& l
   bool launched = false;
   if constexpr (low_precision) {
     if (tensor_cores) {
-      using W = WmmaFwdTraits<DMAX>;
+      using W = WmmaTraits<DMAX>;
       const size_t smem = WmmaFwdSmem<DMAX, W::BQ, W::BK>::bytes;
       auto wmma_kernel = ANLLM_KERNEL(fwd_wmma_kernel, T, DMAX, W::BQ, W::BK, W::WM);
       allow_smem(wmma_kernel, smem);
@@ -391,12 +272,11 @@ std::tuple<at::Tensor, at::Tensor> anchor_attention_fwd_cuda(
     const at::Tensor& q_seg, const at::Tensor& q_is_anchor, const at::Tensor& q_valid,
     const at::Tensor& k_pos, const at::Tensor& k_seg, const at::Tensor& k_is_anchor,
     const at::Tensor& k_valid, double scale) {
-  const LayoutTensors ql{q_pos.contiguous(), q_seg.contiguous(), q_is_anchor.contiguous(), q_valid.contiguous()};
-  const LayoutTensors kl{k_pos.contiguous(), k_seg.contiguous(), k_is_anchor.contiguous(), k_valid.contiguous()};
-  const AttentionShape s = check_attention_inputs(q, k, v, ql, kl);
-  ANLLM_CHECK(on_kernel_device(q), "q must be a CUDA tensor");
-  // Validation first (host only), so mixed-device inputs get the clear error, then the guard.
-  c10::cuda::OptionalCUDAGuard guard(q.device());
+  const CudaAttentionInputs in =
+      check_cuda_attention_inputs(q, k, v, q_pos, q_seg, q_is_anchor, q_valid, k_pos, k_seg, k_is_anchor, k_valid);
+  const LayoutTensors &ql = in.ql, &kl = in.kl;
+  const AttentionShape& s = in.s;
+  c10::cuda::OptionalCUDAGuard guard(q.device());  // after the validation
   auto out = at::empty({s.B, s.Hq, s.Tq, s.D}, q.options());
   auto lse = at::empty({s.B, s.Hq, s.Tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};

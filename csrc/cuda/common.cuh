@@ -126,6 +126,27 @@ inline at::TensorOptions host_staging_options() {
 #endif
 }
 
+// The inputs of the CUDA attention ops (forward, backward) after validation: both layouts made contiguous
+// and the problem's sizes. Host only; callers take their device guard after it, so mixed-device inputs
+// get the clear error.
+struct CudaAttentionInputs {
+  LayoutTensors ql, kl;
+  AttentionShape s;
+};
+
+inline CudaAttentionInputs check_cuda_attention_inputs(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos, const at::Tensor& q_seg,
+    const at::Tensor& q_is_anchor, const at::Tensor& q_valid, const at::Tensor& k_pos, const at::Tensor& k_seg,
+    const at::Tensor& k_is_anchor, const at::Tensor& k_valid) {
+  CudaAttentionInputs in{
+      LayoutTensors{q_pos.contiguous(), q_seg.contiguous(), q_is_anchor.contiguous(), q_valid.contiguous()},
+      LayoutTensors{k_pos.contiguous(), k_seg.contiguous(), k_is_anchor.contiguous(), k_valid.contiguous()},
+      AttentionShape{}};
+  in.s = check_attention_inputs(q, k, v, in.ql, in.kl);
+  ANLLM_CHECK(on_kernel_device(q), "q must be a CUDA tensor");
+  return in;
+}
+
 // Builds the chunk summaries of one side (and the anchor list when `anchors` is non-null) on the
 // current stream. Layout tensors must be contiguous CUDA tensors.
 void build_side_index(const LayoutTensors& l, SideIndex& side, AnchorIndex* anchors);
@@ -202,7 +223,29 @@ __device__ __forceinline__ int64_t count_le_dev(const T* a, int64_t n, T x) {
   return lo;
 }
 
-// Tile sizes per padded head dim. Shared memory stays under ~99 KB (sm86/sm89 opt-in limit).
+// Warp all-reduce (butterfly: every lane gets op over the 32 lanes' x); all 32 lanes of the warp call it.
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_allreduce(V x, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(kFull, x, o));
+  return x;
+}
+struct MinOp {
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return min(a, b); }
+};
+struct MaxOp {
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return max(a, b); }
+};
+struct FmaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct AddOp {
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
+};
+
 // The key tiles a tile of queries visits, decided once per tile from its rows' layout (shared
 // memory, BQ <= 64 rows): own-segment chunks [c_lo, c_hi) of the key side's chunk summaries, as
 // n_own = (c_hi - c_lo) * sub tiles, then n_anc tiles over the first n_av earlier anchors (those at or
@@ -234,12 +277,9 @@ __device__ __forceinline__ void plan_query_tile(int lane, int64_t b, int sub, co
   }
   const unsigned any_valid = __ballot_sync(kFull, v);
   const unsigned any_na = __ballot_sync(kFull, na);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    smin = min(smin, __shfl_xor_sync(kFull, smin, o));
-    smax = max(smax, __shfl_xor_sync(kFull, smax, o));
-    pmax = max(pmax, __shfl_xor_sync(kFull, pmax, o));
-  }
+  smin = warp_allreduce(smin, MinOp());
+  smax = warp_allreduce(smax, MaxOp());
+  pmax = warp_allreduce(pmax, MaxOp());
   if (lane != 0) return;
   int64_t c_lo = 0, n_own = 0, n_anc = 0, n_av = 0;
   if (any_valid) {
@@ -302,6 +342,7 @@ __device__ __forceinline__ void load_key_slot(const LayoutView& kl, const Anchor
   k_seg[slot] = ksg;
 }
 
+// Tile sizes per padded head dim. Shared memory stays under ~99 KB (sm86/sm89 opt-in limit).
 template <int DMAX>
 struct FwdTraits;
 template <> struct FwdTraits<64> { static constexpr int BQ = 32, BK = 64; };

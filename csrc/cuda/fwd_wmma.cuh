@@ -26,35 +26,23 @@
 #include <type_traits>
 
 #include "fwd_params.cuh"
+#include "tiles.cuh"
 #include "wmma.cuh"
 
 namespace anllm {
 namespace cuda {
 
-// Tiles per padded head dim: BQ = 16 * WM query rows, BK keys (one summary chunk: kChunk % BK == 0).
-template <int DMAX>
-struct WmmaFwdTraits;
-template <> struct WmmaFwdTraits<64> { static constexpr int BQ = 64, BK = 64, WM = 4; };
-template <> struct WmmaFwdTraits<128> { static constexpr int BQ = 64, BK = 64, WM = 4; };
-template <> struct WmmaFwdTraits<256> { static constexpr int BQ = 32, BK = 64, WM = 2; };
-
-// Dynamic shared memory of fwd_wmma_kernel: byte offsets of its buffers, each 128-byte aligned. Leading
-// dimensions are padded (fewer bank conflicts) and stay multiples of 16 bytes, as WMMA requires; every
-// fragment's first entry is then 32-byte aligned.
+// Dynamic shared memory of fwd_wmma_kernel: byte offsets of its buffers (layout rules: WmmaSmemLayout).
 template <int DMAX, int BQ, int BK>
-struct WmmaFwdSmem {
-  static constexpr int LDT = DMAX + 8;  // Qs, Ks, Vs: input dtype [rows][LDT]
-  static constexpr int LDS = BK + 4;    // Ss: fp32 scores [BQ][LDS]
-  static constexpr int LDP = BK + 8;    // Ps: probabilities in the input dtype [BQ][LDP]
-  static constexpr int LDO = DMAX + 4;  // Os: fp32 output accumulator [BQ][LDO]
-  static constexpr size_t up(size_t x) { return (x + 127) / 128 * 128; }
-  static constexpr size_t q = 0;
-  static constexpr size_t k = q + up(size_t(BQ) * LDT * 2);
-  static constexpr size_t v = k + up(size_t(BK) * LDT * 2);
-  static constexpr size_t s = v + up(size_t(BK) * LDT * 2);
-  static constexpr size_t p = s + up(size_t(BQ) * LDS * 4);
-  static constexpr size_t o = p + up(size_t(BQ) * LDP * 2);
-  static constexpr size_t bytes = o + up(size_t(BQ) * LDO * 4);
+struct WmmaFwdSmem : WmmaSmemLayout<DMAX, BK> {
+  using L = WmmaSmemLayout<DMAX, BK>;
+  static constexpr size_t q = 0;                                    // Qs: input dtype [BQ][LDT]
+  static constexpr size_t k = q + L::up(size_t(BQ) * L::LDT * 2);   // Ks: [BK][LDT]
+  static constexpr size_t v = k + L::up(size_t(BK) * L::LDT * 2);   // Vs: [BK][LDT]
+  static constexpr size_t s = v + L::up(size_t(BK) * L::LDT * 2);   // Ss: fp32 scores [BQ][LDS]
+  static constexpr size_t p = s + L::up(size_t(BQ) * L::LDS * 4);   // Ps: probabilities, input dtype [BQ][LDP]
+  static constexpr size_t o = p + L::up(size_t(BQ) * L::LDP * 2);   // Os: fp32 output accumulator [BQ][LDO]
+  static constexpr size_t bytes = o + L::up(size_t(BQ) * L::LDO * 4);
 };
 
 constexpr int fwd_wmma_kernel_launch_bound = kThreads;
@@ -94,71 +82,27 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / WN, wn = warp % WN;
-  int64_t item = blockIdx.x;
-  const int split = static_cast<int>(item % p.nsplit);
-  item /= p.nsplit;
-  const int64_t qt = item % p.n_qtiles;
-  item /= p.n_qtiles;
-  const int64_t hg = item % p.n_hgroups;
-  const int64_t b = item / p.n_hgroups;
-  const int64_t h0 = hg * p.rows_h;
-  const int64_t hk = h0 / p.group;
-  const int n_rows = p.rows_h * p.rows_q;
+  const FwdBlock blk = fwd_block(p);
+  const PairTile tile{r_valid, r_is_anchor, r_pos, r_seg, k_row, k_pos, k_seg};
   // Head-dim columns that can be non-zero, rounded up to whole 16-column blocks (the same in every thread).
   const int d16 = (p.D + 15) / 16 * 16;
 
-  // Row r -> (head, query); false when the row is outside the problem.
-  auto row_of = [&](int r, int64_t& h, int64_t& qi) {
-    h = h0 + r / p.rows_q;
-    qi = qt * p.rows_q + r % p.rows_q;
-    return r < n_rows && qi < p.Tq;
-  };
-
-  if (tid < BQ) {
-    int64_t h, qi;
-    const bool in = row_of(tid, h, qi);
-    const int64_t li = b * p.Tq + (in ? qi : 0);
-    r_valid[tid] = in && p.ql.valid[li];
-    r_is_anchor[tid] = in && p.ql.is_anchor[li];
-    r_pos[tid] = in ? p.ql.pos[li] : 0;
-    r_seg[tid] = in ? p.ql.seg[li] : 0;
-    r_m[tid] = -INFINITY;
-    r_l[tid] = 0.f;
-    r_alpha[tid] = 1.f;
-  }
+  fwd_init_rows<BQ>(p, blk, tid, tile, r_m, r_l, r_alpha);
   __syncthreads();
 
   // Query tile in the input dtype (unscaled: the scale is applied to the fp32 scores); rows without a
   // valid query and head-dim columns >= D are zero. The output accumulator starts at zero.
-  {
-    const T* q = static_cast<const T*>(p.q);
-    const T zero = from_float<T>(0.f);
-    for (int e = tid; e < BQ * DMAX; e += kThreads) {
-      const int r = e / DMAX, d = e % DMAX;
-      T x = zero;
-      if (d < p.D && r_valid[r]) {
-        int64_t h, qi;
-        row_of(r, h, qi);
-        x = q[b * p.q_sb + h * p.q_sh + qi * p.q_st + d];
-      }
-      Qs[r * LDT + d] = x;
-      Os[r * LDO + d] = 0.f;
-    }
-  }
+  fwd_stage_queries<T, T, BQ, DMAX, LDT>(p, blk, tid, r_valid, Qs);
+  for (int e = tid; e < BQ * DMAX; e += kThreads) Os[e / DMAX * LDO + e % DMAX] = 0.f;
 
   // The key tiles to visit (warp 0).
-  if (tid < 32) plan_query_tile<BQ, BK>(tid, b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
+  if (tid < 32) plan_query_tile<BQ, BK>(tid, blk.b, SUB, r_valid, r_is_anchor, r_seg, r_pos, p.ks, p.ka, plan);
   __syncthreads();
 
-  const int64_t n_own = plan.n_own, n_tiles = n_own + plan.n_anc;
-  const int64_t per = (n_tiles + p.nsplit - 1) / p.nsplit;
-  const int64_t t_begin = split * per;
-  const int64_t t_end = min(n_tiles, t_begin + per);
+  const int64_t n_own = plan.n_own;
+  int64_t t_begin, t_end;
+  fwd_split_tiles(p, blk, plan, t_begin, t_end);
 
-  const T* kg = static_cast<const T*>(p.k);
-  const T* vg = static_cast<const T*>(p.v);
-  const int64_t k_base = b * p.k_sb + hk * p.k_sh;
-  const int64_t v_base = b * p.v_sb + hk * p.v_sh;
   const E* Qe = reinterpret_cast<const E*>(Qs);
   const E* Ke = reinterpret_cast<const E*>(Ks);
   const E* Ve = reinterpret_cast<const E*>(Vs);
@@ -166,30 +110,13 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const bool own = t < n_own;
-    int64_t key0, a0;
-    if (!key_tile_start<BK>(p.ks, b, plan, SUB, t, key0, a0)) continue;  // uniform across the block
-    __syncthreads();  // the previous tile is done with the shared buffers
-    if (tid < BK) load_key_slot(p.kl, p.ka, b, p.Tk, own, key0, a0, plan.n_av, tid, k_row, k_pos, k_seg);
-    __syncthreads();
-    {
-      const T zero = from_float<T>(0.f);
-      for (int e = tid; e < BK * DMAX; e += kThreads) {
-        const int c = e / DMAX, d = e % DMAX;
-        const int64_t j = k_row[c];
-        T kx = zero, vx = zero;
-        if (j >= 0 && d < p.D) {
-          kx = kg[k_base + j * p.k_st + d];
-          vx = vg[v_base + j * p.v_st + d];
-        }
-        Ks[c * LDT + d] = kx;
-        Vs[c * LDT + d] = vx;
-      }
-    }
+    if (!enter_key_tile<BK>(p, blk.b, plan, SUB, t, tid, tile)) continue;  // uniform across the block
+    stage_keys_values<T, T, BK, DMAX, LDT, LDT>(p, blk.b, blk.hk, k_row, tid, Ks, Vs);
     __syncthreads();
 
     // S = Q K^T: warp (wm, wn) computes rows [16 wm, 16 wm + 16) x its BK / WN key columns.
     for (int nb = wn * (BK / WN); nb < (wn + 1) * (BK / WN); nb += 16) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      WmmaAcc acc;
       wmma::fill_fragment(acc, 0.f);
       for (int kk = 0; kk < d16; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
@@ -205,41 +132,13 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
     // Scale, mask and online softmax in fp32, one warp per row; P to Ps in the input dtype.
     for (int r = warp; r < BQ; r += NWARPS) {
       float x[BK / 32];
-      float mx = -INFINITY;
 #pragma unroll
       for (int u = 0; u < BK / 32; ++u) {
         const int c = lane + u * 32;
-        const bool ok = pair_allowed(!own, r_valid[r], r_is_anchor[r], r_pos[r], r_seg[r], k_row[c] >= 0, k_pos[c],
-                                     k_seg[c]);
-        x[u] = ok ? Ss[r * LDS + c] * p.scale : -INFINITY;
-        mx = fmaxf(mx, x[u]);
+        x[u] = tile.allowed(!own, r, c) ? Ss[r * LDS + c] * p.scale : -INFINITY;
       }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, off));
-      const float m_old = r_m[r];
-      const float m_new = fmaxf(m_old, mx);
-      float alpha = 1.f, sum = 0.f;
-      if (m_new != -INFINITY) {
-        alpha = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
-#pragma unroll
-        for (int u = 0; u < BK / 32; ++u) {
-          x[u] = x[u] == -INFINITY ? 0.f : __expf(x[u] - m_new);
-          sum += x[u];
-        }
-      } else {
-#pragma unroll
-        for (int u = 0; u < BK / 32; ++u) x[u] = 0.f;
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
-#pragma unroll
-      for (int u = 0; u < BK / 32; ++u) Ps[r * LDP + lane + u * 32] = from_float<T>(x[u]);
-      __syncwarp();
-      if (lane == 0) {
-        r_l[r] = r_l[r] * alpha + sum;
-        r_m[r] = m_new;
-        r_alpha[r] = alpha;
-      }
+      online_softmax_row(x, lane, r, r_m, r_l, r_alpha,
+                         [&](int u, float pr) { Ps[r * LDP + lane + u * 32] = from_float<T>(pr); });
     }
     __syncthreads();
 
@@ -254,7 +153,7 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
       }
       __syncwarp();
       for (int nd = o_c0; nd < o_c0 + OCOLS && nd < d16; nd += 16) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        WmmaAcc acc;
         wmma::load_matrix_sync(acc, Os + (16 * wm) * LDO + nd, LDO, wmma::mem_row_major);
         for (int kk = 0; kk < BK; kk += 16) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
@@ -274,27 +173,15 @@ __global__ void __launch_bounds__(fwd_wmma_kernel_launch_bound) fwd_wmma_kernel(
   for (int e = tid; e < BQ * DMAX; e += kThreads) {
     const int r = e / DMAX, d = e % DMAX;
     int64_t h, qi;
-    if (d >= p.D || !row_of(r, h, qi)) continue;
-    const int64_t row = (b * p.Hq + h) * p.Tq + qi;
+    if (d >= p.D || !blk.row(p, r, h, qi)) continue;
+    const int64_t row = (blk.b * p.Hq + h) * p.Tq + qi;
     const float l = r_l[r];
     if (p.nsplit == 1)
       static_cast<T*>(p.out)[row * p.D + d] = from_float<T>(l > 0.f ? Os[r * LDO + d] / l : 0.f);
     else
-      p.part_acc[(split * rows_total + row) * p.D + d] = Os[r * LDO + d];
+      p.part_acc[(blk.split * rows_total + row) * p.D + d] = Os[r * LDO + d];
   }
-  if (tid < BQ) {
-    int64_t h, qi;
-    if (row_of(tid, h, qi)) {
-      const int64_t row = (b * p.Hq + h) * p.Tq + qi;
-      const float l = r_l[tid];
-      if (p.nsplit == 1) {
-        p.lse[row] = l > 0.f ? r_m[tid] + __logf(l) : -INFINITY;
-      } else {
-        p.part_m[split * rows_total + row] = l > 0.f ? r_m[tid] : -INFINITY;
-        p.part_l[split * rows_total + row] = l;
-      }
-    }
-  }
+  fwd_store_row_stats<BQ>(p, blk, tid, r_m, r_l);
 }
 
 }  // namespace cuda

@@ -31,19 +31,6 @@ AnchorView AnchorIndex::view() const {
 
 namespace {
 
-struct MaxOp {
-  template <typename T>
-  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
-};
-struct MinOp {
-  template <typename T>
-  __device__ T operator()(T a, T b) const { return a < b ? a : b; }
-};
-struct SumOp {
-  template <typename T>
-  __device__ T operator()(T a, T b) const { return a + b; }
-};
-
 // Inclusive scan over the kIndexThreads threads of the block (in thread order). `buf` holds 32
 // entries. Returns the thread's inclusive value and writes the block total to `total`.
 template <typename T, typename Op>
@@ -69,19 +56,6 @@ __device__ T block_inclusive_scan(T v, Op op, T* buf, T& total) {
   if (wid > 0) v = op(buf[wid - 1], v);
   total = buf[31];
   __syncthreads();  // buf may be reused by the next call
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_reduce(T v, MaxOp op) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-template <typename T>
-__device__ __forceinline__ T warp_reduce(T v, MinOp op) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
   return v;
 }
 
@@ -126,11 +100,11 @@ __global__ void __launch_bounds__(kIndexThreads) build_index_kernel(LayoutView l
         fl |= kAnyNonAnchor;
       }
     }
-    smin = warp_reduce(smin, MinOp());
-    smax = warp_reduce(smax, MaxOp());
-    pmin = warp_reduce(pmin, MinOp());
-    pmax = warp_reduce(pmax, MaxOp());
-    pmax_na = warp_reduce(pmax_na, MaxOp());
+    smin = warp_allreduce(smin, MinOp());
+    smax = warp_allreduce(smax, MaxOp());
+    pmin = warp_allreduce(pmin, MinOp());
+    pmax = warp_allreduce(pmax, MaxOp());
+    pmax_na = warp_allreduce(pmax_na, MaxOp());
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) fl |= __shfl_xor_sync(kFull, fl, off);
     if (lane == 0) {
@@ -183,7 +157,7 @@ __global__ void __launch_bounds__(kIndexThreads) build_index_kernel(LayoutView l
     const int64_t j = base + threadIdx.x;
     const int32_t f = (j < T && val[j] && is_anchor[j]) ? 1 : 0;
     int32_t tot;
-    const int32_t incl = block_inclusive_scan(f, SumOp(), buf32, tot);
+    const int32_t incl = block_inclusive_scan(f, AddOp(), buf32, tot);
     if (f) {
       const int64_t slot = count + incl - 1;
       o.a_idx[ab + slot] = static_cast<int32_t>(j);
