@@ -626,3 +626,25 @@ def test_template_kernels_declare_their_launch_bound_constant():
             assert re.search(rf"constexpr int {name}_launch_bound = ", src), name
             assert not re.search(rf"\b{name}<", src), \
                 f"{path.name}: {name} instantiated without ANLLM_KERNEL"
+
+
+def test_fp32_sharp_softmax_call_of_the_long_fuzz_run(monkeypatch):
+    """The one failure of the 2,000-calls-per-op sanitized run (docs/gpu.md): an fp32 forward with head dim 255
+    and scale 1.61 (a sharp softmax over long dot products) whose error against float64, 4.5e-5, exceeded the
+    driver's fixed atol against the fp32 oracle while the fp32 oracle's own error is 2.9e-5: the driver's
+    tolerance, not the kernel. The driver now applies the project's 2x rule there; the call passes it."""
+    import sys
+    from pathlib import Path
+
+    from emu_helpers import route_ops_to_emulator
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import fuzz_ops
+
+    route_ops_to_emulator(monkeypatch.setattr)
+    fuzz_ops.replay("anchor_attention", 1940195164)
+    with pytest.raises(fuzz_ops.Mismatch, match="fp32 error"):  # the rule still bites: a 1e-3 error fails it
+        exact = anllm_ext.anchor_attention_with_lse
+        monkeypatch.setattr(fuzz_ops.anllm_ext, "anchor_attention_with_lse",
+                            lambda *a: (lambda o: (o[0] + 1e-3, o[1]))(exact(*a)))
+        fuzz_ops.replay("anchor_attention", 1940195164)

@@ -203,6 +203,23 @@ def check_close(name, ours, ref, atol, rtol):
                        f"{r[tuple(i)].item()} (atol {atol}, rtol {rtol})")
 
 
+def check_fp32(name, ours, q, k, v, q_lay, k_lay, scale):
+    """fp32 outputs: within atol 2e-5 / rtol 2e-4 of the fp32 oracle or, where the problem itself amplifies
+    rounding (large scales, head dims ~256: sharp softmax over long dot products), by the project's rule: our
+    error against the float64 oracle at most 2x that of the fp32 oracle, plus 2e-5."""
+    ref = reference.anchor_attention_ref(q, k, v, q_lay, k_lay, scale)
+    try:
+        check_close(name, ours, ref, 2e-5, 2e-4)
+        return
+    except Mismatch:
+        pass
+    ref64 = reference.anchor_attention_ref(q, k, v, q_lay, k_lay, scale, compute_dtype=torch.float64)
+    err = (ours.double() - ref64).abs().max().item()
+    err_plain = (ref.double() - ref64).abs().max().item()
+    if not err <= 2 * err_plain + 2e-5:
+        raise Mismatch(f"{name}: fp32 error {err:.3g} against float64 > 2 x the fp32 oracle's {err_plain:.3g} + 2e-5")
+
+
 def check_low_precision(name, ours, q, k, v, q_lay, k_lay, scale):
     """The project's rule for bf16/fp16: our error against fp32 is at most 2x that of plain PyTorch at
     our dtype, plus one rounding of the output."""
@@ -306,7 +323,7 @@ def fuzz_attention(rng, gen, malformed):
         if out.dtype != q.dtype or lse.dtype != torch.float32:
             raise Mismatch(f"anchor_attention dtypes {out.dtype}/{lse.dtype} for {q.dtype} inputs")
         if q.dtype == torch.float32:
-            check_close("anchor_attention out", out, ref, 2e-5, 2e-4)
+            check_fp32("anchor_attention out", out, q, k, v, q_lay, k_lay, scale)
             check_close("anchor_attention lse", lse, ref_lse, 1e-4, 1e-5)
         else:
             check_low_precision("anchor_attention out", out, q, k, v, q_lay, k_lay, scale)
@@ -488,8 +505,7 @@ def fuzz_append(rng, gen, malformed):
             raise Mismatch("anchor_attention_append_ wrote other cache slots than offsets[b] .. offsets[b] + T")
         kk, vv = k_exp[:, :, :Tk], v_exp[:, :, :Tk]
         if dtype == torch.float32:
-            check_close("anchor_attention_append_ out", out, reference.anchor_attention_ref(q, kk, vv, q_lay, k_lay),
-                        2e-5, 2e-4)
+            check_fp32("anchor_attention_append_ out", out, q, kk, vv, q_lay, k_lay, None)
         else:
             check_low_precision("anchor_attention_append_ out", out, q, kk, vv, q_lay, k_lay, None)
         return
@@ -670,9 +686,8 @@ def fuzz_raw_ops(rng, gen, malformed):
     if not malformed:
         with torch.no_grad():
             out, lse = fwd(q, k, v, *q_lay.as_tuple(), *k_lay.as_tuple(), s)
-        ref = reference.anchor_attention_ref(q, k, v, q_lay, k_lay, s)
         if q.dtype == torch.float32:
-            check_close("anchor_attention_fwd (raw op)", out, ref, 2e-5, 2e-4)
+            check_fp32("anchor_attention_fwd (raw op)", out, q, k, v, q_lay, k_lay, s)
         else:
             check_low_precision("anchor_attention_fwd (raw op)", out, q, k, v, q_lay, k_lay, s)
         return
