@@ -314,7 +314,7 @@ def test_backward_long_split_anchor_queries():
 
 
 def test_backward_reads_fp32_dout_as_fp32():
-    """Regression (issue 20): the CUDA backward rounded an fp32 dout to the dtype of q (bf16 here) before
+    """Regression (found with the emulator): the CUDA backward rounded an fp32 dout to the dtype of q (bf16 here) before
     use; the CPU kernel keeps fp32. Now the kernels read it as fp32."""
     emu().emu_set_seed(1)
     torch.manual_seed(1)
@@ -334,7 +334,7 @@ def test_backward_reads_fp32_dout_as_fp32():
 
 
 def test_backward_flags_its_atomics_under_deterministic_algorithms(capfd):
-    """Regression (issue 20): above 1024 queries the anchor dk/dv kernel sums with atomicAdd across query
+    """Regression (found with the emulator): above 1024 queries the anchor dk/dv kernel sums with atomicAdd across query
     splits (order-dependent low bits); torch.use_deterministic_algorithms(True) must raise, warn_only warn.
     Below that there is a single writer per row and nothing to flag."""
     def bwd_args(T):
@@ -414,7 +414,7 @@ def test_append_writes_cache_and_attends(Tn, same_offsets, dtype):
 
 def test_cached_decode_equals_one_masked_pass():
     """An AnchorCache-like loop on the emulated ops: prefill, compaction to anchors + open segment, then
-    decode steps with the fused append; every step's output equals the full pass's row (SPEC invariant)."""
+    decode steps with the fused append; every step's output equals the full pass's row (the inference invariant, docs/method.md)."""
     emu().emu_set_seed(9)
     torch.manual_seed(9)
     B, H, D, T, P = 2, 2, 64, 60, 40

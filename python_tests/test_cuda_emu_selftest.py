@@ -81,7 +81,7 @@ def test_launch_limits(name, match):
 
 
 def test_launcher_shared_memory_check_counts_static_shared_memory():
-    """Regression (issue 20): allow_smem compared only the dynamic bytes with the opt-in limit."""
+    """Regression (found with the emulator): allow_smem compared only the dynamic bytes with the opt-in limit."""
     with pytest.raises(RuntimeError, match=r"anllm: kernel needs 217088 bytes of dynamic and 16384 bytes of static"):
         run("allow_smem_212", torch.zeros(1))
 

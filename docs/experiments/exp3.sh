@@ -4,13 +4,14 @@
 # (docs/experiments/make_segment_corpus.py --out $DATA/segments.jsonl --documents 3000).
 # ANLLM_PY: a python whose anllm_ext is installed (default: the project's .venv).
 OBJ=$1; STEPS=${2:-100}
-DATA=${DATA:-/work/data}; RUNS=${RUNS:-/work/runs}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+DATA=${DATA:-$REPO/data}; RUNS=${RUNS:-$REPO/runs}
 case $OBJ in
   distill) OBJ_ARGS="--distill true --distill-alpha ${ALPHA:-1.0} --distill-temperature ${TEMP:-1.0}" ;;
   lm) OBJ_ARGS="" ;;
   *) echo "usage: $0 distill|lm [steps]"; exit 2 ;;
 esac
-mkdir -p $RUNS && cd $RUNS && ${ANLLM_PY:-/work/main/.venv/bin/python} -m anllm_ext.cli train \
+mkdir -p $RUNS && cd $RUNS && ${ANLLM_PY:-$REPO/.venv/bin/python} -m anllm_ext.cli train \
   --data /usr/share/doc/python3.11/html/_sources $DATA/segments.jsonl --anchor-mode ep \
   --output-dir $RUNS/${RUN:-exp3-$OBJ} $OBJ_ARGS \
   --block-size 512 --per-device-train-batch-size 4 --learning-rate ${LR:-1e-3} --lr-scheduler-type cosine \

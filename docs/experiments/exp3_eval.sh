@@ -4,10 +4,11 @@
 # demonstrations compressed into their anchors). NAME=label MODEL=dir|smollm2-anllm|"" (the original SmolLM2).
 # Writes docs/results/quality/eval_$NAME.{json,png}.
 NAME=$1; MODEL=$2
-DATA=${DATA:-/work/data}; OUT=${OUT:-/work/main/docs/results/quality}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+DATA=${DATA:-$REPO/data}; OUT=${OUT:-$REPO/docs/results/quality}
 mkdir -p $OUT
 MODEL_ARGS=$([ -n "$MODEL" ] && echo "--model $MODEL" || echo "--anchors ep")
-${ANLLM:-/work/main/.venv/bin/anllm} eval $MODEL_ARGS --text $DATA/heldout/handbook.txt /usr/share/common-licenses/GPL-3 \
+${ANLLM:-$REPO/.venv/bin/anllm} eval $MODEL_ARGS --text $DATA/heldout/handbook.txt /usr/share/common-licenses/GPL-3 \
   --max-blocks 12 --block-size 512 --prefill-chunk 64 \
-  --mc /work/main/tasks/capitals.jsonl --limit 40 --shots 0 3 \
+  --mc $REPO/tasks/capitals.jsonl --limit 40 --shots 0 3 \
   --threads ${THREADS:-1} --json $OUT/eval_$NAME.json --plot $OUT/eval_$NAME.png
