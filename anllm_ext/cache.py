@@ -36,8 +36,9 @@ import math
 from typing import Dict, List, Optional
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from .cache_layer import AnchorLayer, _Plan, _query_length
 from .errors import UnsupportedError
 from .layout import Layout, LayoutStart
 from .ops import anchor_attention_append_, compact_kv_, compact_slots_
@@ -60,123 +61,6 @@ def check_full_attention_layers(config, who: str) -> None:
             f"{who} supports full-attention layers only; the model has layer types {bad} (sliding-window / "
             "linear-attention layers would not see the keys the AnSAN mask allows)"
         )
-
-
-def _query_length(query) -> int:
-    """``get_mask_sizes`` receives the query length (transformers >= 5.4) or ``cache_position`` (5.0-5.3)."""
-    return int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
-
-
-class AnchorLayer(CacheLayerMixin):
-    """K/V buffers of one layer; slot bookkeeping lives in the owning :class:`AnchorCache`.
-
-    ``keys`` / ``values``: [B, Hkv, capacity, D] (None before the first forward); row b's first
-    ``owner.lengths()[b]`` slots are the kept ones. ``get_seq_length()``: the owner's, columns seen."""
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
-    def __init__(self, owner: "AnchorCache"):
-        super().__init__()
-        self._owner = owner  # strong ref: the owner holds the layers, a cycle the GC handles
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        B, H, _, D = key_states.shape
-        cap = self._owner.capacity
-        self.device = key_states.device
-        self.keys = key_states.new_empty(B, H, cap, D)
-        self.values = value_states.new_empty(B, value_states.shape[1], cap, value_states.shape[3])
-        self.is_initialized = True
-
-    def _grow(self, cap: int, used: int) -> None:
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            B, H, _, D = old.shape
-            new = old.new_empty(B, H, cap, D)
-            if used:
-                new[:, :, :used].copy_(old[:, :, :used])
-            setattr(self, name, new)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Reserve this layer's slots for the new tokens and return the new tokens' keys/values.
-
-        The write itself is deferred to the attention call, which writes and attends in one op
-        (``anchor_attention_append_``); the attention function recognises the returned tensors.
-        """
-        owner = self._owner
-        plan = owner._plan
-        if plan is None:
-            raise RuntimeError(
-                "AnchorCache.update called outside a forward: a model patched by anllm_ext.patch(model, anchor_ids) "
-                "drives the cache; a model of your own calls begin_forward(chunk layout) first, then per layer "
-                "update + attend, then end_forward (see AnchorCache's docstring)"
-            )
-        if key_states.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("AnchorCache is for inference: run under torch.no_grad() / torch.inference_mode()")
-        if torch.is_autocast_enabled(key_states.device.type):
-            # RoPE can leave the keys in fp32 while the values are in the autocast dtype: store (and attend
-            # in) the autocast dtype, as the attention function does.
-            dtype = torch.get_autocast_dtype(key_states.device.type)
-            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.keys.shape[0] != key_states.shape[0]:
-            raise ValueError(f"batch size {key_states.shape[0]} != cache batch size {self.keys.shape[0]}")
-        if self.keys.shape[2] != owner.capacity:
-            self._grow(owner.capacity, plan.used_before)
-        if owner._pending is not None:  # a layer whose attention never ran: write its tokens now
-            owner.flush_pending()
-        owner._pending = (self, key_states, value_states)
-        return key_states, value_states
-
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: "_Plan") -> None:
-        """Write the new tokens' keys/values at each row's offset (the unfused path)."""
-        T = key_states.shape[2]
-        if plan.index is None:  # all rows equally long: the chunk starts at used_before in every row
-            self.keys.narrow(2, plan.used_before, T).copy_(key_states)
-            self.values.narrow(2, plan.used_before, T).copy_(value_states)
-        else:
-            B, H, _, D = key_states.shape
-            idx = plan.index[:, None, :, None]
-            self.keys.scatter_(2, idx.expand(B, H, T, D), key_states.to(self.keys.dtype))
-            self.values.scatter_(
-                2, idx.expand(B, value_states.shape[1], T, value_states.shape[3]), value_states.to(self.values.dtype)
-            )
-
-    def get_seq_length(self) -> int:
-        return self._owner.seen_tokens
-
-    def get_mask_sizes(self, query_length):
-        return self._owner.seen_tokens + _query_length(query_length), 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:  # the name of get_max_length in transformers < 5.13
-        return -1
-
-    def reset(self) -> None:
-        self.keys = self.values = None
-        self.is_initialized = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise UnsupportedError("AnchorCache drops tokens as it goes and cannot be cropped (assisted decoding)")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
-            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
-
-
-class _Plan:
-    """Where the chunk of the current forward goes: ``offsets[b]`` is row b's first new slot. ``index``
-    [B, T] holds every new slot when rows differ in length (None when all start at ``used_before``)."""
-
-    __slots__ = ("offsets", "index", "end", "used_before")
-
-    def __init__(self, offsets, index, end, used_before):
-        self.offsets, self.index, self.end, self.used_before = offsets, index, end, used_before
 
 
 class AnchorCache(Cache):
