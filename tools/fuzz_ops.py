@@ -410,7 +410,11 @@ def malformed_attention(rng, gen, q, k, v, q_lay, k_lay, attn):
 
 def fuzz_attention_grad(rng, gen, malformed):
     q, k, v, q_lay, k_lay, scale = attention_problem(rng, gen, batches=[0] + [1] * 5 + [2] * 3 + [3])
-    low = q.dtype != torch.float32 and not malformed  # bf16/fp16: the tensor-core backward on CUDA
+    # bf16/fp16: the tensor-core backward on CUDA. Only at softmax scales up to 2/sqrt(D): far above it (a
+    # near one-hot softmax) delta = rowsum(dout * out) from the rounded output, the flash-attention design
+    # that every device shares, errs by more than 2x plain PyTorch's autograd (docs/gpu.md).
+    low = (q.dtype != torch.float32 and not malformed
+           and (scale is None or scale <= 2.0 / math.sqrt(q.shape[-1])))
     if not low:
         q, k, v = q.float(), k.float(), v.float()
     if q.shape[2] * k.shape[2] * q.shape[1] > 60000:  # the oracle's backward is dense: keep it small
