@@ -154,7 +154,7 @@ def load_model(
     return mdl, tok
 
 
-# The bundled trained AnLLM: a LoRA adapter over the bundled SmolLM2 (docs/training.md, experiment 1).
+# The bundled trained AnLLM: a LoRA adapter over the bundled SmolLM2 (docs/training.md, experiments 3 and 5).
 BUNDLED_ANLLM = "smollm2-anllm"
 
 

@@ -10,7 +10,7 @@
    an EP anchor is followed by one or by two single-newline tokens ('\\n', id 198), the mean probability
    that the next token is '\\n' again, the top predictions and the tokens the text actually has there.
 
-    python docs/experiments/demo_blank_lines.py [--prompt-file docs/experiments/demo_prompt_gpl2.txt] [--threads 1]
+    python docs/experiments/demo_blank_lines.py [--model smollm2-anllm] [--prompt-file docs/experiments/demo_prompt_gpl2.txt]
 """
 import argparse
 import collections
@@ -33,12 +33,13 @@ def main():
     ap.add_argument("--prompt-file", default="docs/experiments/demo_prompt_gpl2.txt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--model", default="smollm2-anllm", help="the AnLLM to examine (a directory or smollm2-anllm)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = open(args.prompt_file, encoding="utf-8").read()
     licence = text.split("\nQuestion:", 1)[0]
 
-    for name, spec in (("smollm2-anllm", None), (None, "ep")):
+    for name, spec in ((args.model, None), (None, "ep")):
         model, tok = load_model(name)
         anchors = list(resolve_anchor_config(spec, tok, model).anchor_ids)
         label = name or "untrained SmolLM2-135M"

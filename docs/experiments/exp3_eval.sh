@@ -1,6 +1,7 @@
 #!/bin/bash
 # Judge a converted model as a user would: anllm eval on held-out prose no training run read (the Debian
-# Administrator's Handbook paragraphs of heldout_text.py, and the GPL-3) and the capitals task (0- and 3-shot,
+# Administrator's Handbook paragraphs of heldout_text.py; they fill the 12 blocks before the GPL-3 listed after
+# them, which docs/training.md experiment 5 scores on its own) and the capitals task (0- and 3-shot,
 # demonstrations compressed into their anchors). NAME=label MODEL=dir|smollm2-anllm|"" (the original SmolLM2).
 # Writes docs/results/quality/eval_$NAME.{json,png}.
 NAME=$1; MODEL=$2
