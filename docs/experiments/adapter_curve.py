@@ -19,24 +19,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import transformers as tf  # noqa: E402
 
 import anllm_ext  # noqa: E402
 from anllm_ext.config import CONFIG_FILE, AnchorConfig  # noqa: E402
 from anllm_ext.data import load_documents  # noqa: E402
 from anllm_ext.evaluation import perplexity, text_blocks  # noqa: E402
-from anllm_ext.models import load_model  # noqa: E402
+from anllm_ext.models import default_model_dir, load_model  # noqa: E402
+from exp2_curve import tokens_at  # noqa: E402  (this script's folder is on sys.path)
 
 
-def tokens_at(results: dict, step: int) -> int:
-    seen = [h["num_input_tokens_seen"] for h in results["log_history"]
-            if h.get("step") == step and "num_input_tokens_seen" in h]
-    return int(seen[0]) if seen else 0
-
-
-def score(model_dir, texts, a, anchor_ids):
-    model, tok = load_model(model_dir)
+def score(model_dir, blocks, a, anchor_ids):
+    model, _ = load_model(model_dir)
     anllm_ext.patch(model, anchor_ids)
-    blocks = text_blocks(tok, texts, a.block_size, a.max_blocks, anchor_ids=anchor_ids)
     with torch.no_grad():
         r = perplexity(model, blocks, ("full", "cached"), a.prefill_chunk, progress=False)
     return {"full_ppl": r["full"].perplexity, "cached_ppl": r["cached"].perplexity, "kv_kept": r["cached"].kv_kept}
@@ -77,13 +72,16 @@ def main():
     config_file = run / "adapter" / CONFIG_FILE
     anchor_ids = list(AnchorConfig.from_pretrained(run / "adapter").anchor_ids)
     texts = list(load_documents(a.text)["text"])
+    # the adapters keep the base model's tokenizer: one set of blocks for every checkpoint
+    tok = tf.AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
+    blocks = text_blocks(tok, texts, a.block_size, a.max_blocks, anchor_ids=anchor_ids)
     ckpts = {int(p.name.rsplit("-", 1)[1]): p for p in Path(a.ckpts).glob(f"{run.name}-*")}
     wanted = {int(s) for s in a.steps.split(",")} if a.steps else set(ckpts)
-    points = [{"step": 0, "tokens": 0, **score(None, texts, a, anchor_ids)}]
+    points = [{"step": 0, "tokens": 0, **score(None, blocks, a, anchor_ids)}]
     print(json.dumps(points[0]), flush=True)
     for step in sorted(wanted & set(ckpts)):
         shutil.copy(config_file, ckpts[step] / CONFIG_FILE)  # the checkpoint's adapter lacks the anchors file
-        point = {"step": step, "tokens": tokens_at(results, step), **score(ckpts[step], texts, a, anchor_ids)}
+        point = {"step": step, "tokens": tokens_at(results, step), **score(ckpts[step], blocks, a, anchor_ids)}
         print(json.dumps(point), flush=True)
         points.append(point)
     base_full = points[0]["full_ppl"]
