@@ -187,6 +187,24 @@ def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementat
     training, the adapter merged in, and the anchor configuration attached (so ``anllm_ext.patch(model)``
     needs no ids)."""
     from peft import PeftModel
+
+    mdl, tok, config = load_adapter_base(path, dtype, attn_implementation, verbose)
+    mdl = PeftModel.from_pretrained(mdl, str(path)).merge_and_unload()
+    config.base_model = None  # the merged model is a whole model
+    config.attach(mdl)
+    mdl.to(device).eval()
+    return mdl, tok
+
+
+def is_adapter_dir(model) -> bool:
+    """Whether a ``--model`` value names a LoRA adapter directory (e.g. the bundled ``smollm2-anllm``)."""
+    return (resolve_model_dir(model) / "adapter_config.json").is_file() if model is not None else False
+
+
+def load_adapter_base(path: Path, dtype=torch.float32, attn_implementation: str = "sdpa", verbose: bool = False):
+    """(base model, tokenizer, anchor config) of a LoRA adapter directory, the adapter not applied: the base
+    model ``anllm_config.json`` names, with the ``<AC>`` row added in AC mode and the anchors attached (the
+    start of :func:`load_adapter`, and of ``anllm train --lora`` continuing the adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import CONFIG_FILE, AnchorConfig
@@ -194,8 +212,7 @@ def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementat
     if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path} is a PEFT adapter without {CONFIG_FILE}: load it with peft on its base model")
     config = AnchorConfig.from_pretrained(path)
-    base = config.base_model or "bundled"
-    base_dir = default_model_dir(verbose=verbose) if base == "bundled" else Path(base)
+    base_dir = adapter_base_dir(config.base_model, verbose)
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = AutoTokenizer.from_pretrained(str(path if has_tokenizer else base_dir), local_files_only=True)
     if config.mode == "ac" and config.ac_token not in tok.get_vocab():  # an adapter shipped without its tokenizer
@@ -208,11 +225,15 @@ def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementat
     )
     if mdl.get_input_embeddings().weight.shape[0] < len(tok):  # AC mode: the trained <AC> row is in the adapter
         mdl.resize_token_embeddings(len(tok), mean_resizing=False)
-    mdl = PeftModel.from_pretrained(mdl, str(path)).merge_and_unload()
-    config.base_model = None  # the merged model is a whole model
     config.attach(mdl)
-    mdl.to(device).eval()
-    return mdl, tok
+    return mdl, tok, config
+
+
+def adapter_base_dir(base_model: Optional[str], verbose: bool = False) -> Path:
+    """The directory of an adapter's base model: ``"bundled"`` (or None) is the bundled SmolLM2."""
+    if base_model in (None, "bundled"):
+        return default_model_dir(verbose=verbose)
+    return Path(base_model)
 
 
 _DOC_SOURCES = "/usr/share/doc/python3.11/html/_sources"

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,6 +245,35 @@ def test_lora_ac_adapter_round_trip(tmp_path, tiny_dir, corpus):
         torch.testing.assert_close(merged(input_ids=ids).logits, from_adapter(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_lora_run_on_an_adapter_continues_that_adapter(tmp_path, tiny_dir, corpus):
+    """`--model ADAPTER --lora` goes on training that adapter (not a second one on its merged model): the run
+    starts where the first ended (same held-out perplexities), keeps its rank, and saves an adapter whose
+    base model is the first one's base, which loads as the merged model does."""
+    from peft import LoraConfig
+
+    from anllm_ext.models import load_model
+
+    first = run_training(tmp_path / "a", tiny_dir, corpus / "train", lora=True, lora_r=4, max_steps=3,
+                         adapter_dtype="float32")
+    adapter = tmp_path / "a" / "out" / "adapter"
+    second = run_training(tmp_path / "b", adapter, corpus / "train", lora=True, max_steps=3, adapter_dtype="float32")
+    for mode in ("full", "ansan", "cached"):
+        assert second["eval_before"]["modes"][mode]["perplexity"] == pytest.approx(
+            first["eval_after"]["modes"][mode]["perplexity"], rel=1e-4)
+    assert second["eval_after"]["modes"]["cached"]["perplexity"] < first["eval_after"]["modes"]["cached"]["perplexity"]
+    out = tmp_path / "b" / "out"
+    assert LoraConfig.from_pretrained(str(out / "adapter")).r == 4
+    assert AnchorConfig.from_pretrained(out / "adapter").base_model == str(Path(tiny_dir).resolve())
+    merged, tok = load_model(out)
+    from_adapter, _ = load_model(out / "adapter")
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    anllm_ext.patch(merged), anllm_ext.patch(from_adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, from_adapter(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="LoRA adapter with lora_r=4; --lora-r 8 cannot apply"):
+        run_training(tmp_path / "c", adapter, corpus / "train", lora=True, lora_r=8, max_steps=1)
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 @needs_smollm2
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_dir, corpus):
@@ -295,3 +325,25 @@ def test_bundled_anllm_beats_the_untrained_model_under_anchor_inference():
     ppl = {name: perplexity(m, [ids], modes=("cached",), prefill_chunk=64, progress=False)["cached"].perplexity
            for name, m in (("trained", trained), ("base", base))}
     assert ppl["trained"] < 0.6 * ppl["base"], ppl
+
+
+@needs_smollm2
+def test_lora_run_goes_on_training_the_bundled_anllm(tmp_path, corpus):
+    """`anllm train --model smollm2-anllm --lora`: the bundled adapter goes on training (one step on the real
+    model); the saved adapter keeps its rank and names the bundled base model, so it loads by path anywhere."""
+    from peft import LoraConfig
+
+    from anllm_ext.models import bundled_anllm_dir, load_model
+
+    res = run_training(tmp_path, "smollm2-anllm", corpus / "train", lora=True, max_steps=1, block_size=64,
+                       per_device_train_batch_size=1, eval_blocks=0, learning_rate=1e-5, merge_lora=False)
+    assert res["train_steps"] == 1
+    adapter = tmp_path / "out" / "adapter"
+    assert LoraConfig.from_pretrained(str(adapter)).r == LoraConfig.from_pretrained(str(bundled_anllm_dir())).r
+    assert AnchorConfig.from_pretrained(adapter).base_model == "bundled"
+    trained, _ = load_model(adapter)
+    bundled, tok = load_model("smollm2-anllm")
+    ids = tok(TEXT, return_tensors="pt")["input_ids"][:, :32]
+    with torch.no_grad():  # one small step from the bundled adapter: moved, but close (a new adapter on the
+        diff = (trained(input_ids=ids).logits - bundled(input_ids=ids).logits).abs().max().item()  # base: far)
+    assert 0 < diff < 1, diff

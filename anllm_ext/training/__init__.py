@@ -53,13 +53,13 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
     results = {"anchor_config": config.to_dict(), "train_blocks": len(train_ds),
                "train_tokens_available": int(sum(len(r) for r in train_ds["input_ids"])),
                "eval_blocks": 0 if eval_ds is None else len(eval_ds)}
+    teacher = make_teacher(model, tok, config, args) if args.distill else None
+    if args.lora:  # before scoring: an adapter that goes on training is part of the model before training
+        model = add_lora(model, args, config)
     if args.eval_before and eval_ds is not None:
         with full_parameters(model):
             if is_main:
                 results["eval_before"] = evaluate_blocks(model, eval_ds, args, "before training", config.anchor_ids)
-    teacher = make_teacher(model, tok, config, args) if args.distill else None
-    if args.lora:
-        model = add_lora(model, args, config)
     trainer_kwargs = dict(
         model=model, args=training_args, train_dataset=train_ds, processing_class=tok,
         data_collator=AnchorDataCollator(tok.pad_token_id),

@@ -17,7 +17,9 @@ class AnLLMArguments:
     """What to train and on which data (the anchor side of a run)."""
 
     data: List[str] = field(default_factory=list, metadata={"help": "training files or directories (text, JSONL, parquet)"})
-    model: Optional[str] = field(default=None, metadata={"help": "local model directory (default: bundled SmolLM2-135M)"})
+    model: Optional[str] = field(default=None, metadata={
+        "help": "local model directory (default: bundled SmolLM2-135M), or a LoRA adapter directory / "
+                "smollm2-anllm: with --lora that adapter goes on training, without it is merged first"})
     anchor_mode: Optional[str] = field(default=None, metadata={
         "help": "ac (add <AC> after every sentence), ep (sentence-final punctuation) or ids; default: the "
                 "model's saved anchor configuration, else ep"})

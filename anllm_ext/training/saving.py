@@ -47,7 +47,7 @@ def _save_lora(model, tok, config, args: AnLLMArguments, out: Path) -> None:
     _cast_safetensors(adapter_dir, getattr(torch, args.adapter_dtype))
     tok.save_pretrained(adapter_dir)
     config.save_pretrained(adapter_dir)
-    _record_base(adapter_dir, args.model)
+    _record_base(adapter_dir, _base_model(args))
     if not args.merge_lora:
         return
     merged = model.merge_and_unload()
@@ -63,6 +63,19 @@ def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
     for path in directory.glob("*.safetensors"):
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
         save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _base_model(args: AnLLMArguments) -> Optional[str]:
+    """The base model of the adapter a LoRA run saves: ``--model`` (None: the bundled model), or the base of
+    the adapter ``--model`` names when that adapter went on training."""
+    from ..config import AnchorConfig
+    from .steps import continued_adapter
+
+    adapter = continued_adapter(args)
+    if adapter is None:
+        return args.model
+    base = AnchorConfig.from_pretrained(adapter).base_model
+    return None if base in (None, "bundled") else base
 
 
 def _record_base(adapter_dir: Path, base: Optional[str]) -> None:

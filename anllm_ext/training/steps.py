@@ -36,12 +36,17 @@ def load_for_training(args: AnLLMArguments):
 
     The anchors: :func:`anllm_ext.config.resolve_anchor_config` of ``--anchor-mode`` / ``--anchor-ids`` /
     ``--punctuation``; a model that carries a configuration of the mode asked for (or no mode given) keeps it.
+    A LoRA adapter as ``--model`` (e.g. ``smollm2-anllm``): with ``--lora`` its base model, unmerged (the
+    adapter itself goes on training, :func:`add_lora`); without, the adapter merged in (full fine-tuning).
     """
     from ..config import anchor_spec, resolve_anchor_config
     from ..hf import patch
-    from ..models import load_model
+    from ..models import load_adapter_base, load_model, resolve_model_dir
 
-    model, tok = load_model(args.model)
+    if continued_adapter(args) is not None:
+        model, tok, _ = load_adapter_base(resolve_model_dir(args.model))
+    else:
+        model, tok = load_model(args.model)
     config = resolve_anchor_config(anchor_spec(args.anchor_mode, args.punctuation, args.anchor_ids), tok, model,
                                    default=anchor_spec("ep", args.punctuation), ac_init=args.ac_init,
                                    keep_saved_mode=True)
@@ -77,10 +82,22 @@ def build_datasets(args: AnLLMArguments, tok, config, seed: int):
     return train_ds, eval_ds
 
 
-def add_lora(model, args: AnLLMArguments, config):
-    """Wrap the patched model in a PEFT LoRA model; in AC mode the ``<AC>`` embedding row trains too."""
-    from peft import LoraConfig, get_peft_model
+def continued_adapter(args: AnLLMArguments):
+    """The LoRA adapter directory ``--lora`` goes on training (``--model`` names an adapter), else None."""
+    from ..models import is_adapter_dir, resolve_model_dir
 
+    return resolve_model_dir(args.model) if args.lora and is_adapter_dir(args.model) else None
+
+
+def add_lora(model, args: AnLLMArguments, config):
+    """Wrap the patched model in a PEFT LoRA model; in AC mode the ``<AC>`` embedding row trains too. With an
+    adapter as ``--model``, that adapter, trainable (its own rank, alpha and target modules)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    adapter = continued_adapter(args)
+    if adapter is not None:
+        _check_lora_settings(adapter, args)
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     targets = args.lora_target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     extra = {}
@@ -89,6 +106,20 @@ def add_lora(model, args: AnLLMArguments, config):
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets,
                       task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, lora)
+
+
+def _check_lora_settings(adapter, args: AnLLMArguments) -> None:
+    """An adapter that goes on training keeps its shape: a --lora-r / --lora-alpha other than the defaults
+    must be the adapter's own (else the user asked for an adapter this run cannot give)."""
+    from peft import LoraConfig
+
+    saved = LoraConfig.from_pretrained(str(adapter))
+    defaults = AnLLMArguments()
+    for name, value, own in (("lora-r", args.lora_r, saved.r), ("lora-alpha", args.lora_alpha, saved.lora_alpha)):
+        asked = value != getattr(defaults, name.replace("-", "_"))
+        if asked and value != own:
+            raise ValueError(f"--model {args.model} is a LoRA adapter with {name.replace('-', '_')}={own}; "
+                             f"--{name} {value} cannot apply to it (it goes on training as it is)")
 
 
 def make_teacher(model, tok, config, args: AnLLMArguments):
