@@ -14,7 +14,8 @@ from anllm_ext.config import AnchorConfig
 from anllm_ext.errors import UnsupportedError
 from anllm_ext.hf import cache_kwarg, patched_anchor_ids
 
-from helpers import MODEL_ANCHOR as ANCHOR, needs_smollm2, single_pass_logits, model_stream, tiny_causal_lm, tiny_model
+from helpers import (MODEL_ANCHOR as ANCHOR, generated_cache, model_stream, needs_smollm2, single_pass_logits,
+                     tiny_causal_lm, tiny_model)
 
 GREEDY = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
@@ -109,6 +110,35 @@ def test_right_padded_generate_gets_transformers_advice():
     left = torch.ones_like(ids)  # left padding works as before
     left[1, :3] = 0
     assert model.generate(ids, attention_mask=left, **GREEDY).shape == (2, 20)
+
+
+# ------------------------------------------------------------------- PEFT models
+
+
+def test_a_peft_model_is_patched_where_generate_runs():
+    """A PEFT LoRA model, patched as a user holds it: PeftModel.generate calls its base model's generate, past the
+    wrapper's forward, so the patch must sit on the transformers model under it. Exact against the merged model
+    (logits, greedy tokens from an AnchorCache, left-padded batch); unpatch gives the plain PEFT model back."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # random B: the adapter counts
+    model = peft.get_peft_model(tiny_model("llama"), lora).eval()
+    merged = copy.deepcopy(model).merge_and_unload()
+    ids, mask = model_stream(2, 24, seed=8, left_pad=(0, 5))
+    keep = mask.bool()
+    plain = single_pass_logits(model, ids, mask)
+    with pytest.raises(ValueError, match="anllm_config.json"):  # a PEFT model carries no anchors by itself
+        patch(model)
+    assert patch(model, ANCHOR) is model and is_patched(model) and patched_anchor_ids(model).tolist() == [ANCHOR]
+    patch(merged, ANCHOR)
+    torch.testing.assert_close(single_pass_logits(model, ids, mask)[keep], single_pass_logits(merged, ids, mask)[keep],
+                               atol=1e-5, rtol=1e-5)
+    out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
+    want = merged.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    assert isinstance(generated_cache(out), AnchorCache)
+    assert torch.equal(out.sequences, want)
+    unpatch(model)
+    assert not is_patched(model)
+    torch.testing.assert_close(single_pass_logits(model, ids, mask)[keep], plain[keep], atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------- save / load

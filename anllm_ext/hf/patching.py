@@ -24,13 +24,23 @@ def _decoder_of(model):
     return base if isinstance(base, torch.nn.Module) else model
 
 
+def transformers_model(model):
+    """The transformers model a patch goes on: ``model`` itself, or the model under a wrapper that forwards to
+    it (PEFT's ``PeftModel``: its ``get_base_model()``, LoRA layers in place). PEFT's ``generate`` calls the
+    base model's, which never passes through the wrapper's forward: a patch on the wrapper would miss it."""
+    target = model
+    while getattr(type(target), "set_attn_implementation", None) is None and hasattr(target, "get_base_model"):
+        target = target.get_base_model()
+    return target
+
+
 def is_patched(model) -> bool:
-    return getattr(model, STATE_ATTR, None) is not None
+    return state_of(transformers_model(model)) is not None
 
 
 def patched_anchor_ids(model) -> Optional[torch.Tensor]:
     """Anchor ids a patched model uses (None when not patched)."""
-    state = getattr(model, STATE_ATTR, None)
+    state = state_of(transformers_model(model))
     return None if state is None else state.anchors
 
 
@@ -57,28 +67,30 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn
     if default_cache not in ("anchor", "full"):
         raise ValueError(f"default_cache must be 'anchor' or 'full', got {default_cache!r}")
     _check_model(model)
-    ids = _anchor_ids_for(model, anchor_ids)
-    state = getattr(model, STATE_ATTR, None)
+    target = transformers_model(model)  # a PEFT model: the patch goes on its base model (generate goes there)
+    ids = _anchor_ids_for(target, anchor_ids, wrapper=model)
+    state = state_of(target)
     if state is None:
-        check_full_attention_layers(model.config, "anllm_ext.patch")
-        _check_one_device(model)
-        decoder = _decoder_of(model)
-        state = PatchState(decoder, ids, model.config._attn_implementation, _positional_params(decoder),
-                           default_cache, _saved_anchor_dict(model))
+        check_full_attention_layers(target.config, "anllm_ext.patch")
+        _check_one_device(target)
+        decoder = _decoder_of(target)
+        state = PatchState(decoder, ids, target.config._attn_implementation, _positional_params(decoder),
+                           default_cache, _saved_anchor_dict(target))
     else:
         state.set_anchors(ids)
         state.default_cache = default_cache
-    _install(model, state)
+    _install(target, state)
     return model
 
 
 def unpatch(model) -> "torch.nn.Module":
     """Undo :func:`patch`: hooks removed, previous attention implementation and anchor configuration restored."""
-    state = getattr(model, STATE_ATTR, None)
+    target = transformers_model(model)
+    state = state_of(target)
     if state is None:
         return model
-    _lift(model, state)
-    _own_set_attn_implementation(model)(state.previous_impl or "sdpa")
+    _lift(target, state)
+    _own_set_attn_implementation(target)(state.previous_impl or "sdpa")
     return model
 
 
@@ -92,7 +104,7 @@ class patched:
         self._was = is_patched(self.model)
         previous = patched_anchor_ids(self.model)
         self._previous_ids = previous
-        state = state_of(self.model)
+        state = state_of(transformers_model(self.model))
         self._previous_default = state.default_cache if state is not None else "anchor"
         patch(self.model, self.anchor_ids, default_cache=self._previous_default)
         return self.model
@@ -118,10 +130,10 @@ def _check_model(model) -> None:
         raise UnsupportedError("anllm_ext.patch supports decoder-only models only")
 
 
-def _anchor_ids_for(model, anchor_ids) -> torch.Tensor:
+def _anchor_ids_for(model, anchor_ids, wrapper=None) -> torch.Tensor:
     """``anchor_ids`` (or the saved ones) as a 1-D int64 tensor of ids of the model's vocabulary."""
     if anchor_ids is None:
-        anchor_ids = _saved_anchor_ids(model)
+        anchor_ids = _saved_anchor_ids(model, wrapper)
     if isinstance(anchor_ids, torch.Tensor):
         if anchor_ids.is_floating_point() or anchor_ids.is_complex() or anchor_ids.dtype == torch.bool:
             raise TypeError(f"anchor_ids must hold integer token ids, got a {anchor_ids.dtype} tensor")
@@ -212,15 +224,18 @@ def _lift(model, state: PatchState) -> None:
         setattr(model.config, CONFIG_KEY, state.saved_anchor_config)
 
 
-def _saved_anchor_ids(model):
+def _saved_anchor_ids(model, wrapper=None):
     from ..config import AnchorConfig
 
     config = AnchorConfig.from_model(model)
     if config is None:
+        peft = wrapper is not None and wrapper is not model
         raise ValueError(
-            f"{type(model).__name__} carries no anchor configuration (none was saved with it: a model trained by "
-            "`anllm train`, or saved by save_pretrained while patched, carries one); pass anchor_ids, e.g. "
-            "anllm_ext.patch(model, anllm_ext.ep_anchor_ids(tokenizer))"
+            f"{type(wrapper if peft else model).__name__} carries no anchor configuration (none was saved with it: "
+            "a model trained by `anllm train`, or saved by save_pretrained while patched, carries one); pass "
+            "anchor_ids, e.g. anllm_ext.patch(model, anllm_ext.ep_anchor_ids(tokenizer))"
+            + ("; an adapter trained by `anllm train` keeps its anchors in its anllm_config.json: "
+               "anllm_ext.load_model(ADAPTER_DIR) loads it with them" if peft else "")
         )
     return config.anchor_ids
 
@@ -253,9 +268,7 @@ def _attach_anchor_config(model, state: PatchState) -> None:
 def _own_set_attn_implementation(model):
     """The model's own ``set_attn_implementation``, past the patch's instance override (for a wrapper that
     forwards attributes to its base model, e.g. PEFT: the base model's)."""
-    target = model
-    while getattr(type(target), "set_attn_implementation", None) is None and hasattr(target, "get_base_model"):
-        target = target.get_base_model()
+    target = transformers_model(model)
     return types.MethodType(type(target).set_attn_implementation, target)
 
 
