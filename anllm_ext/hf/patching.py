@@ -235,7 +235,7 @@ def _saved_anchor_ids(model, wrapper=None):
             "a model trained by `anllm train`, or saved by save_pretrained while patched, carries one); pass "
             "anchor_ids, e.g. anllm_ext.patch(model, anllm_ext.ep_anchor_ids(tokenizer))"
             + ("; an adapter trained by `anllm train` keeps its anchors in its anllm_config.json: "
-               "anllm_ext.load_model(ADAPTER_DIR) loads it with them" if peft else "")
+               "anllm_ext.models.load_model(ADAPTER_DIR) loads it with them" if peft else "")
         )
     return config.anchor_ids
 
