@@ -6,8 +6,9 @@ full attention and under the anchor cache, as ``anllm eval`` scores them (the sa
 
 RUN is the run's output directory (its ``anllm_results.json`` gives the tokens seen at each step, its
 ``adapter/anllm_config.json`` the anchors); CKPTS holds each checkpoint's adapter as RUNNAME-STEP/ (the
-Trainer keeps only its last two; a watcher copies them). Step 0 is the base model under the same anchors.
-Writes OUT.json and OUT.png and prints a Markdown table.
+Trainer keeps only its last two; a watcher copies them). Step 0 is the base model under the same anchors, or
+with --start the adapter a continued run started from (``anllm train --model ADAPTER --lora``); the ratio is
+always to the original base model's full attention. Writes OUT.json and OUT.png and prints a Markdown table.
 """
 import argparse
 import json
@@ -64,6 +65,7 @@ def main():
     ap.add_argument("--max-blocks", type=int, default=12)
     ap.add_argument("--prefill-chunk", type=int, default=64)
     ap.add_argument("--steps", help="comma-separated steps to score (default: all saved)")
+    ap.add_argument("--start", help="the adapter a continued run started from (its step 0; default: the base model)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -77,14 +79,16 @@ def main():
     blocks = text_blocks(tok, texts, a.block_size, a.max_blocks, anchor_ids=anchor_ids)
     ckpts = {int(p.name.rsplit("-", 1)[1]): p for p in Path(a.ckpts).glob(f"{run.name}-*")}
     wanted = {int(s) for s in a.steps.split(",")} if a.steps else set(ckpts)
-    points = [{"step": 0, "tokens": 0, **score(None, blocks, a, anchor_ids)}]
+    original = score(None, blocks, a, anchor_ids)
+    print(json.dumps({"original": original}), flush=True)
+    points = [{"step": 0, "tokens": 0, **(score(a.start, blocks, a, anchor_ids) if a.start else original)}]
     print(json.dumps(points[0]), flush=True)
     for step in sorted(wanted & set(ckpts)):
         shutil.copy(config_file, ckpts[step] / CONFIG_FILE)  # the checkpoint's adapter lacks the anchors file
         point = {"step": step, "tokens": tokens_at(results, step), **score(ckpts[step], blocks, a, anchor_ids)}
         print(json.dumps(point), flush=True)
         points.append(point)
-    base_full = points[0]["full_ppl"]
+    base_full = original["full_ppl"]
     rows = ["| step | tokens | full attention | anchor cache | anchor cache / original full | KV kept |",
             "|---|---|---|---|---|---|"]
     rows += [f"| {p['step']} | {p['tokens']:,} | {p['full_ppl']:.2f} | {p['cached_ppl']:.2f} | "
@@ -92,7 +96,8 @@ def main():
     print("\n".join(rows))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"run": run.name, "text": a.text, "block_size": a.block_size,
-                                                    "max_blocks": a.max_blocks, "points": points}, indent=2) + "\n")
+                                                    "max_blocks": a.max_blocks, "start": a.start,
+                                                    "original": original, "points": points}, indent=2) + "\n")
     plot(points, base_full, out, f"{run.name}: held-out prose")
     print("wrote", out.with_suffix(".json"), out.with_suffix(".png"))
 
