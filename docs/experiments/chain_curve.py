@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 
 from adapter_curve import plot  # this script's folder is on sys.path
+from quality_table import summary
 
 
 def eval_point(eval_json: Path) -> dict:
-    ppl = next(r for r in json.loads(eval_json.read_text())["results"] if r["task"] == "perplexity")["modes"]
-    return {"full_ppl": ppl["full"]["perplexity"], "cached_ppl": ppl["cached"]["perplexity"],
-            "kv_kept": ppl["cached"]["kv_kept"]}
+    s = summary(eval_json)
+    return {"full_ppl": s["full"], "cached_ppl": s["cached"], "kv_kept": s["kv_kept"]}
 
 
 def main():
