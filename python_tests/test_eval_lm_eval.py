@@ -64,6 +64,26 @@ def test_backend_modes_on_local_task(tiny_dir):
     assert (torch.tensor(ansan_scores) - torch.tensor(full_scores)).abs().max() > 1e-3  # the mask is in effect
 
 
+def test_state_facts_group(tiny_dir):
+    """The shipped group anllm_state_facts_ep: three tasks, each k-shot prompt's demonstrations from its own
+    relation (a postal-code prompt demonstrates postal codes), periods ending them, one acc over the group."""
+    import re
+
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(model="anllm", model_args=f"pretrained={tiny_dir},anchors=ep,mode=cached",
+                                  tasks=["anllm_state_facts_ep"], num_fewshot=2, limit=3, batch_size=4, device="cpu",
+                                  task_manager=TaskManager(include_path=str(REPO / "tasks")), log_samples=True,
+                                  random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    tasks = [f"anllm_state_{r}_ep" for r in ("capital", "postal", "flower")]
+    assert set(out["samples"]) == set(tasks)
+    for sample in out["samples"]["anllm_state_postal_ep"]:
+        context = sample["arguments"][0][0]
+        assert len(re.findall(r"\nAnswer: [A-Z]{2}\.\n\n", context)) == 2, context
+        assert context.endswith(f"Question: {sample['doc']['question']}\nAnswer:")
+    assert 0.0 <= out["results"]["anllm_state_facts_ep"]["acc,none"] <= 1.0
+
+
 def _model(tiny_dir, mode, **kw):
     from lm_eval.api.registry import get_model
 
