@@ -17,14 +17,12 @@ Output: JSONL, one ``{"text": ...}`` document per line.
 
     python docs/experiments/make_relation_corpus.py --out data/relations.jsonl --documents 3000
 """
-import argparse
-import json
 import random
 import re
 import sys
 from pathlib import Path
 
-from make_segment_corpus import clean_word, parse_wordnet
+from make_segment_corpus import clean_word, corpus_args, parse_wordnet, write_documents
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tasks"))
 from make_capitals import CONTINENTS, QUIZ_DIR, plain_form  # noqa: E402
@@ -98,16 +96,8 @@ def build(documents: int, seed: int):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--documents", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for text in build(args.documents, args.seed):
-            f.write(json.dumps({"text": text}) + "\n")
+    args = corpus_args(__doc__, 3000)
+    out = write_documents(args.out, build(args.documents, args.seed))
     print(f"{args.documents} documents in {out}")
 
 

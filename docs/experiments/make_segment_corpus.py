@@ -100,26 +100,43 @@ def glossary_segments():
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def corpus_args(doc: str, documents: int):
+    """The command line every corpus builder here takes: --out, --documents, --seed."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--documents", type=int, default=4000)
+    ap.add_argument("--documents", type=int, default=documents)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def write_documents(path, texts) -> Path:
+    """One ``{"text": ...}`` JSON object per line."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return out
+
+
+def documents_of(segments: list, documents: int, rng: random.Random):
+    """8-24 consecutive segments per document; reshuffled when they run out."""
+    pos = 0
+    for _ in range(documents):
+        n = rng.randint(8, 24)
+        if pos + n > len(segments):
+            rng.shuffle(segments)
+            pos = 0
+        yield "\n\n".join(segments[pos:pos + n])
+        pos += n
+
+
+def main():
+    args = corpus_args(__doc__, 4000)
     rng = random.Random(args.seed)
     segments = wordnet_segments(rng) + glossary_segments()
     rng.shuffle(segments)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pos = 0
-    with out.open("w", encoding="utf-8") as f:
-        for _ in range(args.documents):
-            n = rng.randint(8, 24)
-            if pos + n > len(segments):
-                rng.shuffle(segments)
-                pos = 0
-            f.write(json.dumps({"text": "\n\n".join(segments[pos:pos + n])}) + "\n")
-            pos += n
+    out = write_documents(args.out, documents_of(segments, args.documents, rng))
     print(f"{len(segments)} segments -> {args.documents} documents in {out}")
 
 
