@@ -4,16 +4,11 @@ over the 144 questions (48 per relation) at 0 and 3 shots, full attention / anch
     python docs/experiments/state_facts_table.py docs/results/quality/state_facts original smollm2-anllm
 """
 import argparse
-import json
 from pathlib import Path
 
+from quality_table import summary
+
 RELATIONS = ("capital", "postal", "flower")
-
-
-def accuracies(path) -> dict:
-    """{shots: {mode: accuracy}} of one eval JSON."""
-    return {r["config"]["shots"]: {m: v["accuracy"] for m, v in r["modes"].items()}
-            for r in json.loads(Path(path).read_text())["results"]}
 
 
 def mean(acc: dict, shots: int, mode: str) -> float:
@@ -29,7 +24,7 @@ def main():
     print("| model | 0-shot full / cached | 3-shot full / cached | 3-shot full / cached: capital, postal, flower |")
     print("|---|---|---|---|")
     for name in a.names:
-        acc = {rel: accuracies(Path(a.dir) / f"{name}-{rel}.json") for rel in RELATIONS}
+        acc = {rel: summary(Path(a.dir) / f"{name}-{rel}.json") for rel in RELATIONS}  # {shots: {mode: acc}}
         per_rel = ", ".join(f"{acc[r][3]['full']:.3f} / {acc[r][3]['cached']:.3f}" for r in RELATIONS)
         print(f"| {name} | {mean(acc, 0, 'full'):.3f} / {mean(acc, 0, 'cached'):.3f} | "
               f"{mean(acc, 3, 'full'):.3f} / {mean(acc, 3, 'cached'):.3f} | {per_rel} |")
