@@ -48,7 +48,7 @@ demo: install
 test: test-latest test-transformers-oldest
 
 test-latest: install
-	cd python_tests && ../$(VENV)/bin/pytest -q -p no:cacheprovider .
+	cd python_tests && ../$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15 .
 
 ## The transformers-facing tests with the oldest supported transformers: an overlay virtualenv that has
 ## only its own transformers (and the versions of its dependencies that one needs) and takes torch, the

@@ -100,12 +100,15 @@ def glossary_segments():
     return out
 
 
-def corpus_args(doc: str, documents: int):
-    """The command line every corpus builder here takes: --out, --documents, --seed."""
+def corpus_args(doc: str, documents: int, more=None):
+    """The command line every corpus builder here takes: --out, --documents, --seed (``more(parser)`` adds
+    a builder's own options)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--documents", type=int, default=documents)
     ap.add_argument("--seed", type=int, default=0)
+    if more:
+        more(ap)
     return ap.parse_args()
 
 
