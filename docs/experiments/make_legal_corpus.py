@@ -11,8 +11,8 @@ The GPL-3 is evaluation text and the GPL-2 the demo's prompt, so the whole GPL f
 is dropped when it names the GPL or LGPL, or when it shares any run of eight words with one of GPL-1/2/3,
 LGPL-2/2.1/3 (copyright files often quote them) or with the held-out handbook text. The copyright files of the
 evaluation packages (``debian-handbook``, ``bsdgames``) are not read. Paragraphs are deduplicated (the same
-Expat or BSD text appears in hundreds of files); each source file becomes one document of its remaining
-paragraphs. Output: JSONL, one ``{"text": ...}`` document per line.
+Expat or BSD text appears in hundreds of files); a document holds one source file's remaining paragraphs, or
+several short files' until it has 200 words. Output: JSONL, one ``{"text": ...}`` document per line.
 
     python docs/experiments/make_legal_corpus.py --out data/legal.jsonl --documents 2000 \
         --heldout data/heldout/handbook.txt
@@ -36,8 +36,8 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def shingles(text: str) -> set:
-    w = words(text)
+def shingles(w: list[str]) -> set:
+    """The runs of SHINGLE consecutive words of a word list."""
     return {tuple(w[i:i + SHINGLE]) for i in range(len(w) - SHINGLE + 1)}
 
 
@@ -48,11 +48,7 @@ def paragraphs(text: str) -> list[str]:
     ``License:`` stanza leaves only its text."""
     lines = []
     for line in text.splitlines():
-        if FIELD.match(line):
-            line = ""
-        elif line.strip() == ".":
-            line = ""
-        lines.append(line.strip())
+        lines.append("" if FIELD.match(line) or line.strip() == "." else line.strip())
     return [" ".join(p.split()) for p in "\n".join(lines).split("\n\n") if p.strip()]
 
 
@@ -72,7 +68,7 @@ def sources() -> list[Path]:
 def held_out_shingles(extra: list[str]) -> set:
     held = set()
     for path in [LICENCES / n for n in HELD_OUT_LICENCES] + [Path(p) for p in extra]:
-        held |= shingles(path.read_text(errors="replace"))
+        held |= shingles(words(path.read_text(errors="replace")))
     return held
 
 
@@ -85,10 +81,11 @@ def legal_documents(held: set) -> tuple[list[str], dict]:
             if not reads_as_prose(para):
                 continue
             counts["paragraphs"] += 1
-            key = " ".join(words(para))
+            w = words(para)
+            key = " ".join(w)
             if NAMES_GPL.search(para):
                 counts["names_gpl"] += 1
-            elif shingles(para) & held:
+            elif shingles(w) & held:
                 counts["overlaps_held_out"] += 1
             elif key in seen:
                 counts["duplicate"] += 1
