@@ -36,3 +36,30 @@ def test_legal_corpus_holds_out_the_gpl_family(tmp_path):
     assert not any(re.search(r"General Public License|\bGPL", d) for d in documents)
     # what it is for: other licences' long sentences
     assert eight_word_runs((LICENCES / "MPL-2.0").read_text()) & corpus
+
+
+ENTITY_SOURCES = (Path("/usr/share/iso-codes/json/iso_3166-2.json"), Path("/usr/share/zoneinfo/zone.tab"),
+                  Path("/usr/share/games/bsdgames/quiz/state"), Path("/usr/share/wordnet/data.noun"))
+
+
+@pytest.mark.skipif(not all(p.is_file() for p in ENTITY_SOURCES),
+                    reason="needs iso-codes, tzdata, bsdgames and wordnet-base")
+def test_relation_corpus_entities_hold_out_the_quiz_places():
+    sys.path.insert(0, str(EXPERIMENTS))
+    from make_relation_corpus import PLACE_QUIZZES, entity_relations, evaluation_words
+
+    def queries(relations):
+        return {x for pairs in relations.values() for x, _ in pairs}
+
+    # names the quiz files ask about (capitals, Canadian provinces) that the sources also hold
+    quiz_places = {"Paris", "Berlin", "Tokyo", "Cairo", "Ontario", "Manitoba", "Alberta", "Nova Scotia", "Quebec"}
+    unfiltered_relations = entity_relations(set())
+    unfiltered = queries(unfiltered_relations)
+    assert quiz_places <= unfiltered  # so the next assertion tests the filter, not the sources
+    filtered = entity_relations(evaluation_words(PLACE_QUIZZES))
+    assert not quiz_places & queries(filtered)
+    # the states never enter as regions at all: their codes are the postal-code task's answers
+    regions = {x for x, _ in unfiltered_relations["region code"]}
+    assert "Bayern" in regions and not {"Texas", "Ohio", "California", "New York"} & regions
+    assert all(len(pairs) >= 100 for pairs in filtered.values())
+    assert all("." not in x + y for pairs in filtered.values() for x, y in pairs)  # "." is the anchor
