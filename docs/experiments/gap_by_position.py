@@ -1,0 +1,99 @@
+"""Where the anchor-cached perplexity loses to full attention: the excess loss by a token's place in its
+sentence (docs/training.md, "Where the GPL-3 gap is").
+
+Scores the same blocks as ``anllm eval --block-size 512 --max-blocks 12`` (``text_blocks``) three ways, one
+forward each: the original SmolLM2 with full attention (what the user had), the AnLLM with full attention,
+and the AnLLM under the AnSAN mask (the anchor cache's exact logits). Each target token is put in a bucket
+by how many tokens of its own sentence precede it (0: the first token after an anchor, which sees only
+anchors and itself), and by the length of its sentence. Per bucket: tokens, mean loss of each way, and the
+bucket's share of the total excess loss (AnSAN minus original full attention).
+
+    python docs/experiments/gap_by_position.py --text /usr/share/common-licenses/GPL-3 --json OUT.json
+"""
+import argparse
+import json
+
+import torch
+
+import anllm_ext
+from anllm_ext.config import resolve_anchor_config
+from anllm_ext.evaluation import text_blocks
+from anllm_ext.models import load_model
+
+PLACE_BUCKETS = ((0, 0), (1, 3), (4, 15), (16, 63), (64, 10**9))
+LENGTH_BUCKETS = ((1, 15), (16, 31), (32, 63), (64, 127), (128, 10**9))
+
+
+def places(ids, anchors):
+    """For each target token ids[t] (t >= 1): (tokens of its sentence before it, its sentence's length)."""
+    starts, s = [], 0
+    for t, tok in enumerate(ids):
+        starts.append(s)
+        if tok in anchors:
+            s = t + 1
+    ends, e = [0] * len(ids), len(ids)
+    for t in range(len(ids) - 1, -1, -1):
+        if ids[t] in anchors:
+            e = t + 1
+        ends[t] = e
+    return [(t - starts[t], ends[t] - starts[t]) for t in range(1, len(ids))]
+
+
+def losses(model, blocks):
+    out = []
+    with torch.no_grad():
+        for b in blocks:
+            ids = torch.tensor([b])
+            lp = model(ids).logits[0, :-1].float().log_softmax(-1)
+            out.append(-lp.gather(1, ids[0, 1:, None])[:, 0])
+    return torch.cat(out)
+
+
+def bucket_table(keys, ways, buckets):
+    excess = ways["AnLLM, AnSAN mask"] - ways["original, full attention"]
+    rows = []
+    for lo, hi in buckets:
+        m = torch.tensor([lo <= k <= hi for k in keys])
+        if not m.any():
+            continue
+        row = {"bucket": f"{lo}-{hi}" if hi < 10**9 else f"{lo}+", "tokens": int(m.sum())}
+        row.update({w: round(float(v[m].mean()), 3) for w, v in ways.items()})
+        row["share of excess loss"] = round(float(excess[m].sum() / excess.sum()), 3)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--model", default="smollm2-anllm")
+    ap.add_argument("--max-blocks", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    anchors = list(resolve_anchor_config(None, tok, model).anchor_ids)
+    text = open(args.text, encoding="utf-8", errors="replace").read()
+    blocks = text_blocks(tok, [text], 512, args.max_blocks, anchor_ids=anchors)
+    ways = {}
+    with anllm_ext.evaluation.model_mode(model, "full"):
+        ways["AnLLM, full attention"] = losses(model, blocks)
+    with anllm_ext.patched(model, anchors):
+        ways["AnLLM, AnSAN mask"] = losses(model, blocks)
+    original, _ = load_model(None)
+    ways["original, full attention"] = losses(original, blocks)
+    aset = set(anchors)
+    where = [p for b in blocks for p in places(b, aset)]
+    result = {"text": args.text, "model": args.model, "blocks": len(blocks), "tokens": len(where),
+              "perplexity": {w: round(float(v.mean().exp()), 2) for w, v in ways.items()},
+              "by place in sentence": bucket_table([p for p, _ in where], ways, PLACE_BUCKETS),
+              "by sentence length": bucket_table([n for _, n in where], ways, LENGTH_BUCKETS)}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
