@@ -134,8 +134,9 @@ def entity_relations(banned: set) -> dict:
         rel.setdefault("currency code", []).append((r["name"], r["alpha_3"]))
         rel.setdefault("currency number", []).append((r["name"], r["numeric"]))
     for r in _iso("15924"):
-        rel.setdefault("script code", []).append((r["name"].split(" (")[0], r["alpha_4"]))
-        rel.setdefault("script number", []).append((r["name"].split(" (")[0], r["numeric"]))
+        name = r["name"].split(" (")[0]
+        rel.setdefault("script code", []).append((name, r["alpha_4"]))
+        rel.setdefault("script number", []).append((name, r["numeric"]))
     ports = {}
     for line in SERVICES.read_text(encoding="utf-8").splitlines():
         f = line.split("#")[0].split()
