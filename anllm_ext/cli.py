@@ -24,17 +24,10 @@ from typing import List, Optional
 
 import torch
 
+from .defaults import BATCH_SIZE, PREFILL_CHUNK
 #: The ``--dtype`` choices (names in ``anllm_ext.checks.DTYPES``).
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 _DEFAULT_MODEL = "bundled SmolLM2-135M-Instruct"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024.0
-    return f"{n:.1f} GiB"
 
 
 def arg_int(minimum: int):
@@ -86,7 +79,7 @@ def _load_prompt(args, tok, ac_mode: Optional[bool] = None):
     after every sentence of the prompt."""
     from .anchors import AC_TOKEN, insert_ac
     from .config import spec_mode
-    from .models import sample_text
+    from .sample_text import sample_text
 
     if ac_mode is None:
         ac_mode = args.anchors is not None and spec_mode(args.anchors) == "ac"
@@ -118,11 +111,10 @@ def _anchor_label(spec: Optional[str], saved) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .anchors import decode
     from .checks import check_device, read_utf8
     from .config import AnchorConfig, resolve_anchor_config
-    from .console import text_table
     from .models import load_model
+    from .side_by_side import compare_caches, print_comparison
 
     check_device(args.device)
     if args.prompt_file is not None:
@@ -131,51 +123,18 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
     saved = AnchorConfig.from_model(model)
-    config = resolve_anchor_config(args.anchors, tok, model)
-    anchors = list(config.anchor_ids)
-    ids = _load_prompt(args, tok, ac_mode=config.mode == "ac").to(args.device)
-    mask = torch.ones_like(ids)
-    name = args.model or _DEFAULT_MODEL
-    print(f"model: {name} ({type(model).__name__}, {args.dtype}, {torch.get_num_threads()} threads)")
-    print(f"prompt: {ids.shape[1]} tokens, anchors: {_anchor_label(args.anchors, saved)} ({len(anchors)} ids, "
-          f"{int(torch.isin(ids, torch.tensor(anchors, device=ids.device)).sum())} in the prompt), "
+    anchors = resolve_anchor_config(args.anchors, tok, model)
+    ids = _load_prompt(args, tok, ac_mode=anchors.mode == "ac").to(args.device)
+    print(f"model: {args.model or _DEFAULT_MODEL} ({type(model).__name__}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"prompt: {ids.shape[1]} tokens, anchors: {_anchor_label(args.anchors, saved)} ({len(anchors.anchor_ids)} "
+          f"ids, {int(torch.isin(ids, torch.tensor(anchors.anchor_ids, device=ids.device)).sum())} in the prompt), "
           f"prefill chunk {args.prefill_chunk}")
-
-    from .side_by_side import first_difference, timed_generate
-
-    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    top_p=args.top_p, ignore_eos=args.ignore_eos, seed=args.seed, prefill_chunk=args.prefill_chunk,
-                    progress=args.progress)
-    runs = []
-    if not args.anchor_only:
-        runs.append(timed_generate(model, ids, mask, anchor=False, anchor_ids=anchors, **settings))
-    runs.append(timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, **settings))
-
-    # every run's text, as generated (blank lines included: they are what the model wrote), one after the other
-    for r in runs:
-        text = decode(tok, r["ids"][0, ids.shape[1]:], anchor_ids=anchors, skip_special_tokens=True)
-        print(f"\n--- generated ({r['label']}) ---")
-        print(text)
-        print("-" * 32)
-    print()
-
-    rows = [("", *[r["label"] for r in runs])]
-    rows.append(("KV slots kept", *[str(r["slots"]) for r in runs]))
-    rows.append(("KV bytes", *[_human(r["kv"]) for r in runs]))
-    rows.append(("peak KV bytes", *[_human(r["peak"]) for r in runs]))
-    rows.append(("prefill tokens/s", *[f"{r['prefill_tps']:.1f}" for r in runs]))
-    rows.append(("decode tokens/s", *[f"{r['decode_tps']:.2f}" for r in runs]))
-    print(text_table(rows))
-    if len(runs) == 2:
-        full, anc = runs
-        print(f"\nKV reduction (C-down): {100 * (1 - anc['kv'] / max(full['kv'], 1)):.1f}% at the end, "
-              f"peak {100 * (1 - anc['peak'] / max(full['peak'], 1)):.1f}%")
-        print(f"decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
-        same = torch.equal(full["ids"], anc["ids"])
-        print(f"same tokens as the full cache: {'yes' if same else 'no'}{first_difference(full, anc, ids.shape[1])}")
-        if not same and saved is None:
-            print("note: a model not trained with AnSAN (anchor attention) loses quality under anchor inference; "
-                  "the memory and speed mechanics are the same")
+    runs = compare_caches(model, ids, anchors, full=not args.anchor_only, max_new_tokens=args.max_new_tokens,
+                          do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                          ignore_eos=args.ignore_eos, seed=args.seed, prefill_chunk=args.prefill_chunk,
+                          progress=args.progress)
+    print_comparison(tok, ids, runs, anchors, trained=saved is not None)
     return 0
 
 
@@ -187,7 +146,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", default=None, help="file with the prompt text")
     g.add_argument("--max-prompt-tokens", type=arg_int(0), default=2048, help="truncate the prompt (0: no limit)")
     g.add_argument("--max-new-tokens", type=arg_int(1), default=64)
-    g.add_argument("--prefill-chunk", type=arg_int(1), default=512, help="prompt tokens per forward")
+    g.add_argument("--prefill-chunk", type=arg_int(1), default=PREFILL_CHUNK, help="prompt tokens per forward")
     g.add_argument("--anchors", default=None,
                    help="ep (sentence-final periods), ep:<chars>, ac (add <AC>), anllm-ac/anllm-ep, or ids '13,30' "
                         "(default: the anchors a trained AnLLM carries, else ep)")
@@ -229,8 +188,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draw")
     e.add_argument("--demo-end", choices=("auto",) + DEMO_ENDS, default="auto",
                    help="what ends a demonstration (auto: <AC> for ac anchors, a period for ep, nothing for ids)")
-    e.add_argument("--batch-size", type=arg_int(1), default=8, help="sequences per forward")
-    e.add_argument("--prefill-chunk", type=arg_int(1), default=256, help="prefill chunk of the cached mode")
+    e.add_argument("--batch-size", type=arg_int(1), default=BATCH_SIZE, help="sequences per forward")
+    e.add_argument("--prefill-chunk", type=arg_int(1), default=PREFILL_CHUNK, help="prefill chunk of the cached mode")
     e.add_argument("--block-size", type=arg_int(2), default=512, help="tokens per perplexity block")
     e.add_argument("--max-blocks", type=arg_int(0), default=16, help="perplexity blocks at most (0: all)")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
@@ -244,58 +203,50 @@ def cmd_eval(args) -> int:
     from .checks import check_device, check_output_path
     from .config import resolve_anchor_config
     from .data import list_data_files, load_documents
-    from .evaluation import (MultipleChoiceConfig, check_modes, dump_json, load_multiple_choice, multiple_choice,
-                             perplexity, plot_results, text_blocks)
-    from .hf import patch
+    from .evaluation import EvalPlan, PerplexityResult, dump_json, load_multiple_choice, plot_results, run_eval
     from .models import load_model
 
     if args.text is None and args.mc is None:
         raise ValueError("nothing to evaluate: give --text PATH... and/or --mc FILE.jsonl")
-    modes = check_modes(m.strip() for m in args.mode.split(",") if m.strip())
     check_output_path("--json", args.json)
     check_output_path("--plot", args.plot)
     check_device(args.device)
+    # bad arguments and files fail before the model loads
+    plan = EvalPlan(texts=list(load_documents(args.text)["text"]) if args.text else [],
+                    questions=load_multiple_choice(args.mc) if args.mc else [],
+                    modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()), shots=args.shots,
+                    limit=args.limit, seed=args.seed, demo_end=args.demo_end, batch_size=args.batch_size,
+                    prefill_chunk=args.prefill_chunk, block_size=args.block_size, max_blocks=args.max_blocks,
+                    progress=args.progress, text_source=[str(f) for f in args.text or []], mc_source=args.mc)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # bad files fail before the model loads
-    questions = load_multiple_choice(args.mc) if args.mc else None
-    texts = list(load_documents(args.text)["text"]) if args.text else []
-    n_files = sum(len(f) for f in list_data_files(args.text).values()) if args.text else 0
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
-    config = resolve_anchor_config(args.anchors, tok, model)
-    ids, style, ac_token = list(config.anchor_ids), config.mode, config.ac_token
-    patch(model, ids)
+    anchors = resolve_anchor_config(args.anchors, tok, model)
     name = args.model or _DEFAULT_MODEL
+    label = args.anchors or anchors.mode
     print(f"model: {name} ({type(model).__name__}, {args.dtype}, {torch.get_num_threads()} threads); "
-          f"anchors: {args.anchors or style} ({len(ids)} ids); modes: {', '.join(modes)}")
+          f"anchors: {label} ({len(anchors.anchor_ids)} ids); modes: {', '.join(plan.modes)}")
     records = []
-    if texts:
-        blocks = text_blocks(tok, texts, args.block_size, args.max_blocks, ac_token=ac_token, anchor_ids=ids)
-        res = perplexity(model, blocks, modes, args.prefill_chunk, args.batch_size, args.progress)
-        print(f"\nperplexity: {len(blocks)} blocks of <= {args.block_size} tokens from {len(texts)} document(s) in "
-              f"{n_files} file(s)")
+    for res in run_eval(model, tok, anchors, plan):
+        if isinstance(res, PerplexityResult):
+            n_files = sum(len(f) for f in list_data_files(args.text).values())
+            print(f"\nperplexity: {res.blocks} blocks of <= {plan.block_size} tokens from {len(plan.texts)} "
+                  f"document(s) in {n_files} file(s)")
+            what = "token log-prob"
+        else:
+            print(f"\nmultiple choice: {len(res.answers)} questions from {args.mc}, {res.config.shots}-shot, "
+                  f"demonstrations end: {res.config.demo_end}")
+            what = "option log-likelihood"
         print(res.table())
         if res.max_abs_diff_cached_vs_ansan is not None:
-            print(f"cached vs ansan: max |token log-prob difference| {res.max_abs_diff_cached_vs_ansan:.2e}")
-        records.append({**res.to_dict(), "source": [str(f) for f in args.text]})
-    demo_end = args.demo_end if args.demo_end != "auto" else {"ac": "ac", "ep": "period"}.get(style, "none")
-    for shots in args.shots if questions else []:
-        cfg = MultipleChoiceConfig(shots=shots, seed=args.seed, limit=args.limit, modes=modes,
-                                   batch_size=args.batch_size, prefill_chunk=args.prefill_chunk, demo_end=demo_end,
-                                   ac_token=ac_token or "<AC>", progress=args.progress)
-        res = multiple_choice(model, tok, questions, cfg, source=str(args.mc))
-        print(f"\nmultiple choice: {len(res.answers)} questions from {args.mc}, {shots}-shot, demonstrations end: "
-              f"{demo_end}")
-        print(res.table())
-        if res.max_abs_diff_cached_vs_ansan is not None:
-            print(f"cached vs ansan: max |option log-likelihood difference| {res.max_abs_diff_cached_vs_ansan:.2e}")
+            print(f"cached vs ansan: max |{what} difference| {res.max_abs_diff_cached_vs_ansan:.2e}")
         records.append(res.to_dict())
-    meta = {"model": name, "dtype": args.dtype, "anchors": args.anchors or style, "threads": torch.get_num_threads()}
+    meta = {"model": name, "dtype": args.dtype, "anchors": label, "threads": torch.get_num_threads()}
     if args.json:
         dump_json({"meta": meta, "results": records}, args.json)
         print(f"\nwrote {args.json}")
     if args.plot:
-        plot_results(records, args.plot, title=f"{name}, anchors {meta['anchors']}")
+        plot_results(records, args.plot, title=f"{name}, anchors {label}")
         print(f"wrote {args.plot}")
     return 0
 

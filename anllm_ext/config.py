@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 CONFIG_KEY = "anllm"
 CONFIG_FILE = "anllm_config.json"
@@ -134,6 +134,8 @@ class AnchorConfig:
             raise ValueError(f"anchor ids {bad} are outside the tokenizer's vocabulary of {n} tokens")
         if self.mode == "ac":
             ac = tokenizer.convert_tokens_to_ids(self.ac_token)
+            if ac is None or ac == tokenizer.unk_token_id:
+                raise ValueError(f"the tokenizer has no token {self.ac_token!r}; add it first (anllm_ext.add_ac_token)")
             if ac not in self.anchor_ids:
                 raise ValueError(f"the tokenizer maps {self.ac_token!r} to {ac}, not to an anchor id {self.anchor_ids}")
 
@@ -227,23 +229,6 @@ def resolve_anchors(spec: str, tokenizer=None, model=None) -> List[int]:
     """Anchor ids from an anchor spec (see the module docstring): :func:`resolve_anchor_config`'s ids
     (a preset given a tokenizer is checked against it and sets its padding token)."""
     return resolve_anchor_config(spec, tokenizer, model).anchor_ids
-
-
-def resolve_model_anchors(model, tokenizer, spec: Optional[str]) -> Tuple[List[int], str, Optional[str]]:
-    """(anchor ids, mode, AC token) of :func:`resolve_anchor_config`: from a spec, or (``spec=None``) from
-    the anchor configuration a trained AnLLM carries, plain models then defaulting to ``"ep"``."""
-    config = resolve_anchor_config(spec, tokenizer, model)
-    return list(config.anchor_ids), config.mode, config.ac_token
-
-
-def make_anchor_config(mode: str, tokenizer, model=None, punctuation: str = ".", anchor_ids=None,
-                       ac_init: str = "period") -> AnchorConfig:
-    """A new anchor configuration of ``mode`` on this tokenizer (and model), whatever the model carries:
-    ``"ac"`` adds ``<AC>`` (``ac_init``), ``"ep"`` takes the tokens ending a sentence with ``punctuation``,
-    ``"ids"`` takes ``anchor_ids``. See :func:`resolve_anchor_config`."""
-    if mode not in ANCHOR_MODES:
-        raise ValueError(f"anchor mode must be one of {ANCHOR_MODES}, got {mode!r}")
-    return resolve_anchor_config(anchor_spec(mode, punctuation, anchor_ids), tokenizer, model, ac_init=ac_init)
 
 
 def anchor_spec(mode: Optional[str], punctuation: str = ".", anchor_ids=None) -> Optional[str]:

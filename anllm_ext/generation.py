@@ -13,16 +13,16 @@ logits), for tests, benchmarks and custom decoding loops.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 
 from .checks import check_int
 from .console import progress_bar
+from .defaults import PREFILL_CHUNK as DEFAULT_PREFILL_CHUNK
 from .errors import UnsupportedError
 from .cache import AnchorCache
-from .hf import cache_kwarg, is_patched, patched
+from .hf import cache_kwarg, patched
 
 
 def _check_inputs(input_ids, attention_mask, cache) -> None:
@@ -71,38 +71,27 @@ def pad_token_id(model, eos_token_id=_MODEL) -> Optional[int]:
     return None
 
 
-@contextlib.contextmanager
-def _maybe_patched(model, anchor_ids):
-    if anchor_ids is not None:
-        with patched(model, anchor_ids):
-            yield model
-    else:
-        if not is_patched(model):
-            raise ValueError("the model is not patched: call anllm_ext.patch(model, anchor_ids) or pass anchor_ids=")
-        yield model
-
-
 @torch.no_grad()
 def prefill(
     model,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
     cache: Optional[AnchorCache] = None,
-    chunk_size: int = 512,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     return_logits: bool = False,
     anchor_ids=None,
     progress: bool = False,
 ) -> Tuple[AnchorCache, torch.Tensor]:
-    """Feed ``input_ids`` [B, T] through a patched model in chunks of ``chunk_size`` tokens.
+    """Feed ``input_ids`` [B, T] through a patched model in chunks of ``prefill_chunk`` tokens.
 
     ``attention_mask`` covers the columns already in ``cache`` plus ``input_ids`` (as in transformers),
     or ``input_ids`` only. Returns (cache, logits): logits of every token [B, T, V] when
     ``return_logits``, else of the last token [B, 1, V].
     """
-    check_int("chunk_size", chunk_size, 1)
+    check_int("prefill_chunk", prefill_chunk, 1)
     _check_inputs(input_ids, attention_mask, cache)
     B, T = input_ids.shape
-    with _maybe_patched(model, anchor_ids):
+    with patched(model, anchor_ids):
         if cache is None:
             cache = AnchorCache(model.config)
         past = cache.get_seq_length()
@@ -111,8 +100,8 @@ def prefill(
         bar = progress_bar(T, "prefill", progress)
         logits = []
         try:
-            for s in range(0, T, chunk_size):
-                e = min(T, s + chunk_size)
+            for s in range(0, T, prefill_chunk):
+                e = min(T, s + prefill_chunk)
                 out = model(
                     input_ids=input_ids[:, s:e],
                     attention_mask=None if attention_mask is None else attention_mask[:, : past + e],
@@ -135,7 +124,7 @@ def generate(
     model,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     max_new_tokens: int = 64,
     do_sample: bool = False,
     anchor_ids=None,
@@ -162,7 +151,7 @@ def generate(
             raise UnsupportedError(f"{bad}: assisted decoding needs a croppable cache; AnchorCache is not")
     if generate_kwargs.pop("past_key_values", None) is not None:
         raise ValueError("pass an AnchorCache as cache=, not past_key_values=")
-    with _maybe_patched(model, anchor_ids):
+    with patched(model, anchor_ids):
         if cache is None:
             cache = AnchorCache(model.config)
         if attention_mask is None:

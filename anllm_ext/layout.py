@@ -7,6 +7,7 @@ new tokens.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
@@ -72,16 +73,22 @@ class Layout:
 
 
 def anchor_tensor(anchor_ids: AnchorIds, device=None) -> torch.Tensor:
-    """Anchor ids as a 1-D int64 tensor (accepts an int, a sequence of ints or a tensor)."""
+    """Anchor ids as a 1-D int64 tensor (accepts an int, a sequence of ints or an integer tensor); anything else
+    raises ``TypeError`` naming ``anchor_ids``."""
     if isinstance(anchor_ids, torch.Tensor):
+        if anchor_ids.dtype.is_floating_point or anchor_ids.dtype.is_complex or anchor_ids.dtype == torch.bool:
+            raise TypeError(f"anchor_ids must hold integer token ids, got a {anchor_ids.dtype} tensor")
         if anchor_ids.dim() == 1 and anchor_ids.dtype == torch.int64 and (device is None or anchor_ids.device == device):
             return anchor_ids
-        ids = anchor_ids.reshape(-1).to(device=device, dtype=torch.int64)
-    elif isinstance(anchor_ids, int):
-        ids = torch.tensor([anchor_ids], dtype=torch.int64, device=device)
-    else:
-        ids = torch.tensor(list(anchor_ids), dtype=torch.int64, device=device)
-    return ids
+        return anchor_ids.reshape(-1).to(device=device, dtype=torch.int64)
+    items = [anchor_ids] if isinstance(anchor_ids, numbers.Integral) else anchor_ids
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"anchor_ids must be an int, a sequence of ints or an integer tensor, got {_describe(items)}")
+    items = list(items)
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if bad:
+        raise TypeError(f"anchor_ids must hold integer token ids, got {bad[0]!r}")
+    return torch.tensor([int(i) for i in items], dtype=torch.int64, device=device)
 
 
 def token_layout(

@@ -14,8 +14,9 @@ model_args:
     (``13;30``; a comma would end the argument) - default: the anchors a trained AnLLM carries, else ``ep``;
     ``mode``: ``full`` (plain model), ``ansan`` (one masked pass per sequence) or ``cached`` (default:
     AnchorCache with chunked prefill and compaction; requests sharing a context prefill it once);
-    ``prefill_chunk`` (256), ``batch_size`` (8), ``max_length`` (the model's), ``max_gen_toks`` (256),
-    ``dtype`` (``float32``/``bfloat16``/``float16``), ``device`` (``cpu``), ``threads``.
+    ``prefill_chunk``, ``batch_size``, ``max_length`` (the model's), ``max_gen_toks`` (256),
+    ``dtype`` (``float32``/``bfloat16``/``float16``, or ``auto``: the checkpoint's, as ``load_model`` takes it),
+    ``device`` (``cpu``), ``threads``. Defaults of ``prefill_chunk`` and ``batch_size``: ``anllm_ext.defaults``.
 
 ``loglikelihood`` scores (context, continuation) pairs with :func:`anllm_ext.evaluation.score_continuations`;
 ``loglikelihood_rolling`` cuts each text into lm-eval's rolling windows and scores them with
@@ -39,12 +40,10 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
     raise ImportError("the lm-evaluation-harness backend needs lm-eval: pip install lm-eval") from e
 
-from .checks import DTYPES
+from .checks import check_dtype
 from .config import resolve_anchor_config
+from .defaults import BATCH_SIZE, PREFILL_CHUNK
 from .evaluation import MODES, model_mode, score_continuations, score_sequences
-
-# lm-eval's dtype names: anllm_ext's (checks.DTYPES), and "auto" (lm-eval's default) as float32
-_DTYPES = {**DTYPES, "auto": torch.float32}
 
 
 @register_model("anllm")
@@ -52,10 +51,9 @@ class AnLLMEvalModel(TemplateLM):
     """A patched Hugging Face causal LM evaluated in one of ``anllm_ext.evaluation.MODES``."""
 
     def __init__(self, pretrained: Optional[str] = None, anchors: Optional[str] = None, mode: str = "cached",
-                 prefill_chunk: int = 256, batch_size=8, max_length: Optional[int] = None, max_gen_toks: int = 256,
+                 prefill_chunk: int = PREFILL_CHUNK, batch_size=BATCH_SIZE, max_length: Optional[int] = None, max_gen_toks: int = 256,
                  dtype: str = "float32", device: Optional[str] = None, threads: int = 0, **kwargs):
         super().__init__()
-        from .hf import patch
         from .models import load_model
 
         unknown = sorted(k for k in kwargs if k not in ("max_batch_size", "trust_remote_code", "parallelize"))
@@ -63,22 +61,19 @@ class AnLLMEvalModel(TemplateLM):
             raise ValueError(f"anllm: unknown model_args {unknown}")
         if mode not in MODES:
             raise ValueError(f"anllm: mode must be one of {MODES}, got {mode!r}")
-        if str(dtype) not in _DTYPES:
-            raise ValueError(f"anllm: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        dtype = check_dtype(str(dtype))
         if threads:
             torch.set_num_threads(int(threads))
         self.mode = mode
         self.prefill_chunk = int(prefill_chunk)
-        self.batch_size_per_forward = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.batch_size_per_forward = BATCH_SIZE if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for (lm-eval's --device defaults to cuda) but no GPU is "
                              "available: pass --device cpu")
-        model, tok = load_model(pretrained, dtype=_DTYPES[str(dtype)], device=device or "cpu")
+        model, tok = load_model(pretrained, dtype=dtype, device=device or "cpu")
         spec = None if anchors is None else str(anchors).replace(";", ",")
-        config = resolve_anchor_config(spec, tok, model)
-        self.anchor_ids, self.anchor_style = list(config.anchor_ids), config.mode
-        patch(model, self.anchor_ids)
+        self.anchors = resolve_anchor_config(spec, tok, model)  # every request runs in model_mode(.., self.anchors)
         self.model, self.tokenizer = model, tok
         self._max_length = int(max_length) if max_length else int(
             getattr(model.config, "max_position_embeddings", 2048) or 2048)
@@ -111,7 +106,7 @@ class AnLLMEvalModel(TemplateLM):
                 raise ValueError(f"anllm: a continuation of {len(cont)} tokens exceeds max_length {self.max_length}")
             pairs.append((list(ctx)[-keep:], list(cont)))
         bs = int(override_bs) if override_bs else self.batch_size_per_forward
-        with model_mode(self.model, self.mode), torch.no_grad():
+        with model_mode(self.model, self.mode, self.anchors), torch.no_grad():
             sc = score_continuations(self.model, pairs, self.mode, bs, self.prefill_chunk, progress=not disable_tqdm)
         out = list(zip(sc.logprobs, sc.greedy))
         for (key, _, _), answer in zip(requests, out):
@@ -121,7 +116,7 @@ class AnLLMEvalModel(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         results = []
-        with model_mode(self.model, self.mode), torch.no_grad():
+        with model_mode(self.model, self.mode, self.anchors), torch.no_grad():
             for req in requests:
                 (text,) = req.args
                 windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
@@ -158,11 +153,12 @@ class AnLLMEvalModel(TemplateLM):
             mask = torch.ones_like(ids)
             common = dict(max_new_tokens=max_new, do_sample=do_sample, stop_strings=until, tokenizer=self.tokenizer,
                           pad_token_id=self.eot_token_id, **kw)
-            with model_mode(self.model, self.mode), torch.no_grad():
+            with model_mode(self.model, self.mode, self.anchors), torch.no_grad():
                 if self.mode == "cached":
                     seq = generate(self.model, ids, mask, prefill_chunk=self.prefill_chunk, **common)
-                else:
-                    seq = self.model.generate(input_ids=ids, attention_mask=mask, **common)
+                else:  # full: the unpatched model; ansan: the patched model with a full cache (masked attention)
+                    seq = self.model.generate(input_ids=ids, attention_mask=mask, cache_implementation="dynamic",
+                                              **common)
             text = self.tok_decode(seq[0, ids.shape[1]:].tolist())
             for stop in until:
                 if stop and stop in text:

@@ -1,17 +1,18 @@
 """The full cache and the anchor cache side by side: one timed generation each, with their KV figures
-(what ``anllm generate`` and ``make demo`` print)."""
+(:func:`compare_caches`), and the report ``anllm generate`` and ``make demo`` print (:func:`print_comparison`)."""
 from __future__ import annotations
 
 import time
-from typing import List, Optional
+from typing import List
 
 import torch
 from transformers import DynamicCache
 
 from .cache import cache_kv_bytes
-from .console import progress_bar
+from .console import progress_bar, text_table
+from .defaults import PREFILL_CHUNK
 from .generation import generate
-from .hf import cache_kwarg
+from .hf import cache_kwarg, unpatched
 
 
 class _Timer:
@@ -38,9 +39,9 @@ class _Timer:
             self.bar.close()
 
 
-def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool, anchor_ids: Optional[List[int]],
+def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool, anchor_ids,
                    max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                   ignore_eos: bool = False, seed: int = 0, prefill_chunk: int = 128, progress: bool = False) -> dict:
+                   ignore_eos: bool = False, seed: int = 0, prefill_chunk: int = PREFILL_CHUNK, progress: bool = False) -> dict:
     """One generation with the anchor cache (``anchor``: chunked prefill, :func:`anllm_ext.generate`) or with
     transformers' full ``DynamicCache`` on the unpatched model; returns the output ids and the figures:
     ``label, ids, new, prefill_s, prefill_tps, decode_tps, kv, peak, slots`` (KV bytes at the end and at
@@ -60,8 +61,8 @@ def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool
         out, cache = generate(model, ids, mask, prefill_chunk=prefill_chunk, anchor_ids=anchor_ids,
                               return_cache=True, progress=progress, **gen_kwargs)
     else:
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
+        cache = DynamicCache(config=model.config)  # the baseline: the plain (unpatched) model, its own cache
+        with unpatched(model), torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, **gen_kwargs)
     t1 = time.perf_counter()
     timer.end()
@@ -96,3 +97,53 @@ def first_difference(full, anc, n_prompt: int) -> str:
     if len(a) != len(b):
         return f" (one stops after {min(len(a), len(b))} generated tokens)"
     return ""
+
+
+def compare_caches(model, ids: torch.Tensor, anchors, *, full: bool = True, **settings) -> List[dict]:
+    """The same generation with transformers' full cache (unless ``full`` is False) and with the anchor cache of
+    ``anchors`` (an :class:`~anllm_ext.config.AnchorConfig`); ``settings``: :func:`timed_generate`'s keywords.
+    Returns the runs' figures, full cache first."""
+    mask = torch.ones_like(ids)
+    kinds = ([False] if full else []) + [True]
+    return [timed_generate(model, ids, mask, anchor=anchor, anchor_ids=anchors, **settings) for anchor in kinds]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024.0
+    return f"{n:.1f} GiB"
+
+
+def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, trained: bool) -> None:
+    """Every run's generated text (as generated, blank lines included), then their figures side by side and, for
+    two runs, the KV reduction, the decode speed-up and whether the tokens agree. ``trained``: the model carries
+    an anchor configuration (else a note says that an untrained model loses quality under anchor inference)."""
+    from .anchors import decode
+
+    n_prompt = ids.shape[1]
+    for r in runs:
+        text = decode(tokenizer, r["ids"][0, n_prompt:], anchor_ids=anchors.anchor_ids, skip_special_tokens=True)
+        print(f"\n--- generated ({r['label']}) ---")
+        print(text)
+        print("-" * 32)
+    print()
+    rows = [("", *[r["label"] for r in runs])]
+    rows.append(("KV slots kept", *[str(r["slots"]) for r in runs]))
+    rows.append(("KV bytes", *[_human(r["kv"]) for r in runs]))
+    rows.append(("peak KV bytes", *[_human(r["peak"]) for r in runs]))
+    rows.append(("prefill tokens/s", *[f"{r['prefill_tps']:.1f}" for r in runs]))
+    rows.append(("decode tokens/s", *[f"{r['decode_tps']:.2f}" for r in runs]))
+    print(text_table(rows))
+    if len(runs) != 2:
+        return
+    full, anc = runs
+    print(f"\nKV reduction (C-down): {100 * (1 - anc['kv'] / max(full['kv'], 1)):.1f}% at the end, "
+          f"peak {100 * (1 - anc['peak'] / max(full['peak'], 1)):.1f}%")
+    print(f"decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
+    same = torch.equal(full["ids"], anc["ids"])
+    print(f"same tokens as the full cache: {'yes' if same else 'no'}{first_difference(full, anc, n_prompt)}")
+    if not same and not trained:
+        print("note: a model not trained with AnSAN (anchor attention) loses quality under anchor inference; "
+              "the memory and speed mechanics are the same")

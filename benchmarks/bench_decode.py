@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     from transformers import DynamicCache, StaticCache
 
     from anllm_ext import ep_anchor_ids, patch, prefill
-    from anllm_ext.models import load_model, sample_text
+    from anllm_ext.models import load_model
+    from anllm_ext.sample_text import sample_text
 
     info = run_info("bench_decode", args)
     print_header(info)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
 
     # A. anchor cache
     t0 = time.perf_counter()
-    cache_a, last = prefill(model, ids, chunk_size=args.prefill_chunk)
+    cache_a, last = prefill(model, ids, prefill_chunk=args.prefill_chunk)
     t_pre_a = time.perf_counter() - t0
     kept = cache_a.stats()["kept_slots"][0]
     results["prefill"]["A"] = {"seconds": t_pre_a, "tokens_per_s": T / t_pre_a, "chunk": args.prefill_chunk}

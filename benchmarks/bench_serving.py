@@ -52,7 +52,7 @@ class _FirstToken:
 
 
 def _prompts(tok, batch: int, context: int) -> torch.Tensor:
-    from anllm_ext.models import sample_text
+    from anllm_ext.sample_text import sample_text
 
     text = sample_text(max(40000, 6 * context * batch // 4))
     ids = tok(text, add_special_tokens=False)["input_ids"]

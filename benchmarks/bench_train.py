@@ -37,7 +37,8 @@ def run_one(method: str, block: int, steps: int, threads: int) -> dict:
 
     import anllm_ext
     from anllm_ext.layout import token_layout
-    from anllm_ext.models import load_model, sample_text
+    from anllm_ext.models import load_model
+    from anllm_ext.sample_text import sample_text
     from anllm_ext.reference import ansan_mask
 
     torch.set_num_threads(threads)

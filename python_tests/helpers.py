@@ -154,10 +154,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa", eos_token_id=None,
         bos_token_id=None, pad_token_id=0,
     )
-    config.update(overrides)
-    if family == "mistral":
-        config = {"sliding_window": None, **config}
-    elif family == "qwen3":
+    config.update(overrides)  # mistral keeps MistralConfig's sliding window (4096), as Mistral-7B's config has
+    if family == "qwen3":
         config = {"head_dim": 16, **config}
     return tiny_causal_lm(family, seed, weight_std=0.15, **config)
 
@@ -175,7 +173,7 @@ def single_pass_logits(model, ids, mask=None):
 def cached_logits(model, ids, mask, n_prompt, chunk):
     """Chunked prefill of ids[:, :n_prompt], then one token at a time; all logits."""
     cache, lp = anllm_ext.prefill(model, ids[:, :n_prompt], None if mask is None else mask[:, :n_prompt],
-                                  chunk_size=chunk, return_logits=True)
+                                  prefill_chunk=chunk, return_logits=True)
     outs = [lp]
     with torch.no_grad():
         for t in range(n_prompt, ids.shape[1]):
@@ -220,3 +218,11 @@ def run_training(tmp_path, model_dir, data, **overrides):
     for k, v in overrides.items():
         (anllm if k in AnLLMArguments.__dataclass_fields__ else targs)[k] = v
     return train(AnLLMArguments(**anllm), AnLLMTrainingArguments(**targs))
+
+
+def make_anchor_config(mode: str, tokenizer, model=None, punctuation: str = ".", anchor_ids=None,
+                       ac_init: str = "period"):
+    """A new anchor configuration of `mode` on this tokenizer (and model), as `anllm train --anchor-mode` builds it."""
+    from anllm_ext.config import anchor_spec, resolve_anchor_config
+
+    return resolve_anchor_config(anchor_spec(mode, punctuation, anchor_ids), tokenizer, model, ac_init=ac_init)

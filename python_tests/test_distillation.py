@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import anllm_ext
-from anllm_ext.distillation import DistillationConfig, kl_to_teacher, predicted_token_mask
+from anllm_ext.training.distillation import DistillationConfig, kl_to_teacher, predicted_token_mask
 from helpers import needs_smollm2, run_training, tiny_causal_lm
 
 
@@ -45,7 +45,7 @@ def test_config_rejects_bad_values():
 def _trainer(model_dir, tmp_path, lora, alpha, hidden_weight=0.0, teacher=None):
     """A DistillationTrainer over a patched tiny Llama (LoRA or not) and one collated batch."""
     from anllm_ext.data import AnchorDataCollator
-    from anllm_ext.distillation import DistillationTrainer, frozen_copy
+    from anllm_ext.training.distillation import DistillationTrainer, frozen_copy
     from anllm_ext.models import load_model
     from anllm_ext.training import AnLLMArguments, AnLLMTrainingArguments, add_lora
 

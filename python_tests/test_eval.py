@@ -8,10 +8,16 @@ import torch
 
 import anllm_ext
 from anllm_ext import evaluation as ev
+from anllm_ext.config import AnchorConfig, resolve_anchor_config
 
 from helpers import ANCHOR, needs_smollm2, save_tiny_model, tiny_causal_lm, token_stream
 
 VOCAB = 64
+
+
+def EP(tok) -> AnchorConfig:
+    """The EP anchors of `tok` (what `--anchors ep` resolves to)."""
+    return resolve_anchor_config("ep", tok)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +103,7 @@ def test_perplexity_bad_inputs(tiny):
         ev.perplexity(tiny, [], progress=False)
     anllm_ext.unpatch(tiny)
     try:
-        with pytest.raises(ValueError, match="needs a patched model"):
+        with pytest.raises(ValueError, match="carries no anchor configuration"):
             ev.perplexity(tiny, [[3, 4, 5]], modes=("ansan",), progress=False)
         # anchor_ids= patches for the call only
         res = ev.perplexity(tiny, [[3, 1, 4, 5]], modes=("ansan",), anchor_ids=[ANCHOR], progress=False)
@@ -298,6 +304,41 @@ def test_cli_eval(tiny_dir, tmp_path, capsys):
     assert "unknown evaluation mode 'fast'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spec, demo_end", [("ep", "period"), ("ac", "ac"), ("13,30", "none")])
+def test_run_eval_takes_the_anchors_it_is_given(tiny_dir, spec, demo_end):
+    """One way through `anllm eval`: the caller's AnchorConfig decides how the text is cut, what ends a
+    demonstration and the patch of each mode; the model is left as it was."""
+    from anllm_ext.models import load_model
+
+    model, tok = load_model(tiny_dir)
+    anchors = resolve_anchor_config(spec, tok, model)
+    text = "The sun rose. Birds sang in the trees. The day began slowly. " * 4
+    plan = ev.EvalPlan(texts=[text], questions=_questions(), shots=[2], limit=3, block_size=40, max_blocks=2,
+                       prefill_chunk=8, progress=False)
+    ppl, mc = ev.run_eval(model, tok, anchors, plan)
+    assert not anllm_ext.is_patched(model)
+    assert mc.config.demo_end == demo_end and mc.config.ac_token == (anchors.ac_token or anllm_ext.AC_TOKEN)
+    assert ppl["cached"].kv_kept < 1.0 if spec != "13,30" else ppl["cached"].kv_kept <= 1.0
+    expected = ev.text_blocks(tok, [text], anchors, 40, 2)
+    assert ppl.blocks == len(expected)
+    # the same tasks by hand, patched once with the same anchors, give the same figures
+    anllm_ext.patch(model, anchors)
+    by_hand = ev.perplexity(model, expected, modes=plan.modes, prefill_chunk=8, progress=False)
+    for mode in plan.modes:
+        assert by_hand[mode].perplexity == pytest.approx(ppl[mode].perplexity, rel=1e-6)
+
+
+def test_eval_plan_refuses_bad_settings():
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        ev.EvalPlan()
+    with pytest.raises(ValueError, match="demo_end"):
+        ev.EvalPlan(texts=["x"], demo_end="comma")
+    with pytest.raises(ValueError, match="unknown evaluation mode"):
+        ev.EvalPlan(texts=["x"], modes=("full", "fast"))
+    with pytest.raises(ValueError, match="shots"):
+        ev.EvalPlan(texts=["x"], shots=[-1])
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from anllm_ext.anchors import ep_anchor_ids
@@ -312,7 +353,7 @@ def smollm2():
 
 @needs_smollm2
 def test_smollm2_cached_equals_one_pass(smollm2):
-    from anllm_ext.models import sample_text
+    from anllm_ext.sample_text import sample_text
 
     model, tok = smollm2
     qs = _questions()
@@ -322,7 +363,7 @@ def test_smollm2_cached_equals_one_pass(smollm2):
     assert res.max_abs_diff_cached_vs_ansan < 2e-3  # fp32 log-likelihoods of O(10)
     assert res["cached"].accuracy == res["ansan"].accuracy
     assert res["cached"].kv_kept < 0.5  # three demonstrations closed by periods, dropped to their anchors
-    blocks = ev.text_blocks(tok, [sample_text(4000)], block_size=96, max_blocks=2)
+    blocks = ev.text_blocks(tok, [sample_text(4000)], EP(tok), block_size=96, max_blocks=2)
     ppl = ev.perplexity(model, blocks, modes=("ansan", "cached"), prefill_chunk=32, progress=False)
     assert ppl.max_abs_diff_cached_vs_ansan < 2e-3
     assert ppl["cached"].perplexity == pytest.approx(ppl["ansan"].perplexity, rel=1e-4)
@@ -336,17 +377,19 @@ def test_text_blocks_follow_the_training_data_rules(smollm2):
     nothing lost or reordered."""
     from anllm_ext.anchors import ep_anchor_ids
     from anllm_ext.data import _adds_bos
-    from anllm_ext.models import sample_text
+    from anllm_ext.sample_text import sample_text
 
     _, tok = smollm2
     bos = [tok.bos_token_id] if _adds_bos(tok) else []
     anchors = set(ep_anchor_ids(tok))
     text = sample_text(6000)
-    blocks = ev.text_blocks(tok, [text], block_size=64)
+    blocks = ev.text_blocks(tok, [text], EP(tok), block_size=64)
     assert all(b[: len(bos)] == bos and len(b) <= 64 for b in blocks)
     assert all(b[-1] in anchors or len(b) == 64 for b in blocks[:-1])
     assert sum(b[-1] in anchors for b in blocks[:-1]) > len(blocks) // 2
     assert [t for b in blocks for t in b[len(bos):]] == tok(text, add_special_tokens=False)["input_ids"]
-    assert ev.text_blocks(tok, [text], block_size=64, max_blocks=3) == blocks[:3]
+    assert ev.text_blocks(tok, [text], EP(tok), block_size=64, max_blocks=3) == blocks[:3]
     with pytest.raises(ValueError, match="no token"):
-        ev.text_blocks(tok, [text], ac_token="<not-a-token>")
+        ev.text_blocks(tok, [text], AnchorConfig("ac", [0], ac_token="<not-a-token>"))
+    with pytest.raises(TypeError, match="AnchorConfig"):
+        ev.text_blocks(tok, [text], ep_anchor_ids(tok))

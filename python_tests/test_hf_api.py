@@ -245,3 +245,44 @@ print("OK")
     assert run.returncode == 0, run.stderr
     assert "IMPORT-ERROR: anllm_ext.AnchorCache needs transformers" in run.stdout and "[hf]" in run.stdout
     assert run.stdout.strip().endswith("OK")
+
+
+def test_patch_scopes_put_back_what_was_there():
+    """`patched(model, anchors)` and `unpatched(model)`: inside, the asked-for state; after, the one before (anchors,
+    the configuration the model carries and its default cache); an AnchorConfig given to `patch` is carried as is."""
+    from anllm_ext import patched, unpatched
+    from anllm_ext.config import AnchorConfig
+
+    model = tiny_model("llama")
+    ep = AnchorConfig("ep", [ANCHOR, 9], punctuation=".")
+    patch(model, ep, default_cache="full")
+    assert AnchorConfig.from_model(model) == ep  # carried as given, not re-derived as "ids"
+    with unpatched(model):
+        assert not is_patched(model) and AnchorConfig.from_model(model) is None
+    assert is_patched(model) and AnchorConfig.from_model(model) == ep and patched_anchor_ids(model).tolist() == [ANCHOR, 9]
+    assert model._anllm_patch_state.default_cache == "full"
+    with patched(model, [11]):
+        assert patched_anchor_ids(model).tolist() == [11]
+    assert AnchorConfig.from_model(model) == ep and model._anllm_patch_state.default_cache == "full"
+    unpatch(model)
+    with unpatched(model):  # an unpatched model is used as it is
+        assert not is_patched(model)
+    assert not is_patched(model)
+
+
+def test_patched_without_anchors_uses_the_patch_or_the_saved_configuration():
+    from anllm_ext import patched
+    from anllm_ext.config import AnchorConfig
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="carries no anchor configuration"):
+        with patched(model):
+            pass
+    AnchorConfig("ids", [ANCHOR]).attach(model)  # e.g. a trained AnLLM loaded from disk
+    with patched(model):
+        assert patched_anchor_ids(model).tolist() == [ANCHOR]
+    assert not is_patched(model)
+    patch(model, [5])
+    with patched(model):  # a patched model keeps its patch
+        assert patched_anchor_ids(model).tolist() == [5]
+    assert patched_anchor_ids(model).tolist() == [5]

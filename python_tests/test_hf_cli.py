@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import anllm_ext
-from anllm_ext import cli
+from anllm_ext import cli, side_by_side
 from anllm_ext.layout import token_layout
 
 from helpers import kept_slots, needs_smollm2, save_tiny_model
@@ -85,8 +85,8 @@ def test_cli_generate_on_local_dir(tiny_model_dir, capsys, anchors):
     assert f"prompt: {exp['n_prompt']} tokens" in out
     assert table["KV slots kept"] == [str(n_full), str(exp["kept"])]
     assert exp["kept"] < n_full  # the prompt's closed segments were dropped
-    assert table["KV bytes"] == [cli._human(n_full * exp["slot_bytes"]), cli._human(exp["kept"] * exp["slot_bytes"])]
-    assert table["peak KV bytes"][0] == cli._human(n_full * exp["slot_bytes"])
+    assert table["KV bytes"] == [side_by_side._human(n_full * exp["slot_bytes"]), side_by_side._human(exp["kept"] * exp["slot_bytes"])]
+    assert table["peak KV bytes"][0] == side_by_side._human(n_full * exp["slot_bytes"])
     for row in ("prefill tokens/s", "decode tokens/s"):
         assert all(float(x) > 0 for x in table[row]), table[row]
     assert text.strip() == exp["text"].strip()

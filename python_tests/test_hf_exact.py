@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import anllm_ext
 from anllm_ext.errors import UnsupportedError
@@ -156,6 +157,43 @@ def test_greedy_generation_equals_repeated_single_passes(family, device):
     assert cache.stats()["tokens_seen"] == 26 + n_new - 1
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("default_cache", ["anchor", "full"])
+def test_plain_forward_and_generate_build_the_cache_they_need(family, default_cache, device):
+    """`model(ids)` and `model.generate(ids)` with no cache on a patched model of every family (Mistral with its
+    configured sliding window): the patched model creates a cache that holds the anchor layout (transformers'
+    own default for Mistral is a sliding-window cache), and the results equal single masked passes."""
+    model = patch(tiny_model(family, seed=3), ANCHOR, default_cache=default_cache).to(device)
+    ids, mask = on(device, *model_stream(2, 30, seed=8, left_pad=(0, 3)))
+    ref = single_pass_logits(model, ids, mask)
+    with torch.no_grad():
+        first = model(ids[:, :20], attention_mask=mask[:, :20])  # use_cache defaults to True: a cache is made
+        cache = first.past_key_values
+        assert type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+        rest = model(ids[:, 20:], attention_mask=mask, **{cache_kwarg(model): cache}).logits
+    assert_close_valid(torch.cat([first.logits, rest], 1), ref, mask)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = anllm_ext.generate(model, ids, mask, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(out, expected)
+
+
+def test_a_configured_sliding_window_is_replaced_by_the_ansan_mask(device):
+    """Mistral with a window of 8 over 40 tokens: patched, every layer attends under the AnSAN mask alone (as the
+    same weights with no window), in one pass, cached, and in generate."""
+    windowed = patch(tiny_model("mistral", seed=4, sliding_window=8), ANCHOR).to(device)
+    no_window = patch(tiny_model("mistral", seed=4, sliding_window=None), ANCHOR).to(device)
+    ids, mask = on(device, *model_stream(2, 40, seed=9, anchor_p=0.08, left_pad=(0, 5)))
+    ref = single_pass_logits(no_window, ids, mask)
+    assert_close_valid(single_pass_logits(windowed, ids, mask), ref, mask)
+    got, _ = cached_logits(windowed, ids, mask, n_prompt=30, chunk=7)
+    assert_close_valid(got, ref, mask)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(windowed.generate(ids, attention_mask=mask, **kw), no_window.generate(ids, attention_mask=mask, **kw))
+    # unpatched, the window is the model's again: its logits differ from the AnSAN pass beyond the window
+    unpatch(windowed)
+    assert not torch.allclose(single_pass_logits(windowed, ids, mask)[mask.bool()], ref[mask.bool()], atol=1e-3)
+
+
 def test_generated_anchor_triggers_compaction(device):
     model = patch(tiny_model("llama", seed=3), ANCHOR).to(device)
     ids, = on(device, model_stream(1, 20, seed=8, anchor_p=0.0)[0])
@@ -221,7 +259,7 @@ def test_peak_bounded_by_anchors_open_segment_and_chunk(device):
     model = patch(tiny_model("llama"), ANCHOR).to(device)
     ids, = on(device, model_stream(1, 300, seed=11, anchor_p=0.1)[0])
     chunk = 32
-    cache, _ = prefill(model, ids, chunk_size=chunk)
+    cache, _ = prefill(model, ids, prefill_chunk=chunk)
     lay = token_layout(ids, ANCHOR)
     open_seg = int(lay.segments[0, -1]) + int(lay.is_anchor[0, -1])
     expected = lay.is_anchor[0] | (lay.segments[0] == open_seg)
@@ -253,10 +291,12 @@ def test_errors_are_clear():
     patch(model, ANCHOR)
     with pytest.raises(ValueError, match="2-D"):
         model(input_ids=ids, attention_mask=torch.zeros(1, 1, 12, 12), use_cache=False)
-    # sliding-window attention beyond the window
+    # a sliding-window cache the user built (it would drop keys the AnSAN mask allows)
     m2 = patch(tiny_model("mistral", sliding_window=8), ANCHOR)
-    with pytest.raises(UnsupportedError, match="sliding"):
-        m2(input_ids=ids, use_cache=False)
+    with pytest.raises(UnsupportedError, match="DynamicSlidingWindowLayer"):
+        m2(input_ids=ids, **{cache_kwarg(m2): DynamicCache(config=m2.config)})
+    with pytest.raises(UnsupportedError, match="DynamicSlidingWindowLayer"):
+        m2.generate(ids, max_new_tokens=2, **{cache_kwarg(m2): DynamicCache(config=m2.config)})
     # assisted decoding
     with pytest.raises(UnsupportedError):
         AnchorCache(model.config).crop(-1)

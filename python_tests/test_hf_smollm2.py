@@ -36,7 +36,7 @@ def patched_smollm2(smollm2):
 
 @pytest.fixture(scope="module")
 def english_ids(smollm2):
-    from anllm_ext.models import sample_text
+    from anllm_ext.sample_text import sample_text
 
     _, tok = smollm2
     return torch.tensor([tok(sample_text(40000))["input_ids"]])
@@ -60,7 +60,7 @@ def test_cached_equals_single_pass_smollm2(patched_smollm2, english_ids, chunk):
     n_prompt = 114
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
-    cache, lp = prefill(model, ids[:, :n_prompt], chunk_size=chunk, return_logits=True)
+    cache, lp = prefill(model, ids[:, :n_prompt], prefill_chunk=chunk, return_logits=True)
     outs = [lp]
     with torch.no_grad():
         for t in range(n_prompt, ids.shape[1]):
@@ -77,7 +77,7 @@ def test_batch_left_padding_smollm2(patched_smollm2, english_ids):
     mask = torch.zeros(2, 64, dtype=torch.long)
     ids[0], mask[0] = a, 1
     ids[1, 14:], mask[1, 14:] = b, 1
-    cache, lp = prefill(model, ids, mask, chunk_size=24, return_logits=True)
+    cache, lp = prefill(model, ids, mask, prefill_chunk=24, return_logits=True)
     for row, seq, pad in ((0, a, 0), (1, b, 14)):
         with torch.no_grad():
             alone = model(input_ids=seq[None], use_cache=False).logits[0]
@@ -100,7 +100,7 @@ def test_memory_after_long_prefill_is_anchors_plus_open_segment(patched_smollm2,
     model, tok, anchors = patched_smollm2
     ids = english_ids[:, :768]
     chunk = 128
-    cache, _ = prefill(model, ids, chunk_size=chunk)
+    cache, _ = prefill(model, ids, prefill_chunk=chunk)
     lay = token_layout(ids, anchors)
     open_seg = int(lay.segments[0, -1]) + int(lay.is_anchor[0, -1])  # segment still open after the text
     expected = lay.is_anchor[0] | (lay.segments[0] == open_seg)

@@ -80,7 +80,7 @@ class SoakChecker:
         self.rss.append((step, rss_bytes()))
         self.checked += 1
         if step in self.fresh_checks:
-            _, fresh = anllm_ext.prefill(self.model, input_ids, mask, chunk_size=512)
+            _, fresh = anllm_ext.prefill(self.model, input_ids, mask, prefill_chunk=512)
             torch.testing.assert_close(scores, fresh[:, -1].float(), atol=1e-4, rtol=1e-4)
             self.fresh_done += 1
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import anllm_ext
-from anllm_ext.config import AnchorConfig, make_anchor_config
+from anllm_ext.config import AnchorConfig
 from anllm_ext.data import AnchorDataCollator, encode_document, load_documents, split_blocks
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
-from helpers import TEXT, needs_smollm2, run_training, tiny_causal_lm
+from helpers import TEXT, make_anchor_config, needs_smollm2, run_training, tiny_causal_lm
 
 
 def tok_and_model(path):
@@ -314,7 +314,8 @@ def test_bundled_anllm_beats_the_untrained_model_under_anchor_inference():
     """The bundled adapter (docs/training.md, experiment 5) loads by name with its anchors, and on text it never saw (the
     bundled paragraph) its anchor-cached perplexity is far below the untrained model's."""
     from anllm_ext.evaluation import perplexity
-    from anllm_ext.models import BUNDLED_PARAGRAPH, load_model
+    from anllm_ext.models import load_model
+    from anllm_ext.sample_text import BUNDLED_PARAGRAPH
 
     trained, tok = load_model("smollm2-anllm")
     anllm_ext.patch(trained)

@@ -182,8 +182,8 @@ def test_prefill_chunk_is_validated(chunk):
     ids, _ = model_stream(1, 10, seed=8)
     with pytest.raises((ValueError, TypeError), match=r"prefill_chunk must be an integer >= 1"):
         anllm_ext.generate(model, ids, prefill_chunk=chunk, max_new_tokens=2)
-    with pytest.raises((ValueError, TypeError), match=r"chunk_size must be an integer >= 1"):
-        anllm_ext.prefill(model, ids, chunk_size=chunk)
+    with pytest.raises((ValueError, TypeError), match=r"prefill_chunk must be an integer >= 1"):
+        anllm_ext.prefill(model, ids, prefill_chunk=chunk)
 
 
 @pytest.mark.parametrize("anchors,error", [([], "empty: give at least one token id"), ([-1], "not token ids"), ([64], "0 to 63"),

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
 
     import anllm_ext
     from anllm_ext.cache import AnchorCache, _round_up
-    from anllm_ext.models import load_model, sample_text
+    from anllm_ext.models import load_model
+    from anllm_ext.sample_text import sample_text
 
     model, tok = load_model(args.model)
     anchors = anllm_ext.ep_anchor_ids(tok)
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             row = {"step": step, "seconds": time.perf_counter() - t0, "kept_slots": cache.lengths(),
                    "capacity": cache.capacity, "rss_mib": rss_bytes() / 2**20}
             if step in fresh:
-                _, logits = anllm_ext.prefill(model, input_ids, chunk_size=512)
+                _, logits = anllm_ext.prefill(model, input_ids, prefill_chunk=512)
                 err = (logits[:, -1].float() - scores).abs().max().item()
                 row["fresh_max_abs_diff"] = err
                 if err > 2e-3:

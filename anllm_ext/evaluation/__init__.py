@@ -29,10 +29,10 @@ Multiple choice (:func:`multiple_choice`, data from :func:`load_multiple_choice`
 Where each part lives: ``modes`` (the modes, :func:`model_mode`), ``scoring`` (token log-probabilities of
 sequences and of continuations: :func:`score_sequences`, :func:`score_continuations`, shared with the
 lm-evaluation-harness backend), ``perplexity``, ``multiple_choice``, ``report`` (results, tables, JSON,
-plots). Every public name is importable from ``anllm_ext.evaluation``. The ``anllm eval`` command is in
-:mod:`anllm_ext.cli`.
+plots), ``run`` (:class:`EvalPlan` and :func:`run_eval`: what ``anllm eval`` runs, one way: the caller decides the
+model and its anchors, the tasks take them as given). Every public name is importable from
+``anllm_ext.evaluation``. The ``anllm eval`` command (:mod:`anllm_ext.cli`) only parses and calls :func:`run_eval`.
 """
-from ..config import resolve_model_anchors
 from .modes import MODES, check_modes, model_mode
 from .multiple_choice import (
     DEMO_ENDS,
@@ -41,9 +41,11 @@ from .multiple_choice import (
     Question,
     build_context,
     load_multiple_choice,
+    demo_end_for,
     multiple_choice,
 )
 from .perplexity import PerplexityResult, perplexity, text_blocks
+from .run import EvalPlan, run_eval
 from .report import ModeResult, dump_json, format_table, plot_results, set_t_up
 from .scoring import ContinuationScores, KVSlots, prefill_with_peak, score_continuations, score_sequences
 
@@ -71,14 +73,8 @@ __all__ = [
     "format_table",
     "dump_json",
     "plot_results",
-    "resolve_model_anchors",
+    "demo_end_for",
+    "EvalPlan",
+    "run_eval",
 ]
 
-
-def __getattr__(name):
-    # the `anllm eval` command (its parser and function) is part of the CLI, anllm_ext.cli
-    if name in ("add_eval_parser", "cmd_eval"):
-        from .. import cli
-
-        return getattr(cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

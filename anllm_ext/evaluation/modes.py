@@ -2,7 +2,6 @@
 model is put in one."""
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Tuple
 
 #: The evaluation modes, in the order they run by default (not to be confused with the anchor modes of
@@ -23,31 +22,13 @@ def check_modes(modes: Iterable[str]) -> Tuple[str, ...]:
     return modes
 
 
-@contextlib.contextmanager
-def model_mode(model, mode: str, anchor_ids=None):
-    """Run ``model`` in ``mode``: ``"full"`` lifts the patch (and restores it), the anchor modes patch it.
+def model_mode(model, mode: str, anchors=None):
+    """The one decision on patching per evaluation mode, as a context manager: ``"full"`` runs the model
+    unpatched (:func:`anllm_ext.hf.unpatched`: the patch is lifted for the block), the anchor modes patched
+    (:func:`anllm_ext.hf.patched`: with ``anchors``, an :class:`~anllm_ext.config.AnchorConfig` or ids; None:
+    the patch it has, else the anchors its config carries)."""
+    from ..hf import patched, unpatched
 
-    ``anchor_ids`` patches the model for the block; without them an anchor mode needs a patched model
-    (or a trained AnLLM whose config carries its anchors: ``anllm_ext.patch(model)``).
-    """
-    from ..hf import is_patched, patch, patched, patched_anchor_ids, unpatch
-
-    if mode == "full":
-        ids = patched_anchor_ids(model)
-        if ids is None:
-            yield model
-            return
-        unpatch(model)
-        try:
-            yield model
-        finally:
-            patch(model, ids)
-    elif anchor_ids is not None:
-        with patched(model, anchor_ids):
-            yield model
-    else:
-        if not is_patched(model):
-            raise ValueError(
-                f"mode {mode!r} needs a patched model: call anllm_ext.patch(model, anchor_ids) or pass anchor_ids="
-            )
-        yield model
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; choose from {MODES}")
+    return unpatched(model) if mode == "full" else patched(model, anchors)

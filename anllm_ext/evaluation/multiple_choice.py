@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..defaults import BATCH_SIZE, PREFILL_CHUNK
+from ..anchors import AC_TOKEN
 from .modes import MODES, check_modes, model_mode
 from .report import ModeResult, dump_json, format_table, set_t_up
 from .scoring import score_continuations
@@ -101,10 +103,10 @@ class MultipleChoiceConfig:
     seed: int = 1234
     limit: Optional[int] = None
     modes: Tuple[str, ...] = MODES
-    batch_size: int = 8
-    prefill_chunk: int = 256
+    batch_size: int = BATCH_SIZE
+    prefill_chunk: int = PREFILL_CHUNK
     demo_end: str = "none"
-    ac_token: str = "<AC>"
+    ac_token: str = AC_TOKEN
     template: str = "Question: {question}\nAnswer:"
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
@@ -127,6 +129,12 @@ class MultipleChoiceConfig:
         d = asdict(self)
         d["modes"] = list(self.modes)
         return d
+
+
+def demo_end_for(anchors) -> str:
+    """What closes a demonstration under ``anchors`` (an :class:`~anllm_ext.config.AnchorConfig`): ``"ac"`` for AC
+    anchors, ``"period"`` for EP anchors, ``"none"`` for explicit ids (what ``--demo-end auto`` means)."""
+    return {"ac": "ac", "ep": "period"}.get(anchors.mode, "none")
 
 
 def _demonstration(q: Question, cfg: MultipleChoiceConfig) -> str:
@@ -229,7 +237,8 @@ def multiple_choice(model, tokenizer, questions: Sequence[Question], config: Opt
                     anchor_ids=None, source: Optional[str] = None) -> MultipleChoiceResult:
     """Accuracy of ``model`` on ``questions`` (see :func:`load_multiple_choice`) in each mode of ``config``.
 
-    ``model`` is patched (:func:`anllm_ext.patch`) or ``anchor_ids`` given; ``"full"`` runs it unpatched.
+    ``anchor_ids``: the anchors (an :class:`~anllm_ext.config.AnchorConfig` or ids) of the anchor modes; None: the
+    model's patch, else the anchors its config carries (:func:`~anllm_ext.evaluation.model_mode` decides).
     """
     cfg = config or MultipleChoiceConfig()
     questions = list(questions)

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..defaults import BATCH_SIZE, PREFILL_CHUNK
 from ..console import progress_bar
 from .modes import MODES, check_modes, model_mode
 from .report import ModeResult, dump_json, format_table, set_t_up
@@ -22,6 +23,7 @@ class PerplexityResult:
     modes: Dict[str, ModeResult]
     blocks: int
     max_abs_diff_cached_vs_ansan: Optional[float] = None
+    source: Optional[List[str]] = None  # the files the blocks were cut from
 
     def __getitem__(self, mode: str) -> ModeResult:
         return self.modes[mode]
@@ -29,6 +31,7 @@ class PerplexityResult:
     def to_dict(self) -> dict:
         return {
             "task": "perplexity",
+            "source": self.source,
             "blocks": self.blocks,
             "max_abs_diff_cached_vs_ansan": self.max_abs_diff_cached_vs_ansan,
             "modes": {m: r.to_dict() for m, r in self.modes.items()},
@@ -61,14 +64,15 @@ def perplexity(
     model,
     blocks: Sequence[Sequence[int]],
     modes: Sequence[str] = MODES,
-    prefill_chunk: int = 256,
-    batch_size: int = 4,
+    prefill_chunk: int = PREFILL_CHUNK,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
     anchor_ids=None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``blocks`` (token-id lists, each scored on its own) in each mode.
 
-    ``model`` is patched (:func:`anllm_ext.patch`) or ``anchor_ids`` given; ``"full"`` runs it unpatched.
+    ``anchor_ids``: the anchors (an :class:`~anllm_ext.config.AnchorConfig` or ids) of the anchor modes; None: the
+    model's patch, else the anchors its config carries (:func:`~anllm_ext.evaluation.model_mode` decides).
     Every real token after the first of a block is scored. ``prefill_chunk``: chunk of the ``"cached"``
     mode's prefill (compaction between chunks); ``batch_size``: blocks per forward (right-padded).
     Returns a :class:`PerplexityResult` (``result["cached"].perplexity``, ``.kv_kept``, ``.seconds``, ...).
@@ -118,28 +122,23 @@ def perplexity(
     return PerplexityResult(results, len(blocks), diff)
 
 
-def text_blocks(tokenizer, texts: Sequence[str], block_size: int = 512, max_blocks: Optional[int] = None,
-                ac_token: Optional[str] = None, anchor_ids: Optional[Sequence[int]] = None) -> List[List[int]]:
+def text_blocks(tokenizer, texts: Sequence[str], anchors, block_size: int = 512,
+                max_blocks: Optional[int] = None) -> List[List[int]]:
     """Token blocks of at most ``block_size`` tokens, cut as ``anllm train`` cuts its held-out text
-    (:mod:`anllm_ext.data`): BOS first when the tokenizer uses one, each text on its own, cut at anchors
-    (sentence ends) where possible, so a block ends on a whole segment. ``ac_token``: AC mode, the token
-    is inserted after every sentence and is the anchor. ``anchor_ids``: the anchors to cut at (default:
-    the ``ac_token``'s id in AC mode, else the tokenizer's sentence-final punctuation, as EP mode)."""
-    from ..anchors import ep_anchor_ids
+    (:mod:`anllm_ext.data`): BOS first when the tokenizer uses one, each text on its own, cut at the anchors of
+    ``anchors`` (an :class:`~anllm_ext.config.AnchorConfig`, e.g. from ``resolve_anchor_config``) where possible,
+    so a block ends on a whole segment; in AC mode ``anchors.ac_token`` is inserted after every sentence."""
     from ..checks import check_int
     from ..config import AnchorConfig
     from ..data import encode_documents
 
+    if not isinstance(anchors, AnchorConfig):
+        raise TypeError(f"anchors must be an AnchorConfig (anllm_ext.config.resolve_anchor_config makes one), got "
+                        f"{type(anchors).__name__}")
     check_int("block_size", block_size, 2)
     check_int("max_blocks", max_blocks, 0, none_ok=True)
-    if ac_token is not None:
-        ac_id = tokenizer.convert_tokens_to_ids(ac_token)
-        if ac_id is None or ac_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no token {ac_token!r}; add it first (anllm_ext.add_ac_token)")
-        config = AnchorConfig("ac", list(anchor_ids) if anchor_ids is not None else [ac_id], ac_token=ac_token)
-    else:
-        config = AnchorConfig("ids", list(anchor_ids) if anchor_ids is not None else ep_anchor_ids(tokenizer))
-    blocks = encode_documents(texts, tokenizer, config, block_size)
+    anchors.check_tokenizer(tokenizer)
+    blocks = encode_documents(texts, tokenizer, anchors, block_size)
     if not blocks:
         raise ValueError("the texts hold fewer than 2 tokens")
     return blocks[:max_blocks] if max_blocks else blocks

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..defaults import BATCH_SIZE, PREFILL_CHUNK
 from ..console import progress_bar
 from .modes import MODES
 
@@ -80,7 +81,7 @@ class KVSlots:
     peak: int = 0
 
 
-def score_sequences(model, sequences: Sequence[Sequence[int]], mode: str, prefill_chunk: int = 256,
+def score_sequences(model, sequences: Sequence[Sequence[int]], mode: str, prefill_chunk: int = PREFILL_CHUNK,
                     kv: Optional[KVSlots] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence (token-id lists, one batch, right-padded): log p(token t | tokens < t) for every t >= 1
     (fp32) and whether each token is the argmax, both of shape [len - 1].
@@ -104,7 +105,7 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], mode: str, prefil
     return _rows_logprobs(logits, ids, [len(s) for s in sequences])
 
 
-def prefill_with_peak(model, ids: torch.Tensor, mask: torch.Tensor, chunk_size: int, return_logits: bool = False):
+def prefill_with_peak(model, ids: torch.Tensor, mask: torch.Tensor, prefill_chunk: int, return_logits: bool = False):
     """:func:`anllm_ext.prefill` into a new AnchorCache, plus the peak KV slots of real tokens: per row, the
     most slots held at once (kept slots before a chunk + the chunk's real tokens), summed over rows."""
     from ..cache import AnchorCache
@@ -113,13 +114,13 @@ def prefill_with_peak(model, ids: torch.Tensor, mask: torch.Tensor, chunk_size: 
     kept_after = []  # slots per row after each chunk's forward (compacted; padding never stays)
     cache = AnchorCache(model.config)
     cache.callbacks.append(lambda c, n: kept_after.append(c.lengths()))
-    cache, logits = prefill(model, ids, mask, cache=cache, chunk_size=chunk_size, return_logits=return_logits)
+    cache, logits = prefill(model, ids, mask, cache=cache, prefill_chunk=prefill_chunk, return_logits=return_logits)
     cache.callbacks.clear()
     peak = 0
     for b in range(ids.shape[0]):
         before, row_peak = 0, 0
-        for k, s in enumerate(range(0, ids.shape[1], chunk_size)):
-            row_peak = max(row_peak, before + int(mask[b, s : s + chunk_size].sum()))
+        for k, s in enumerate(range(0, ids.shape[1], prefill_chunk)):
+            row_peak = max(row_peak, before + int(mask[b, s : s + prefill_chunk].sum()))
             before = kept_after[k][b]
         peak += row_peak
     return cache, logits, peak
@@ -141,8 +142,8 @@ def score_continuations(
     model,
     requests: Sequence[Tuple[Sequence[int], Sequence[int]]],
     mode: str,
-    batch_size: int = 8,
-    prefill_chunk: int = 256,
+    batch_size: int = BATCH_SIZE,
+    prefill_chunk: int = PREFILL_CHUNK,
     progress: bool = False,
 ) -> ContinuationScores:
     """log p(continuation | context) of each ``(context_ids, continuation_ids)`` pair, in ``mode``.

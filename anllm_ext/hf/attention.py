@@ -42,12 +42,8 @@ def anllm_attention_forward(
     for name in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise UnsupportedError(f"anllm attention does not support `{name}` (model {type(module).__name__})")
-    window = kwargs.get("sliding_window")
-    if window is not None and ctx.max_position() >= window:
-        raise UnsupportedError(
-            f"this layer uses sliding-window attention (window {window}) and the input reaches position "
-            f"{ctx.max_position()}: anllm attention implements full attention + the AnSAN mask only"
-        )
+    # A configured sliding window (kwargs["sliding_window"], e.g. Mistral's) is not applied: the AnSAN mask
+    # replaces it (docs/transformers.md, "Sliding windows").
     if torch.is_autocast_enabled(query.device.type):  # as SDPA does: attend in the autocast dtype
         query, key, value = _autocast_dtype(query, key, value)
     k_layout = ctx.k_layout

@@ -40,6 +40,22 @@ def check_cache(cache) -> None:
     raise _unsupported_cache(f"got a {type(cache).__name__}{layers}")
 
 
+def full_attention_cache(default):
+    """The full cache a patched model runs with where transformers made ``default`` itself (no cache given):
+    ``default`` when :func:`check_cache` accepts it; a ``DynamicCache`` of full-attention layers in place of the
+    sliding-window ``DynamicCache`` transformers makes for a model with a configured sliding window (the AnSAN
+    mask replaces the window: docs/transformers.md). Any other cache raises as :func:`check_cache` does."""
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        check_cache(default)
+        return default
+    except UnsupportedError:
+        if type(default) is not DynamicCache:
+            raise
+    return DynamicCache(offloading=bool(getattr(default, "offloading", False)))
+
+
 def check_cache_implementation(name) -> None:
     """``generate``'s ``cache_implementation``: only those of :data:`SUPPORTED_CACHE_IMPLEMENTATIONS`."""
     if name not in SUPPORTED_CACHE_IMPLEMENTATIONS:

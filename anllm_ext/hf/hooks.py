@@ -78,20 +78,13 @@ def remove_hooks(state: PatchState) -> None:
 class ForwardContext:
     """What the attention function of every layer needs for one forward: built once per forward."""
 
-    __slots__ = ("q_layout", "k_layout", "cache", "tracked", "_max_pos")
+    __slots__ = ("q_layout", "k_layout", "cache", "tracked")
 
     def __init__(self, q_layout: Layout, k_layout: Layout, cache=None, tracked=None):
         self.q_layout = q_layout
         self.k_layout = k_layout
         self.cache = cache  # an AnchorCache, committed/compacted after the forward
         self.tracked = tracked  # another transformers cache whose token layout we remember
-        self._max_pos = None
-
-    def max_position(self) -> int:
-        if self._max_pos is None:
-            pos = self.q_layout.positions
-            self._max_pos = int(pos.max().item()) if pos.numel() else -1
-        return self._max_pos
 
 
 def _pre_hook(module, args, kwargs):
@@ -191,10 +184,11 @@ def _build_context(module, state: PatchState, kwargs) -> ForwardContext:
         q = layout_for(None)
         return ForwardContext(q, q)
 
-    if cache is None:  # what the decoder would create itself; created here so its layout is tracked
+    if cache is None:  # what the decoder would create itself, created here so its layout is tracked; of
+        # full-attention layers even where the config sets a sliding window (the AnSAN mask replaces it)
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=module.config)
+        cache = DynamicCache()
         kwargs[cache_key] = cache
     check_cache(cache)
     history = history_of(cache)

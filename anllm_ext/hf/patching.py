@@ -3,6 +3,7 @@ again; the instance overrides a patch installs (``set_attn_implementation``, and
 choice); the checks that refuse what a patched model cannot run exactly."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import types
@@ -13,7 +14,7 @@ import torch
 from ..cache import AnchorCache, check_full_attention_layers
 from ..errors import UnsupportedError
 from .attention import ATTN_NAME, attn_implementation, check_attention_intact
-from .cache_policy import cache_kwarg, check_cache, check_cache_implementation
+from .cache_policy import cache_kwarg, check_cache, check_cache_implementation, full_attention_cache
 from .hooks import STATE_ATTR, PatchState, install_hooks, remove_hooks, state_of
 
 _log = logging.getLogger("anllm_ext.hf")
@@ -47,8 +48,9 @@ def patched_anchor_ids(model) -> Optional[torch.Tensor]:
 def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn.Module":
     """Make a transformers causal LM attend under the AnSAN mask of ``anchor_ids``; returns the model.
 
-    ``anchor_ids``: an int, a list of ints or a 1-D tensor of ids of the model's vocabulary (e.g.
-    :func:`anllm_ext.anchors.ep_anchor_ids`). ``None`` (the default) takes the anchors the model carries in
+    ``anchor_ids``: an :class:`~anllm_ext.config.AnchorConfig` (what ``anllm_ext.config.resolve_anchor_config``
+    decides; the model then carries exactly this configuration), or an int, a list of ints or a 1-D tensor of
+    ids of the model's vocabulary (e.g. :func:`anllm_ext.anchors.ep_anchor_ids`). ``None`` (the default) takes the anchors the model carries in
     its config (:class:`anllm_ext.config.AnchorConfig`: saved by ``anllm train``, and by ``save_pretrained``
     of a patched model) and raises ``ValueError`` on a model that carries none. Calling ``patch`` again on a
     patched model replaces the anchor ids (and ``default_cache``) and restores the anchor attention if it was
@@ -67,8 +69,11 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn
     if default_cache not in ("anchor", "full"):
         raise ValueError(f"default_cache must be 'anchor' or 'full', got {default_cache!r}")
     _check_model(model)
+    from ..config import AnchorConfig
+
     target = transformers_model(model)  # a PEFT model: the patch goes on its base model (generate goes there)
-    ids = _anchor_ids_for(target, anchor_ids, wrapper=model)
+    config = anchor_ids if isinstance(anchor_ids, AnchorConfig) else None
+    ids = _anchor_ids_for(target, config.anchor_ids if config is not None else anchor_ids, wrapper=model)
     state = state_of(target)
     if state is None:
         check_full_attention_layers(target.config, "anllm_ext.patch")
@@ -79,7 +84,7 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn
     else:
         state.set_anchors(ids)
         state.default_cache = default_cache
-    _install(target, state)
+    _install(target, state, config)
     return model
 
 
@@ -94,27 +99,56 @@ def unpatch(model) -> "torch.nn.Module":
     return model
 
 
-class patched:
-    """Context manager: ``with patched(model, anchor_ids): ...`` (unpatches on exit if it patched)."""
+@contextlib.contextmanager
+def patched(model, anchor_ids=None):
+    """``with patched(model, anchors): ...``: the model runs under the AnSAN mask of ``anchors`` inside the block,
+    and as it was before the block after it (patched with its previous anchors, or unpatched).
 
-    def __init__(self, model, anchor_ids):
-        self.model, self.anchor_ids = model, anchor_ids
+    ``anchors`` as :func:`patch` takes them (ids or an :class:`~anllm_ext.config.AnchorConfig`); None: a patched
+    model keeps its patch, an unpatched one is patched with the anchors its config carries (``ValueError`` when it
+    carries none). The model's ``default_cache`` is kept.
+    """
+    target = transformers_model(model)
+    before = _snapshot(target)
+    if anchor_ids is None and before is not None:
+        yield model
+        return
+    patch(model, anchor_ids, default_cache=before[1] if before is not None else "anchor")
+    try:
+        yield model
+    finally:
+        _restore(model, before)
 
-    def __enter__(self):
-        self._was = is_patched(self.model)
-        previous = patched_anchor_ids(self.model)
-        self._previous_ids = previous
-        state = state_of(transformers_model(self.model))
-        self._previous_default = state.default_cache if state is not None else "anchor"
-        patch(self.model, self.anchor_ids, default_cache=self._previous_default)
-        return self.model
 
-    def __exit__(self, *exc):
-        if self._was:
-            patch(self.model, self._previous_ids, default_cache=self._previous_default)
-        else:
-            unpatch(self.model)
-        return False
+@contextlib.contextmanager
+def unpatched(model):
+    """``with unpatched(model): ...``: full attention inside the block (the patch lifted, as :func:`unpatch`), and
+    the same patch again after it (its anchors, their saved configuration and its ``default_cache``). An
+    unpatched model is used as it is."""
+    before = _snapshot(transformers_model(model))
+    if before is None:
+        yield model
+        return
+    unpatch(model)
+    try:
+        yield model
+    finally:
+        _restore(model, before)
+
+
+def _snapshot(target):
+    """(anchor configuration, default_cache) of a patched model, or None: what :func:`_restore` puts back."""
+    from ..config import AnchorConfig
+
+    state = state_of(target)
+    return None if state is None else (AnchorConfig.from_model(target), state.default_cache)
+
+
+def _restore(model, snapshot) -> None:
+    if snapshot is None:
+        unpatch(model)
+    else:
+        patch(model, snapshot[0], default_cache=snapshot[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +222,7 @@ def _check_one_device(model) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _install(model, state: PatchState) -> None:
+def _install(model, state: PatchState, config=None) -> None:
     """Put ``state``'s patch on ``model``: the anchor attention, the decoder's hooks (once), the instance
     overrides, and the anchors in ``model.config`` (idempotent: also repairs a patch whose attention
     implementation was switched behind its back)."""
@@ -203,7 +237,7 @@ def _install(model, state: PatchState) -> None:
     model.set_attn_implementation = types.MethodType(_set_attn_implementation, model)
     if hasattr(type(model), "_prepare_cache_for_generation"):  # generate() without a cache gets an AnchorCache
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
-    _attach_anchor_config(model, state)
+    _attach_anchor_config(model, state, config)
 
 
 def _lift(model, state: PatchState) -> None:
@@ -246,12 +280,15 @@ def _saved_anchor_dict(model):
     return getattr(model.config, CONFIG_KEY, None)
 
 
-def _attach_anchor_config(model, state: PatchState) -> None:
+def _attach_anchor_config(model, state: PatchState, config=None) -> None:
     """Make ``model.config`` carry the anchors the model is patched with, so ``save_pretrained`` saves them:
-    the configuration it carries (or carried before the patch, e.g. a trained AnLLM's AC/EP one) when that
-    has exactly these ids, else an ``"ids"`` configuration of them."""
+    ``config`` when the patch was given one; else the configuration it carries (or carried before the patch,
+    e.g. a trained AnLLM's AC/EP one) when that has exactly these ids, else an ``"ids"`` configuration of them."""
     from ..config import CONFIG_KEY, AnchorConfig
 
+    if config is not None:
+        config.attach(model)
+        return
     ids = sorted(set(int(i) for i in state.anchors.tolist()))
     for data in (getattr(model.config, CONFIG_KEY, None), state.saved_anchor_config):
         if data is not None and AnchorConfig.from_dict(data).anchor_ids == ids:
@@ -309,25 +346,30 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     if state is None:
         return result
     made = [name for name in ("cache", "past_key_values") if model_kwargs.get(name) is not None]
-    for name in made:
-        check_cache(model_kwargs[name])
-    if state.default_cache != "anchor" or user_cache:
+    if user_cache:  # the user's cache is used as given, or refused
+        for name in made:
+            check_cache(model_kwargs[name])
         return result
-    if generation_config.cache_implementation is not None or generation_config.use_cache is False:
+    if generation_config.use_cache is False:
         return result
-    if generation_mode == "assisted_generation" or getattr(generation_config, "is_assistant", False):
+    # No cache given: the patched model picks the one it runs with (transformers' default may not fit: a
+    # configured sliding window, e.g. Mistral's, makes it a sliding-window cache, which the AnSAN mask replaces).
+    anchor = state.default_cache == "anchor" and generation_config.cache_implementation is None
+    if anchor and (generation_mode == "assisted_generation" or getattr(generation_config, "is_assistant", False)):
         _log.warning(
             "anllm_ext: assisted decoding needs a croppable cache; this generate() keeps the full DynamicCache"
         )
-        return result
+        anchor = False
+    if not made:  # older 5.x releases (5.0) leave the default cache to the model's forward
+        if anchor and self._supports_default_dynamic_cache():
+            model_kwargs[cache_kwarg(self)] = AnchorCache(self.config)
+        return result  # else the pre-hook creates a full-attention DynamicCache
     from transformers import DynamicCache
 
-    if not made and self._supports_default_dynamic_cache():
-        # older 5.x releases (5.0) leave the default cache to the model's forward: give generate() one
-        model_kwargs[cache_kwarg(self)] = AnchorCache(self.config)
     for name in made:
-        if type(model_kwargs[name]) is DynamicCache:
-            model_kwargs[name] = AnchorCache(self.config)
+        default = model_kwargs[name]
+        model_kwargs[name] = AnchorCache(self.config) if anchor and type(default) is DynamicCache \
+            else full_attention_cache(default)
     return result
 
 

@@ -66,7 +66,7 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
         callbacks=[BudgetCallback(args.max_tokens, args.max_minutes)],
     )
     if args.distill:
-        from ..distillation import DistillationTrainer
+        from .distillation import DistillationTrainer
 
         trainer = DistillationTrainer(**trainer_kwargs, teacher=teacher,
                                       distillation=distillation_config(tok, config, args))
@@ -95,11 +95,3 @@ def _reload(path: str):
 
     return load_model(path)[0]
 
-
-def __getattr__(name):
-    # the `anllm train` command (its parser and function) is part of the CLI, anllm_ext.cli
-    if name in ("add_train_parser", "cmd_train"):
-        from .. import cli
-
-        return getattr(cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

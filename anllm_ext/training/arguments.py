@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..config import ANCHOR_MODES
+from ..defaults import PREFILL_CHUNK
 
 
 @dataclass
@@ -32,7 +33,7 @@ class AnLLMArguments:
     eval_fraction: float = field(default=0.05, metadata={"help": "share of documents held out when --eval-data is absent"})
     eval_blocks: int = field(default=32, metadata={"help": "held-out blocks scored at the start and end (0: none)"})
     eval_before: bool = field(default=True, metadata={"help": "also score the model before training"})
-    prefill_chunk: int = field(default=128, metadata={"help": "chunk size of the anchor-cached evaluation"})
+    prefill_chunk: int = field(default=PREFILL_CHUNK, metadata={"help": "chunk size of the anchor-cached evaluation"})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "stop after this many training tokens (all ranks)"})
     max_minutes: Optional[float] = field(default=None, metadata={"help": "stop after this many minutes of training"})
     lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (PEFT) instead of all weights"})
@@ -80,7 +81,7 @@ class AnLLMArguments:
                              "--attention causal student and teacher would be the same model")
         if self.teacher is not None and not os.path.isdir(self.teacher):
             raise ValueError(f"--teacher {self.teacher}: no such model directory")
-        from ..distillation import DistillationConfig
+        from .distillation import DistillationConfig
 
         DistillationConfig(self.distill_temperature, self.distill_alpha, self.distill_hidden_weight)
 

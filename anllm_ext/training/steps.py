@@ -125,7 +125,7 @@ def _check_lora_settings(adapter, args: AnLLMArguments) -> None:
 def make_teacher(model, tok, config, args: AnLLMArguments):
     """The full-attention teacher of ``--distill``: ``None`` with LoRA (the model itself, adapter off), a
     frozen copy of the (still untrained) model for full fine-tuning, or the ``--teacher`` directory."""
-    from ..distillation import frozen_copy, load_teacher
+    from .distillation import frozen_copy, load_teacher
     from ..hf import unpatch
 
     if args.teacher is not None:
@@ -143,7 +143,7 @@ def _original_vocab(model, config) -> int:
 
 
 def distillation_config(tok, config, args: AnLLMArguments):
-    from ..distillation import DistillationConfig
+    from .distillation import DistillationConfig
 
     anchor_map = None
     if config.mode == "ac":

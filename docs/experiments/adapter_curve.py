@@ -27,7 +27,7 @@ from anllm_ext.config import CONFIG_FILE, AnchorConfig  # noqa: E402
 from anllm_ext.data import load_documents  # noqa: E402
 from anllm_ext.evaluation import perplexity, text_blocks  # noqa: E402
 from anllm_ext.models import default_model_dir, load_model  # noqa: E402
-from exp2_curve import tokens_at  # noqa: E402  (this script's folder is on sys.path)
+from scratch_curve import tokens_at  # noqa: E402  (this script's folder is on sys.path)
 
 
 def score(model_dir, blocks, a, anchor_ids):
@@ -72,11 +72,12 @@ def main():
     run, out = Path(a.run), Path(a.out)
     results = json.loads((run / "anllm_results.json").read_text())
     config_file = run / "adapter" / CONFIG_FILE
-    anchor_ids = list(AnchorConfig.from_pretrained(run / "adapter").anchor_ids)
+    anchors = AnchorConfig.from_pretrained(run / "adapter")
+    anchor_ids = list(anchors.anchor_ids)
     texts = list(load_documents(a.text)["text"])
     # the adapters keep the base model's tokenizer: one set of blocks for every checkpoint
     tok = tf.AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
-    blocks = text_blocks(tok, texts, a.block_size, a.max_blocks, anchor_ids=anchor_ids)
+    blocks = text_blocks(tok, texts, anchors, a.block_size, a.max_blocks)
     ckpts = {int(p.name.rsplit("-", 1)[1]): p for p in Path(a.ckpts).glob(f"{run.name}-*")}
     wanted = {int(s) for s in a.steps.split(",")} if a.steps else set(ckpts)
     original = score(None, blocks, a, anchor_ids)

@@ -73,9 +73,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
-    anchors = list(resolve_anchor_config(None, tok, model).anchor_ids)
+    config = resolve_anchor_config(None, tok, model)
+    anchors = list(config.anchor_ids)
     text = open(args.text, encoding="utf-8", errors="replace").read()
-    blocks = text_blocks(tok, [text], 512, args.max_blocks, anchor_ids=anchors)
+    blocks = text_blocks(tok, [text], config, 512, args.max_blocks)
     ways = {}
     with anllm_ext.evaluation.model_mode(model, "full"):
         ways["AnLLM, full attention"] = losses(model, blocks)

@@ -1,4 +1,4 @@
-"""The quality table of docs/training.md from the JSON files of ``docs/experiments/exp3_eval.sh``: per model, the
+"""The quality table of docs/training.md from the JSON files of ``docs/experiments/eval_heldout.sh``: per model, the
 held-out prose perplexity with full attention and under the anchor cache, the anchor cache's ratio to the
 *original* model's full-attention perplexity, the KV kept, and the capitals task (0-shot under the anchor
 cache; 3-shot full / anchor cache).

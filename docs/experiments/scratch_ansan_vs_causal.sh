@@ -1,6 +1,6 @@
 #!/bin/bash
 # Experiment 2: a small Llama from scratch, AnSAN (EP anchors) vs causal attention: same data, steps, seed.
-#   docs/experiments/exp2.sh ansan|causal STEPS     (the 2026-12-02 scale run: BLOCK=512 BATCH=4 STEPS=500)
+#   docs/experiments/scratch_ansan_vs_causal.sh ansan|causal STEPS     (the 2026-12-02 scale run: BLOCK=512 BATCH=4 STEPS=500)
 # The first run (60 steps of 8 x 256 tokens): BLOCK=256 BATCH=8 EVAL_BLOCKS=24 SAVE_STEPS=1000 ... 60.
 ATTN=$1; STEPS=$2
 BLOCK=${BLOCK:-512}; BATCH=${BATCH:-4}; EVAL_BLOCKS=${EVAL_BLOCKS:-32}; SAVE_STEPS=${SAVE_STEPS:-125}

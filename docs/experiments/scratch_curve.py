@@ -1,9 +1,9 @@
 """Experiment 2's curves: held-out perplexity of every saved checkpoint of the two arms against training tokens:
 the causal model with its full cache, the AnSAN model under anchor-cached inference (and its full attention).
 
-    python docs/experiments/exp2_curve.py --runs RUNS --ckpts RUNS/exp2-ckpts --out docs/results/training/exp2-scale
+    python docs/experiments/scratch_curve.py --runs RUNS --ckpts RUNS/exp2-ckpts --out docs/results/training/exp2-scale
 
-RUNS holds scratch-init/ and the runs exp2-ansan/, exp2-causal/ (docs/experiments/exp2.sh); CKPTS the weights of
+RUNS holds scratch-init/ and the runs exp2-ansan/, exp2-causal/ (docs/experiments/scratch_ansan_vs_causal.sh); CKPTS the weights of
 each checkpoint, ARM-STEP/ (the Trainer keeps only its last two). The held-out blocks are the run's own: the
 same document split (seed 0) and the same 32 blocks of 512 tokens, rebuilt with the library's data steps.
 Writes OUT.json and OUT.png and prints a Markdown table.

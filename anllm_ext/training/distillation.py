@@ -95,11 +95,11 @@ def hidden_state_error(student_hidden: Sequence[torch.Tensor], teacher_hidden: S
 @contextlib.contextmanager
 def full_attention(model):
     """The teacher's view of ``model``: LoRA adapter disabled (PEFT) and the AnSAN patch lifted."""
-    from .evaluation import model_mode
+    from ..hf import unpatched
 
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with adapter_off, model_mode(base, "full"):
+    with adapter_off, unpatched(base):
         yield model
 
 
@@ -185,7 +185,7 @@ def load_teacher(path: str, student_tokenizer, original_vocab: int):
     """The teacher model of ``path`` (unpatched, frozen), checked against the student's tokenizer."""
     import os
 
-    from .models import load_model
+    from ..models import load_model
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"teacher: no such model directory: {path}")

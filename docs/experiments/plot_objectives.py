@@ -1,7 +1,7 @@
 """Experiment 3 curves: the AnSAN student's next-token loss on its training batches against tokens seen, for the
 LM objective and for self-distillation (which logs that loss as ``lm_loss`` beside its KL).
 
-    python docs/experiments/plot_exp3.py docs/results/training/exp3-lm.json docs/results/training/exp3-distill.json \
+    python docs/experiments/plot_objectives.py docs/results/training/exp3-lm.json docs/results/training/exp3-distill.json \
         --out docs/results/training/exp3.png
 """
 import argparse
