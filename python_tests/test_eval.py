@@ -10,7 +10,7 @@ import anllm_ext
 from anllm_ext import evaluation as ev
 from anllm_ext.config import AnchorConfig, resolve_anchor_config
 
-from helpers import ANCHOR, needs_smollm2, save_tiny_model, tiny_causal_lm, token_stream
+from helpers import needs_datasets, ANCHOR, needs_smollm2, save_tiny_model, tiny_causal_lm, token_stream
 
 VOCAB = 64
 
@@ -273,6 +273,7 @@ def tiny_dir(tokenizer, tmp_path_factory):
 
 
 @needs_smollm2
+@needs_datasets
 def test_cli_eval(tiny_dir, tmp_path, capsys):
     from anllm_ext import cli
 

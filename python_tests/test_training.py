@@ -19,7 +19,7 @@ from anllm_ext.config import AnchorConfig
 from anllm_ext.data import AnchorDataCollator, encode_document, load_documents, split_blocks
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
-from helpers import TEXT, make_anchor_config, needs_smollm2, run_training, tiny_causal_lm
+from helpers import needs_datasets, TEXT, make_anchor_config, needs_smollm2, run_training, tiny_causal_lm
 
 
 def tok_and_model(path):
@@ -96,6 +96,7 @@ def test_rows_never_see_each_other(tiny_dir):
         assert not allowed[b, :, len(r):].any() and not allowed[b, len(r):, :].any()
 
 
+@needs_datasets
 def test_load_documents_text_jsonl_parquet(tmp_path):
     import datasets
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import anllm_ext
-from helpers import needs_smollm2
+from helpers import needs_datasets, needs_smollm2
 from helpers import TEXT, tiny_llama_dir
 
 
@@ -30,6 +30,7 @@ def launch(prefix, model_dir, data, out, batch, extra=(), eval_blocks=0):
 
 @needs_smollm2
 @pytest.mark.parametrize("objective", [[], ["--distill", "true", "--distill-alpha", "0.5"]], ids=["lm", "distill"])
+@needs_datasets
 def test_two_process_ddp_equals_one_process_same_global_batch(tmp_path, objective):
     from anllm_ext.models import default_model_dir
 

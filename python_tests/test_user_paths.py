@@ -14,7 +14,7 @@ from anllm_ext.config import AnchorConfig
 from anllm_ext.errors import UnsupportedError
 from anllm_ext.hf import cache_kwarg, patched_anchor_ids
 
-from helpers import (MODEL_ANCHOR as ANCHOR, generated_cache, model_stream, needs_smollm2, single_pass_logits,
+from helpers import (needs_datasets, MODEL_ANCHOR as ANCHOR, generated_cache, model_stream, needs_smollm2, single_pass_logits,
                      tiny_causal_lm, tiny_model)
 
 GREEDY = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -224,6 +224,7 @@ def test_load_model_validates_dtype_and_device(kw, error, tmp_path):
         load_model(str(tmp_path), **kw)  # checked before anything loads
 
 
+@needs_datasets
 def test_data_files_empty_jsonl_and_folders(tmp_path):
     from anllm_ext.data import load_documents
 
@@ -307,6 +308,7 @@ def test_cli_paths_encodings_devices(tmp_path, capsys):
     assert "no non-empty document" in err
 
 
+@needs_datasets
 def test_cli_eval_text_takes_folders(tiny_dir, tmp_path, capsys):
     from anllm_ext.cli import main
 
