@@ -41,7 +41,8 @@ from transformers.cache_utils import Cache
 from .cache_layer import AnchorLayer, SlotState, WritePlan, query_length
 from .errors import UnsupportedError
 from .layout import Layout, LayoutStart
-from .ops import anchor_attention_append_, compact_kv_, compact_slots_
+from .ops import _scale_for, anchor_attention_append_, anchor_attention_append_with_lse_, compact_kv_, compact_slots_
+from .recall import RecallConfig, RecallState
 
 _ALIGN = 64
 
@@ -73,10 +74,20 @@ class AnchorCache(Cache):
         growth: factor by which the capacity grows when a forward needs more slots.
         compact: compact after every forward (default True). False keeps everything (a full cache
             with the anchor layout; for tests and comparisons).
+        recall: a :class:`~anllm_ext.recall.RecallConfig`: evicted segments go to a cold store and every
+            forward's non-anchor queries also attend over the few segments chosen through their anchors
+            (anllm_ext/recall.py). None (default): evicted segments are dropped.
     """
 
-    def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.25, compact: bool = True):
+    def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.25, compact: bool = True,
+                 recall: Optional[RecallConfig] = None):
         from .checks import check_int
+
+        if recall is not None and not isinstance(recall, RecallConfig):
+            raise TypeError(f"recall must be an anllm_ext.RecallConfig or None, got {type(recall).__name__}")
+        if recall is not None and not compact:
+            raise ValueError("recall needs compact=True: a cache that never compacts evicts nothing to recall")
+        self.recall = None if recall is None else RecallState(recall)
 
         if not isinstance(growth, (int, float)) or isinstance(growth, bool) or not growth > 1.0:
             raise ValueError(f"growth must be a number > 1, got {growth!r}")
@@ -107,6 +118,8 @@ class AnchorCache(Cache):
 
     def _clear_state(self):
         self.state.clear()
+        if self.recall is not None:
+            self.recall.clear()
         self.peak_slots = 0  # max over forwards of the slots in use (all rows) right after appending
         self.peak_capacity = 0
         self.compactions = 0
@@ -166,8 +179,13 @@ class AnchorCache(Cache):
         layer = self.take_pending(key, value)
         if layer is None:
             return None
-        return anchor_attention_append_(query, key, value, layer.keys, layer.values, self.state.plan.offsets,
-                                        q_layout, k_layout, scaling)
+        if self.recall is None:
+            return anchor_attention_append_(query, key, value, layer.keys, layer.values, self.state.plan.offsets,
+                                            q_layout, k_layout, scaling)
+        scale = _scale_for(query, scaling)
+        out, lse = anchor_attention_append_with_lse_(query, key, value, layer.keys, layer.values,
+                                                     self.state.plan.offsets, q_layout, k_layout, scale)
+        return self.recall.attend(layer, query, out, lse, q_layout, k_layout, scale)
 
     def take_pending(self, key: torch.Tensor, value: torch.Tensor):
         """The layer whose update returned exactly ``key``/``value`` (its write still deferred), or None.
@@ -211,6 +229,9 @@ class AnchorCache(Cache):
         open_seg = st.start.segment.to(seg.dtype)
         keep = val & (anc | (seg == open_seg[:, None]))
         layers = [l for l in self.layers if isinstance(l, AnchorLayer) and l.is_initialized]
+        if self.recall is not None:
+            in_use = torch.arange(st.capacity, device=val.device)[None, :] < st.lengths[:, None]
+            self.recall.evict(in_use & ~keep, st.slots, layers)
         new_lengths = compact_kv_([l.keys for l in layers], [l.values for l in layers], keep, st.lengths)
         compact_slots_(st.slots, keep, st.lengths)
         st.lengths = new_lengths
@@ -264,6 +285,8 @@ class AnchorCache(Cache):
         if st.start is not None:
             st.start = LayoutStart(*(t.index_select(0, index) for t in st.start))
         st.batch = int(index.numel())
+        if self.recall is not None:
+            self.recall.select_rows(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: rows follow ``beam_idx`` (K/V, layouts, lengths)."""
@@ -306,7 +329,22 @@ class AnchorCache(Cache):
         right after a chunk was appended), ``allocated_kv_bytes`` / ``peak_allocated_kv_bytes`` (the buffers,
         now / at most), ``full_cache_slots`` (per row, the real tokens seen: what a full cache would keep,
         padding excluded), ``full_kv_bytes`` (their K+V bytes), ``reduction`` (1 - kept / full slots) and
-        ``compactions`` (how many times the cache compacted)."""
+        ``compactions`` (how many times the cache compacted).
+
+        With recall, also the hot / cold split: ``cold_slots`` (per row, evicted tokens kept cold),
+        ``cold_kv_bytes``, ``recalled_slots`` (per row, the most tokens a layer recalled in the last forward),
+        ``recalled_kv_bytes`` (all layers, last forward), ``hot_kv_bytes`` (= ``kv_bytes`` + ``recalled_kv_bytes``)
+        and ``hot_fraction`` ((kept + recalled slots) / full-cache slots)."""
+        figures = self._cache_stats()
+        if self.recall is not None:
+            figures.update(self.recall.stats())
+            figures["hot_kv_bytes"] = figures["kv_bytes"] + figures["recalled_kv_bytes"]
+            hot = sum(figures["kept_slots"]) + sum(figures["recalled_slots"])
+            full = sum(figures["full_cache_slots"])
+            figures["hot_fraction"] = hot / full if full else 0.0
+        return figures
+
+    def _cache_stats(self) -> Dict[str, object]:
         if self.state.slots is None:
             return {"batch": 0, "tokens_seen": 0, "kept_slots": [], "capacity": 0, "kv_bytes": 0, "peak_kv_bytes": 0,
                     "allocated_kv_bytes": 0, "peak_allocated_kv_bytes": 0, "full_cache_slots": [],

@@ -109,3 +109,72 @@ def compact_ref(
             dst.copy_(t[b].index_select(slot_dim - 1, idx))
         results.append(out)
     return results, new_lengths
+
+
+def recall_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    chunk_starts: Sequence[int],
+    budget: int,
+    every: str = "token",
+    score: str = "mass",
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Dense oracle of one layer of anchor-indexed recall (anllm_ext/recall.py), written independently of it.
+
+    q [B,Hq,T,D], k/v [B,Hkv,T,D] cover a whole text of ``layout`` that a cache processed in forwards starting
+    at the columns ``chunk_starts`` (the first is 0). A forward s *chooses* when ``every == "token"``, or when
+    it is the first forward or the forward before it held an anchor or padding in some row (the cache
+    compacted), else it reuses the last choice. A choice of row b scores every closed segment (segment below
+    the segment of the forward's first column) that has a real non-anchor token by the AnSAN attention
+    probability its anchor gets from the forward's real non-anchor queries, summed over those queries, then
+    summed (``"mass"``) or maximised (``"max"``) over heads, and takes the ``budget`` best with a positive
+    score. A real non-anchor query then also sees every real non-anchor token of the segments its forward's
+    choice took."""
+    B, Hq, T, D = q.shape
+    group = Hq // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    hot = ansan_mask(layout, layout)  # [B,T,T]
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    probs = torch.nan_to_num(torch.softmax(scores.masked_fill(~hot[:, None], float("-inf")), dim=-1), nan=0.0)
+
+    bounds = list(chunk_starts) + [T]
+    real_word = layout.valid & ~layout.is_anchor  # [B,T]: real non-anchor tokens (the ones a cache evicts)
+    extra = torch.zeros_like(hot)
+    chosen = None
+    for s in range(len(bounds) - 1):
+        a, e = bounds[s], bounds[s + 1]
+        boundary_before = s > 0 and bool((layout.is_anchor | ~layout.valid)[:, bounds[s - 1] : a].any())
+        if every == "token" or chosen is None or boundary_before:
+            chosen = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b]) for b in range(B)]
+        for b in range(B):
+            recalled = real_word[b] & torch.isin(layout.segments[b].long(), chosen[b])  # [T] keys
+            queries = real_word[b, a:e]
+            extra[b, a:e] |= queries[:, None] & recalled[None, :]
+    mask = (hot | extra)[:, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0) @ v
+    return out.to(q.dtype)
+
+
+def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, score: str, real_word_b):
+    """Segments row b's forward over columns [a, e) recalls (see :func:`recall_attention_ref`)."""
+    seg = layout.segments[b].long()
+    first_open = int(seg[a])
+    has_words = torch.zeros(int(seg.max()) + 2, dtype=torch.bool)
+    has_words[seg[real_word_b].cpu()] = True
+    voters = real_word_b[a:e]
+    mass = probs_b[:, a:e][:, voters].sum(dim=1)  # [Hq, T]: per head, summed over the voters
+    pooled = mass.sum(0) if score == "mass" else mass.amax(0)
+    candidates = [
+        (float(pooled[j]), int(seg[j]))
+        for j in range(layout.positions.shape[1])
+        if bool(layout.is_anchor[b, j]) and bool(layout.valid[b, j]) and int(seg[j]) < first_open
+        and bool(has_words[int(seg[j])]) and float(pooled[j]) > 0
+    ]
+    candidates.sort(reverse=True)
+    return torch.tensor([s for _, s in candidates[:budget]], dtype=torch.int64, device=seg.device)
