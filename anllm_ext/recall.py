@@ -28,7 +28,7 @@ from .ops import anchor_attention_with_lse
 
 EVERY = ("token", "sentence")
 _UNCHOSEN = object()  # no choice made since the last compaction
-SCORES = ("mass", "max")
+SCORES = ("mass", "max", "peak")
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,10 @@ class RecallConfig:
         every: ``"token"``: every forward (each decode step, each prefill chunk) chooses anew;
             ``"sentence"``: a forward chooses only when the cache compacted since the last choice (a sentence
             closed), later forwards reuse the recalled keys.
-        score: how a segment's anchor is scored over the query heads: ``"mass"`` (the sum of the attention
-            probabilities) or ``"max"`` (the largest head's).
+        score: how a segment's anchor is scored from the attention probabilities the forward's non-anchor
+            queries give it: ``"mass"`` (summed over queries and heads), ``"max"`` (summed over queries, the
+            largest head's) or ``"peak"`` (the largest of any query and head: one query that looks at it is
+            enough, e.g. a name in the question).
         cold_device: where the evicted K/V live (e.g. ``"cpu"`` for host memory beside a GPU); None: beside the
             hot cache.
     """
@@ -180,15 +182,20 @@ def _grown(old: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
 def anchor_scores(query, keys, lse, q_layout: Layout, candidates: torch.Tensor, scale: float, score: str):
     """Score [B, Tk] of every candidate key slot (``candidates`` [B, Tk], the anchors of segments with evicted
     tokens): the attention probability ``exp(q . k * scale - lse)`` of the non-anchor queries, summed over
-    the queries, then summed over heads (``"mass"``) or the largest head's (``"max"``); -inf elsewhere."""
+    the queries, then summed over heads (``"mass"``) or the largest head's (``"max"``), or the largest of any
+    query and head (``"peak"``); -inf elsewhere."""
     B, Hq, T, D = query.shape
     Hkv = keys.shape[1]
     q = query.float().reshape(B, Hkv, Hq // Hkv, T, D)
     logits = torch.einsum("bhgtd,bhkd->bhgtk", q, keys.float()) * scale
     probs = torch.exp(logits - lse.reshape(B, Hkv, Hq // Hkv, T)[..., None])
     voters = (q_layout.valid & ~q_layout.is_anchor)[:, None, None, :, None]
-    per_head = torch.where(voters, probs, torch.zeros((), device=probs.device)).sum(3).reshape(B, Hq, -1)
-    pooled = per_head.sum(1) if score == "mass" else per_head.amax(1)
+    probs = torch.where(voters, probs, torch.zeros((), device=probs.device))
+    if score == "peak":
+        pooled = probs.amax(3).reshape(B, Hq, -1).amax(1)
+    else:
+        per_head = probs.sum(3).reshape(B, Hq, -1)
+        pooled = per_head.sum(1) if score == "mass" else per_head.amax(1)
     return pooled.masked_fill(~candidates, float("-inf"))
 
 
@@ -225,6 +232,7 @@ class RecallState:
         self.reusable: Dict[int, object] = {}  # layer index -> the last choice's gathered recall (None: nothing)
         self.recalled: Dict[int, List[int]] = {}  # layer index -> recalled tokens per row, last forward
         self.recalled_bytes: Dict[int, int] = {}
+        self.chosen: Dict[int, List[torch.Tensor]] = {}  # layer index -> segments per row, last choice (inspection)
 
     def evict(self, drop: torch.Tensor, slots, layers) -> None:
         """Called before a compaction: keep the dropped slots; a later forward chooses anew."""
@@ -260,6 +268,7 @@ class RecallState:
         candidates = k_layout.is_anchor & k_layout.valid & self.cold.has_segment(k_layout.segments)
         scores = anchor_scores(query, keys, lse_hot, q_layout, candidates, scale, self.config.score)
         chosen = choose_segments(scores, k_layout.segments, self.config.budget)
+        self.chosen[layer.index] = chosen
         return self.cold.gather(layer.index, chosen, query.device)
 
     def stats(self) -> Dict[str, object]:

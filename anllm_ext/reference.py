@@ -130,7 +130,8 @@ def recall_attention_ref(
     compacted), else it reuses the last choice. A choice of row b scores every closed segment (segment below
     the segment of the forward's first column) that has a real non-anchor token by the AnSAN attention
     probability its anchor gets from the forward's real non-anchor queries, summed over those queries, then
-    summed (``"mass"``) or maximised (``"max"``) over heads, and takes the ``budget`` best with a positive
+    summed (``"mass"``) or maximised (``"max"``) over heads, or the largest over queries and heads
+    (``"peak"``), and takes the ``budget`` best with a positive
     score. A real non-anchor query then also sees every real non-anchor token of the segments its forward's
     choice took."""
     B, Hq, T, D = q.shape
@@ -168,8 +169,12 @@ def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, sc
     has_words = torch.zeros(int(seg.max()) + 2, dtype=torch.bool)
     has_words[seg[real_word_b].cpu()] = True
     voters = real_word_b[a:e]
-    mass = probs_b[:, a:e][:, voters].sum(dim=1)  # [Hq, T]: per head, summed over the voters
-    pooled = mass.sum(0) if score == "mass" else mass.amax(0)
+    seen = probs_b[:, a:e][:, voters]  # [Hq, voters, T]
+    if score == "peak":
+        pooled = seen.amax(dim=1).amax(0) if seen.shape[1] else torch.zeros(seen.shape[2])
+    else:
+        mass = seen.sum(dim=1)  # [Hq, T]: per head, summed over the voters
+        pooled = mass.sum(0) if score == "mass" else mass.amax(0)
     candidates = [
         (float(pooled[j]), int(seg[j]))
         for j in range(layout.positions.shape[1])

@@ -77,7 +77,7 @@ def run_cached(stack, x, ids, mask, starts, recall):
 
 
 CONFIGS = [RecallConfig(budget=2), RecallConfig(budget=1, score="max"), RecallConfig(budget=3, every="sentence"),
-           RecallConfig(budget=2, every="sentence", score="max")]
+           RecallConfig(budget=2, every="sentence", score="max"), RecallConfig(budget=2, score="peak")]
 
 
 @pytest.mark.parametrize("recall", CONFIGS, ids=lambda r: f"{r.budget}-{r.every}-{r.score}")
@@ -179,7 +179,7 @@ def cached_recall_logits(model, ids, mask, starts, recall):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("recall", [RecallConfig(budget=2), RecallConfig(budget=2, every="sentence", score="max")],
+@pytest.mark.parametrize("recall", [RecallConfig(budget=2), RecallConfig(budget=2, every="sentence", score="peak")],
                          ids=lambda r: f"{r.every}-{r.score}")
 def test_patched_model_with_recall_matches_the_dense_oracle(family, recall):
     base = tiny_model(family)
