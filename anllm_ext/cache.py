@@ -163,6 +163,8 @@ class AnchorCache(Cache):
             plan = WritePlan(list(st.lengths_host), index, end, used)
         st.plan = plan
         st.pending = None
+        if self.recall is not None:
+            self.recall.begin_forward()
         self.peak_slots = max(self.peak_slots, sum(st.lengths_host) + B * T)
         self.peak_capacity = max(self.peak_capacity, st.capacity)
         return Layout(*(buf.narrow(1, 0, end).contiguous() for buf in st.slots))

@@ -29,6 +29,7 @@ from .ops import anchor_attention_with_lse
 EVERY = ("token", "sentence")
 _UNCHOSEN = object()  # no choice made since the last compaction
 SCORES = ("mass", "max", "peak")
+POOLS = ("layer", "running")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class RecallConfig:
             queries give it: ``"mass"`` (summed over queries and heads), ``"max"`` (summed over queries, the
             largest head's) or ``"peak"`` (the largest of any query and head: one query that looks at it is
             enough, e.g. a name in the question).
+        pool: ``"layer"``: each layer chooses by its own scores; ``"running"``: layer l chooses by the sum over
+            layers 0..l of this forward of each layer's scores normalised to sum 1 over the candidates (later
+            layers use the evidence of earlier ones; still one pass, causal over layers).
         cold_device: where the evicted K/V live (e.g. ``"cpu"`` for host memory beside a GPU); None: beside the
             hot cache.
     """
@@ -51,6 +55,7 @@ class RecallConfig:
     budget: int = 4
     every: str = "token"
     score: str = "mass"
+    pool: str = "layer"
     cold_device: Optional[str] = None
 
     def __post_init__(self):
@@ -60,6 +65,8 @@ class RecallConfig:
             raise ValueError(f"RecallConfig.every must be one of {EVERY}, got {self.every!r}")
         if self.score not in SCORES:
             raise ValueError(f"RecallConfig.score must be one of {SCORES}, got {self.score!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"RecallConfig.pool must be one of {POOLS}, got {self.pool!r}")
         if self.cold_device is not None:
             torch.device(self.cold_device)  # raises on a bad name
 
@@ -233,6 +240,10 @@ class RecallState:
         self.recalled: Dict[int, List[int]] = {}  # layer index -> recalled tokens per row, last forward
         self.recalled_bytes: Dict[int, int] = {}
         self.chosen: Dict[int, List[torch.Tensor]] = {}  # layer index -> segments per row, last choice (inspection)
+        self.running: Optional[torch.Tensor] = None  # pool="running": this forward's summed scores [B, Tk]
+
+    def begin_forward(self) -> None:
+        self.running = None
 
     def evict(self, drop: torch.Tensor, slots, layers) -> None:
         """Called before a compaction: keep the dropped slots; a later forward chooses anew."""
@@ -267,9 +278,19 @@ class RecallState:
         keys = layer.keys[:, :, :Tk]
         candidates = k_layout.is_anchor & k_layout.valid & self.cold.has_segment(k_layout.segments)
         scores = anchor_scores(query, keys, lse_hot, q_layout, candidates, scale, self.config.score)
+        if self.config.pool == "running":
+            scores = self._pooled(scores, candidates)
         chosen = choose_segments(scores, k_layout.segments, self.config.budget)
         self.chosen[layer.index] = chosen
         return self.cold.gather(layer.index, chosen, query.device)
+
+    def _pooled(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Add this layer's scores, normalised over the candidates, to the forward's running sum; return it."""
+        finite = torch.where(candidates, scores, torch.zeros((), device=scores.device))
+        total = finite.sum(1, keepdim=True)
+        share = torch.where(total > 0, finite / total.clamp_min(1e-30), torch.zeros((), device=scores.device))
+        self.running = share if self.running is None else self.running + share
+        return self.running.masked_fill(~candidates, float("-inf"))
 
     def stats(self) -> Dict[str, object]:
         """Cold figures and the last forward's recalled figures (see AnchorCache.stats)."""

@@ -121,6 +121,8 @@ def recall_attention_ref(
     every: str = "token",
     score: str = "mass",
     scale: Optional[float] = None,
+    pool: str = "layer",
+    carry: Optional[dict] = None,
 ) -> torch.Tensor:
     """Dense oracle of one layer of anchor-indexed recall (anllm_ext/recall.py), written independently of it.
 
@@ -132,8 +134,12 @@ def recall_attention_ref(
     probability its anchor gets from the forward's real non-anchor queries, summed over those queries, then
     summed (``"mass"``) or maximised (``"max"``) over heads, or the largest over queries and heads
     (``"peak"``), and takes the ``budget`` best with a positive
-    score. A real non-anchor query then also sees every real non-anchor token of the segments its forward's
-    choice took."""
+    score. With ``pool="running"`` each layer's scores of a choice are first divided by their sum over the
+    candidates and added to those of the earlier layers of the stack for the same forward and row: ``carry``, a
+    dict the caller passes to every layer of one pass, layer 0 first, holds these sums. A real non-anchor query
+    then also sees every real non-anchor token of the segments its forward's choice took."""
+    if pool == "running" and carry is None:
+        raise ValueError("pool='running' needs carry={} shared by the layers of one pass")
     B, Hq, T, D = q.shape
     group = Hq // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
@@ -151,7 +157,9 @@ def recall_attention_ref(
         a, e = bounds[s], bounds[s + 1]
         boundary_before = s > 0 and bool((layout.is_anchor | ~layout.valid)[:, bounds[s - 1] : a].any())
         if every == "token" or chosen is None or boundary_before:
-            chosen = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b]) for b in range(B)]
+            chosen = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b],
+                                  carry if pool == "running" else None, (s, b))
+                      for b in range(B)]
         for b in range(B):
             recalled = real_word[b] & torch.isin(layout.segments[b].long(), chosen[b])  # [T] keys
             queries = real_word[b, a:e]
@@ -162,7 +170,8 @@ def recall_attention_ref(
     return out.to(q.dtype)
 
 
-def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, score: str, real_word_b):
+def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, score: str, real_word_b,
+                carry=None, key=None):
     """Segments row b's forward over columns [a, e) recalls (see :func:`recall_attention_ref`)."""
     seg = layout.segments[b].long()
     first_open = int(seg[a])
@@ -175,11 +184,14 @@ def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, sc
     else:
         mass = seen.sum(dim=1)  # [Hq, T]: per head, summed over the voters
         pooled = mass.sum(0) if score == "mass" else mass.amax(0)
-    candidates = [
-        (float(pooled[j]), int(seg[j]))
-        for j in range(layout.positions.shape[1])
-        if bool(layout.is_anchor[b, j]) and bool(layout.valid[b, j]) and int(seg[j]) < first_open
-        and bool(has_words[int(seg[j])]) and float(pooled[j]) > 0
-    ]
+    is_candidate = [bool(layout.is_anchor[b, j]) and bool(layout.valid[b, j]) and int(seg[j]) < first_open
+                    and bool(has_words[int(seg[j])]) for j in range(layout.positions.shape[1])]
+    if carry is not None:  # pool="running": this layer's share over the candidates, added to earlier layers'
+        total = sum(float(pooled[j]) for j, c in enumerate(is_candidate) if c)
+        share = [float(pooled[j]) / total if c and total > 0 else 0.0 for j, c in enumerate(is_candidate)]
+        before = carry.get(key, [0.0] * len(share))
+        carry[key] = [x + y for x, y in zip(before, share)]
+        pooled = torch.tensor(carry[key])
+    candidates = [(float(pooled[j]), int(seg[j])) for j, c in enumerate(is_candidate) if c and float(pooled[j]) > 0]
     candidates.sort(reverse=True)
     return torch.tensor([s for _, s in candidates[:budget]], dtype=torch.int64, device=seg.device)

@@ -43,12 +43,14 @@ class ToyStack(torch.nn.Module):
         return x + self.o[i](attn.transpose(1, 2).reshape(B, T, H_Q * D))
 
     def dense_pass(self, x, layout, chunk_starts, recall):
+        carry = {}
         for i in range(LAYERS):
             q, k, v = self.heads(i, x)
             if recall is None:
                 attn = anchor_attention_ref(q, k, v, layout, layout)
             else:
-                attn = recall_attention_ref(q, k, v, layout, chunk_starts, recall.budget, recall.every, recall.score)
+                attn = recall_attention_ref(q, k, v, layout, chunk_starts, recall.budget, recall.every, recall.score,
+                                            pool=recall.pool, carry=carry)
             x = self.merge(i, x, attn)
         return x
 
@@ -77,10 +79,12 @@ def run_cached(stack, x, ids, mask, starts, recall):
 
 
 CONFIGS = [RecallConfig(budget=2), RecallConfig(budget=1, score="max"), RecallConfig(budget=3, every="sentence"),
-           RecallConfig(budget=2, every="sentence", score="max"), RecallConfig(budget=2, score="peak")]
+           RecallConfig(budget=2, every="sentence", score="max"), RecallConfig(budget=2, score="peak"),
+           RecallConfig(budget=2, score="peak", pool="running"),
+           RecallConfig(budget=1, every="sentence", pool="running")]
 
 
-@pytest.mark.parametrize("recall", CONFIGS, ids=lambda r: f"{r.budget}-{r.every}-{r.score}")
+@pytest.mark.parametrize("recall", CONFIGS, ids=lambda r: f"{r.budget}-{r.every}-{r.score}-{r.pool}")
 @pytest.mark.parametrize("chunk", [1, 6, 32])
 def test_recall_cache_matches_the_dense_oracle(recall, chunk):
     B, T, prefill = 3, 72, 48
@@ -128,6 +132,7 @@ def test_without_recall_the_cache_keeps_no_cold_figures():
     (dict(budget=2.0), "budget must be an integer >= 1"),
     (dict(every="chunk"), "every must be one of"),
     (dict(score="sum"), "score must be one of"),
+    (dict(pool="all"), "pool must be one of"),
 ])
 def test_recall_config_rejects_bad_settings(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -148,8 +153,10 @@ _REF = {}
 
 def _recall_ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     r = _REF["recall"]
+    if module.layer_idx == 0:
+        _REF["carry"] = {}
     out = recall_attention_ref(query, key, value, _REF["layout"], _REF["starts"], r.budget, r.every, r.score,
-                               scale=scaling)
+                               scale=scaling, pool=r.pool, carry=_REF["carry"])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -179,8 +186,9 @@ def cached_recall_logits(model, ids, mask, starts, recall):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("recall", [RecallConfig(budget=2), RecallConfig(budget=2, every="sentence", score="peak")],
-                         ids=lambda r: f"{r.every}-{r.score}")
+@pytest.mark.parametrize("recall", [RecallConfig(budget=2), RecallConfig(budget=2, every="sentence", score="peak"),
+                                    RecallConfig(budget=2, score="peak", pool="running")],
+                         ids=lambda r: f"{r.every}-{r.score}-{r.pool}")
 def test_patched_model_with_recall_matches_the_dense_oracle(family, recall):
     base = tiny_model(family)
     reference = copy.deepcopy(base)

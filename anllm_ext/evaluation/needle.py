@@ -3,7 +3,8 @@
 A trial hides a needle sentence ("The secret code of the NAME archive is 4821.") at a relative depth in
 ``length`` tokens of haystack prose, then asks in the model's chat template for the code; greedy decoding;
 the trial scores when the code's digits appear in the answer. Every trial reports the hot KV fraction
-(KV entries held in fast memory at the last step over a full cache's) and its wall time.
+(KV entries attended in a forward over a full cache's, the largest over the answer's forwards) and its wall
+time.
 
 Policies (:data:`POLICIES`): ``"full"`` (the plain model, transformers' full cache), ``"cached"`` (anchor
 inference: an :class:`~anllm_ext.AnchorCache`), ``"recall"`` (the same cache with a
@@ -150,9 +151,9 @@ def run_needle(model, tokenizer, paragraphs: Sequence[str], trials: Sequence[Nee
                 if policy == "oracle":
                     cache.recall = _needle_oracle(recall, segment)
                 hits = _track_needle_hits(cache, segment, ids.shape[1])
+                hot_steps = _track_hot_fraction(cache, ids.shape[1])
                 out = generate(model, ids, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, cache=cache)
-                stats = cache.stats()
-                hot = stats.get("hot_fraction", 1.0 - stats["reduction"])
+                hot = max(hot_steps)
         seconds = time.perf_counter() - start
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         found = trial.code in answer.replace(",", "").replace(" ", "")
@@ -180,6 +181,22 @@ def needle_segment(tokenizer, model, ids: torch.Tensor, trial: NeedleTrial) -> i
         if row[i : i + len(marker)] == marker:
             return int(token_layout(ids, patched_anchor_ids(model)).segments[0, i])
     raise ValueError(f"the needle of {trial.name!r} is not in the prompt")
+
+
+def _track_hot_fraction(cache, prompt_len: int) -> List[float]:
+    """After every forward from the prompt's last one on, append the hot KV fraction of that forward: (kept
+    slots after it + the most slots a layer recalled in it) / the real tokens seen (row 0); the trial reports
+    the largest."""
+    fractions: List[float] = []
+
+    def record(c, n_new):
+        if c.seen_tokens >= prompt_len:
+            st = c.stats()
+            recalled = st["recalled_slots"][0] if st.get("recalled_slots") else 0
+            fractions.append((st["kept_slots"][0] + recalled) / st["full_cache_slots"][0])
+
+    cache.callbacks.append(record)
+    return fractions
 
 
 def _track_needle_hits(cache, segment: int, prompt_len: int) -> List[float]:
