@@ -34,13 +34,8 @@ def _load(name, path):
 
 
 needle = _load("needle", ROOT / "anllm_ext" / "evaluation" / "needle.py")
-HAYSTACK = Path("/usr/share/common-licenses/GPL-3")
-
-
-def haystack_paragraphs(path: Path):  # as needle_recall.py
-    text = path.read_text(encoding="utf-8")
-    paras = [" ".join(p.split()) for p in text.split("\n\n")]
-    return [p for p in paras if len(p) > 200]
+sys.path.insert(0, str(HERE))
+from needle_haystack import HAYSTACKS, haystack_paragraphs  # noqa: E402
 
 
 def make_press(name: str, ratio: float):
@@ -59,6 +54,7 @@ def main():
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--per-cell", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--haystack", choices=HAYSTACKS, default="handbook")
     ap.add_argument("--presses", nargs="+", default=["snapkv", "streaming", "tova", "expected"])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9])
     ap.add_argument("--model", default=str(Path.home() / ".cache/anllm_ext/SmolLM2-135M-Instruct"))
@@ -72,7 +68,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
-    paragraphs = haystack_paragraphs(HAYSTACK)
+    paragraphs = haystack_paragraphs(args.haystack)
     trials = needle.make_trials(args.lengths, args.depths, args.per_cell, len(paragraphs), args.seed)
     out = Path(args.json)
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
@@ -107,7 +103,7 @@ def main():
                                   "seconds": sum(r["seconds"] for r in rs) / len(rs), "trials": len(rs)}
                               for n, rs in sorted(by_length.items())},
                 "trials": rows}
-            results["setup"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "haystack": str(HAYSTACK),
+            results["setup"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "haystack": args.haystack,
                                 "machine": f"2-core CPU ({platform.machine()}), torch threads {args.threads}, fp32",
                                 "command": ".venv-tf-oldest/bin/python " + " ".join(sys.argv),
                                 "kvpress": "0.5.5", "transformers": __import__("transformers").__version__}

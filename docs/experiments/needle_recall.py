@@ -1,15 +1,16 @@
 """Needle recall of the original SmolLM2 and the bundled AnLLM under full attention, the anchor cache and the
 anchor cache with recall (anllm_ext/evaluation/needle.py; results in docs/results/recall/).
 
-Haystack: the GPL-3 (/usr/share/common-licenses/GPL-3), held-out evaluation text that no training run here read
-(docs/experiments/make_legal_corpus.py drops the whole GPL family from the legal corpus).
+Haystack (--haystack, needle_haystack.py): held-out prose no training run here read, the Debian Administrator's
+Handbook pages of heldout_text.py (default) or the GPL-3.
 
     PYTHONPATH=. nice -n 5 python docs/experiments/needle_recall.py --lengths 256 1024 --depths 0.1 0.5 0.9 \
         --per-cell 2 --runs original-full anllm-full anllm-cached anllm-recall:4:token:mass \
         anllm-recall:4:token:peak anllm-recall:8:token:peak --json docs/results/recall/needle.json
 
 A run is ``MODEL-POLICY`` with MODEL ``original`` or ``anllm`` (the bundled smollm2-anllm) and POLICY ``full``,
-``cached`` or ``recall:BUDGET:EVERY:SCORE`` (RecallConfig's fields).
+``cached``, ``oracle`` (the needle sentence recalled in every layer) or ``recall:BUDGET:EVERY:SCORE[:POOL]``
+(RecallConfig's fields).
 """
 import argparse
 import json
@@ -24,14 +25,8 @@ import anllm_ext
 from anllm_ext.evaluation.needle import make_trials, run_needle
 from anllm_ext.models import load_model
 from anllm_ext.recall import RecallConfig
+from needle_haystack import HAYSTACKS, haystack_paragraphs
 
-HAYSTACK = Path("/usr/share/common-licenses/GPL-3")
-
-
-def haystack_paragraphs(path: Path):
-    text = path.read_text(encoding="utf-8")
-    paras = [" ".join(p.split()) for p in text.split("\n\n")]
-    return [p for p in paras if len(p) > 200]  # prose paragraphs, not headings
 
 
 def parse_run(run: str):
@@ -39,8 +34,8 @@ def parse_run(run: str):
     if model not in ("original", "anllm") or not policy:
         raise ValueError(f"a run is MODEL-POLICY with MODEL original|anllm, got {run!r}")
     if policy.startswith("recall:"):
-        _, budget, every, score = policy.split(":")
-        return model, "recall", RecallConfig(budget=int(budget), every=every, score=score)
+        _, budget, every, score, *pool = policy.split(":")
+        return model, "recall", RecallConfig(budget=int(budget), every=every, score=score, pool=(pool or ["layer"])[0])
     return model, policy, None
 
 
@@ -50,6 +45,7 @@ def main():
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--per-cell", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--haystack", choices=HAYSTACKS, default="handbook")
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per forward (cache policies)")
@@ -57,7 +53,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = [parse_run(r) for r in args.runs]
-    paragraphs = haystack_paragraphs(HAYSTACK)
+    paragraphs = haystack_paragraphs(args.haystack)
     trials = make_trials(args.lengths, args.depths, args.per_cell, len(paragraphs), args.seed)
     out = Path(args.json)
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -75,7 +71,7 @@ def main():
                          log=lambda s: print(f"[{run}] {s}", flush=True))
         results["runs"][run] = res.as_dict()
         print(f"{run}: {res.score:.3f}", flush=True)
-        results["setup"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "haystack": str(HAYSTACK),
+        results["setup"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "haystack": args.haystack,
                             "machine": f"2-core CPU ({platform.machine()}), torch threads {args.threads}, fp32",
                             "command": "PYTHONPATH=. python " + " ".join(sys.argv), "torch": torch.__version__,
                             "lengths": args.lengths, "depths": args.depths, "per_cell": args.per_cell,
