@@ -7,6 +7,7 @@ from .errors import UnsupportedError
 # The transformers integration is imported on first use (importing transformers takes seconds).
 _LAZY = {
     "AnchorCache": "cache",
+    "RecallConfig": "recall",
     "patch": "hf",
     "patched": "hf",
     "unpatch": "hf",
@@ -61,6 +62,7 @@ __all__ = [
     "reference",
     "UnsupportedError",
     "AnchorCache",
+    "RecallConfig",
     "patch",
     "patched",
     "unpatch",

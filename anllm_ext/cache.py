@@ -38,10 +38,11 @@ from typing import Dict, List, Optional
 import torch
 from transformers.cache_utils import Cache
 
-from .cache_layer import AnchorLayer, _Plan, _query_length
+from .cache_layer import AnchorLayer, SlotState, WritePlan, query_length
 from .errors import UnsupportedError
 from .layout import Layout, LayoutStart
-from .ops import anchor_attention_append_, compact_kv_, compact_slots_
+from .ops import _scale_for, anchor_attention_append_, anchor_attention_append_with_lse_, compact_kv_, compact_slots_
+from .recall import RecallConfig, RecallState
 
 _ALIGN = 64
 
@@ -73,10 +74,20 @@ class AnchorCache(Cache):
         growth: factor by which the capacity grows when a forward needs more slots.
         compact: compact after every forward (default True). False keeps everything (a full cache
             with the anchor layout; for tests and comparisons).
+        recall: a :class:`~anllm_ext.recall.RecallConfig`: evicted segments go to a cold store and every
+            forward's non-anchor queries also attend over the few segments chosen through their anchors
+            (anllm_ext/recall.py). None (default): evicted segments are dropped.
     """
 
-    def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.25, compact: bool = True):
+    def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.25, compact: bool = True,
+                 recall: Optional[RecallConfig] = None):
         from .checks import check_int
+
+        if recall is not None and not isinstance(recall, RecallConfig):
+            raise TypeError(f"recall must be an anllm_ext.RecallConfig or None, got {type(recall).__name__}")
+        if recall is not None and not compact:
+            raise ValueError("recall needs compact=True: a cache that never compacts evicts nothing to recall")
+        self.recall = None if recall is None else RecallState(recall)
 
         if not isinstance(growth, (int, float)) or isinstance(growth, bool) or not growth > 1.0:
             raise ValueError(f"growth must be a number > 1, got {growth!r}")
@@ -93,23 +104,22 @@ class AnchorCache(Cache):
                     f"model.config, or the model), got {type(config).__name__}"
                 )
             check_full_attention_layers(text, "AnchorCache")
-            super().__init__(layers=[AnchorLayer(self) for _ in range(text.num_hidden_layers)])
+        self.state = SlotState()  # shared with every layer: capacity, lengths, plan, deferred write
+        if config is not None:
+            super().__init__(layers=[AnchorLayer(self.state, i) for i in range(text.num_hidden_layers)])
         else:
-            super().__init__(layer_class_to_replicate=lambda: AnchorLayer(self))
+            super().__init__(layer_class_to_replicate=lambda: AnchorLayer(self.state, len(self.layers)))
         self._clear_state()
 
+    # The slot state's figures, under the names the cache has always had.
+    capacity = property(lambda self: self.state.capacity)
+    batch = property(lambda self: self.state.batch)
+    seen_tokens = property(lambda self: self.state.seen_tokens)
+
     def _clear_state(self):
-        self.capacity = 0
-        self.batch = None
-        self.seen_tokens = 0
-        self._plan: Optional[_Plan] = None
-        # (layer, new keys, new values) of the layer whose update ran and whose attention call has not
-        # yet written them into the cache (see AnchorLayer.update).
-        self._pending = None
-        self._lengths: Optional[torch.Tensor] = None  # int64 [B], slots in use per row
-        self._lengths_host: List[int] = []
-        self._slots: Optional[List[torch.Tensor]] = None  # positions, segments, is_anchor, valid: [B, Cap]
-        self._start: Optional[LayoutStart] = None
+        self.state.clear()
+        if self.recall is not None:
+            self.recall.clear()
         self.peak_slots = 0  # max over forwards of the slots in use (all rows) right after appending
         self.peak_capacity = 0
         self.compactions = 0
@@ -118,43 +128,46 @@ class AnchorCache(Cache):
     # ---------------------------------------------------------------- the protocol with a patched model
     def next_start(self) -> Optional[LayoutStart]:
         """Where the next chunk starts in every row (None before the first forward)."""
-        return self._start
+        return self.state.start
 
     def begin_forward(self, q: Layout) -> Layout:
         """Reserve slots for the chunk ``q`` and write its layout; returns the layout of all keys."""
         B, T = q.positions.shape
         device = q.positions.device
-        if self._slots is None:
-            self.batch = B
-            self.capacity = _round_up(max(self.initial_capacity, T))
-            self._slots = [
-                torch.zeros(B, self.capacity, dtype=torch.int64, device=device),
-                torch.zeros(B, self.capacity, dtype=torch.int32, device=device),
-                torch.zeros(B, self.capacity, dtype=torch.bool, device=device),
-                torch.zeros(B, self.capacity, dtype=torch.bool, device=device),
+        st = self.state
+        if st.slots is None:
+            st.batch = B
+            st.capacity = _round_up(max(self.initial_capacity, T))
+            st.slots = [
+                torch.zeros(B, st.capacity, dtype=torch.int64, device=device),
+                torch.zeros(B, st.capacity, dtype=torch.int32, device=device),
+                torch.zeros(B, st.capacity, dtype=torch.bool, device=device),
+                torch.zeros(B, st.capacity, dtype=torch.bool, device=device),
             ]
-            self._lengths = torch.zeros(B, dtype=torch.int64, device=device)
-            self._lengths_host = [0] * B
-        elif B != self.batch:
-            raise ValueError(f"AnchorCache holds a batch of {self.batch} rows, got a chunk of {B} rows")
-        used = max(self._lengths_host)
+            st.lengths = torch.zeros(B, dtype=torch.int64, device=device)
+            st.lengths_host = [0] * B
+        elif B != st.batch:
+            raise ValueError(f"AnchorCache holds a batch of {st.batch} rows, got a chunk of {B} rows")
+        used = max(st.lengths_host)
         end = used + T
-        if end > self.capacity:
-            self._grow_slots(_round_up(max(end, int(math.ceil(self.capacity * self.growth)))), used)
-        if min(self._lengths_host) == used:  # all rows equally long: plain slice copies
-            for buf, t in zip(self._slots, q.as_tuple()):
+        if end > st.capacity:
+            self._grow_slots(_round_up(max(end, int(math.ceil(st.capacity * self.growth)))), used)
+        if min(st.lengths_host) == used:  # all rows equally long: plain slice copies
+            for buf, t in zip(st.slots, q.as_tuple()):
                 buf.narrow(1, used, T).copy_(t)
-            plan = _Plan(list(self._lengths_host), None, end, used)
+            plan = WritePlan(list(st.lengths_host), None, end, used)
         else:
-            index = self._lengths[:, None] + torch.arange(T, device=device)[None, :]
-            for buf, t in zip(self._slots, q.as_tuple()):
+            index = st.lengths[:, None] + torch.arange(T, device=device)[None, :]
+            for buf, t in zip(st.slots, q.as_tuple()):
                 buf.scatter_(1, index, t.to(buf.dtype))
-            plan = _Plan(list(self._lengths_host), index, end, used)
-        self._plan = plan
-        self._pending = None
-        self.peak_slots = max(self.peak_slots, sum(self._lengths_host) + B * T)
-        self.peak_capacity = max(self.peak_capacity, self.capacity)
-        return Layout(*(buf.narrow(1, 0, end).contiguous() for buf in self._slots))
+            plan = WritePlan(list(st.lengths_host), index, end, used)
+        st.plan = plan
+        st.pending = None
+        if self.recall is not None:
+            self.recall.begin_forward()
+        self.peak_slots = max(self.peak_slots, sum(st.lengths_host) + B * T)
+        self.peak_capacity = max(self.peak_capacity, st.capacity)
+        return Layout(*(buf.narrow(1, 0, end).contiguous() for buf in st.slots))
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_layout: Layout,
                k_layout: Layout, scaling: Optional[float] = None) -> Optional[torch.Tensor]:
@@ -168,60 +181,64 @@ class AnchorCache(Cache):
         layer = self.take_pending(key, value)
         if layer is None:
             return None
-        return anchor_attention_append_(query, key, value, layer.keys, layer.values, self._plan.offsets, q_layout,
-                                        k_layout, scaling)
+        if self.recall is None:
+            return anchor_attention_append_(query, key, value, layer.keys, layer.values, self.state.plan.offsets,
+                                            q_layout, k_layout, scaling)
+        scale = _scale_for(query, scaling)
+        out, lse = anchor_attention_append_with_lse_(query, key, value, layer.keys, layer.values,
+                                                     self.state.plan.offsets, q_layout, k_layout, scale)
+        return self.recall.attend(layer, query, out, lse, q_layout, k_layout, scale)
 
     def take_pending(self, key: torch.Tensor, value: torch.Tensor):
         """The layer whose update returned exactly ``key``/``value`` (its write still deferred), or None.
         The caller then owes the write: it must pass them to ``anchor_attention_append_``."""
-        pending = self._pending
-        if pending is None or pending[1] is not key or pending[2] is not value:
-            return None
-        self._pending = None
-        return pending[0]
+        return self.state.take_pending(key, value)
 
     def flush_pending(self) -> None:
         """Write the deferred keys/values of the last updated layer (when no fused attention call did)."""
-        if self._pending is not None:
-            layer, k, v = self._pending
-            self._pending = None
-            layer.write(k, v, self._plan)
+        self.state.flush_pending()
 
     def end_forward(self, q: Layout) -> None:
         """Commit the chunk ``q`` (after all layers ran) and compact if it closed a segment or had padding."""
-        if self._plan is None:
+        st = self.state
+        if st.plan is None:
             return
-        self.flush_pending()
-        self._plan = None
+        st.flush_pending()
+        st.plan = None
         T = q.positions.shape[1]
-        self._lengths += T
-        self._lengths_host = [n + T for n in self._lengths_host]
-        self.seen_tokens += T
-        self._start = q.next_start() if T > 0 else self._start
+        st.lengths += T
+        st.lengths_host = [n + T for n in st.lengths_host]
+        st.seen_tokens += T
+        st.start = q.next_start() if T > 0 else st.start
         if self.compact and T > 0 and q.has_boundary():
             self._compact()
         for fn in self.callbacks:
             fn(self, T)
 
     def _grow_slots(self, cap: int, used: int) -> None:
+        st = self.state
         new = []
-        for buf in self._slots:
+        for buf in st.slots:
             b = buf.new_zeros(buf.shape[0], cap)
             b[:, :used].copy_(buf[:, :used])
             new.append(b)
-        self._slots = new
-        self.capacity = cap  # K/V buffers follow lazily in AnchorLayer.update
+        st.slots = new
+        st.capacity = cap  # K/V buffers follow lazily in AnchorLayer.update
 
     def _compact(self) -> None:
-        pos, seg, anc, val = self._slots
-        open_seg = self._start.segment.to(seg.dtype)
+        st = self.state
+        pos, seg, anc, val = st.slots
+        open_seg = st.start.segment.to(seg.dtype)
         keep = val & (anc | (seg == open_seg[:, None]))
         layers = [l for l in self.layers if isinstance(l, AnchorLayer) and l.is_initialized]
-        new_lengths = compact_kv_([l.keys for l in layers], [l.values for l in layers], keep, self._lengths)
-        compact_slots_(self._slots, keep, self._lengths)
-        self._lengths = new_lengths
-        self._lengths_host = new_lengths.tolist()
-        val &= torch.arange(self.capacity, device=val.device)[None, :] < new_lengths[:, None]
+        if self.recall is not None:
+            in_use = torch.arange(st.capacity, device=val.device)[None, :] < st.lengths[:, None]
+            self.recall.evict(in_use & ~keep, st.slots, layers)
+        new_lengths = compact_kv_([l.keys for l in layers], [l.values for l in layers], keep, st.lengths)
+        compact_slots_(st.slots, keep, st.lengths)
+        st.lengths = new_lengths
+        st.lengths_host = new_lengths.tolist()
+        val &= torch.arange(st.capacity, device=val.device)[None, :] < new_lengths[:, None]
         self.compactions += 1
 
     # ---------------------------------------------------------------- transformers Cache API
@@ -229,8 +246,8 @@ class AnchorCache(Cache):
         """Input columns seen so far, padding included (0 for an empty cache): not the slots kept."""
         return self.seen_tokens
 
-    def get_mask_sizes(self, query_length, layer_idx: int = 0):
-        return self.seen_tokens + _query_length(query_length), 0
+    def get_mask_sizes(self, query_length_or_positions, layer_idx: int = 0):
+        return self.seen_tokens + query_length(query_length_or_positions), 0
 
     def get_max_length(self, layer_idx=None) -> int:
         return -1
@@ -257,18 +274,21 @@ class AnchorCache(Cache):
         self._clear_state()
 
     def _select_rows(self, index: torch.Tensor) -> None:
-        if self._slots is None:
+        st = self.state
+        if st.slots is None:
             return
-        index = index.to(self._slots[0].device)
+        index = index.to(st.slots[0].device)
         for layer in self.layers:
             if isinstance(layer, AnchorLayer):
                 layer.reorder_cache(index)
-        self._slots = [s.index_select(0, index) for s in self._slots]
-        self._lengths = self._lengths.index_select(0, index)
-        self._lengths_host = self._lengths.tolist()
-        if self._start is not None:
-            self._start = LayoutStart(*(t.index_select(0, index) for t in self._start))
-        self.batch = int(index.numel())
+        st.slots = [s.index_select(0, index) for s in st.slots]
+        st.lengths = st.lengths.index_select(0, index)
+        st.lengths_host = st.lengths.tolist()
+        if st.start is not None:
+            st.start = LayoutStart(*(t.index_select(0, index) for t in st.start))
+        st.batch = int(index.numel())
+        if self.recall is not None:
+            self.recall.select_rows(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: rows follow ``beam_idx`` (K/V, layouts, lengths)."""
@@ -278,20 +298,20 @@ class AnchorCache(Cache):
         self._select_rows(torch.as_tensor(indices).reshape(-1).long())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self._slots is None:
+        if self.state.slots is None:
             return
-        idx = torch.arange(self.batch, device=self._slots[0].device).repeat_interleave(repeats)
+        idx = torch.arange(self.batch, device=self.state.slots[0].device).repeat_interleave(repeats)
         self._select_rows(idx)
 
     # ---------------------------------------------------------------- inspection
     def lengths(self) -> List[int]:
         """Slots in use per row (anchors + open segment after a compaction)."""
-        return list(self._lengths_host)
+        return list(self.state.lengths_host)
 
     def kept_layout(self, row: int = 0) -> Layout:
         """Layout of the slots row ``row`` keeps (for inspection and tests)."""
-        n = self._lengths_host[row]
-        return Layout(*(s[row : row + 1, :n] for s in self._slots))
+        n = self.state.lengths_host[row]
+        return Layout(*(s[row : row + 1, :n] for s in self.state.slots))
 
     def _slot_bytes(self) -> int:
         """K + V bytes of one slot of one row, all layers."""
@@ -311,14 +331,29 @@ class AnchorCache(Cache):
         right after a chunk was appended), ``allocated_kv_bytes`` / ``peak_allocated_kv_bytes`` (the buffers,
         now / at most), ``full_cache_slots`` (per row, the real tokens seen: what a full cache would keep,
         padding excluded), ``full_kv_bytes`` (their K+V bytes), ``reduction`` (1 - kept / full slots) and
-        ``compactions`` (how many times the cache compacted)."""
-        if self._slots is None:
+        ``compactions`` (how many times the cache compacted).
+
+        With recall, also the hot / cold split: ``cold_slots`` (per row, evicted tokens kept cold),
+        ``cold_kv_bytes``, ``recalled_slots`` (per row, the most tokens a layer recalled in the last forward),
+        ``recalled_kv_bytes`` (all layers, last forward), ``hot_kv_bytes`` (= ``kv_bytes`` + ``recalled_kv_bytes``)
+        and ``hot_fraction`` ((kept + recalled slots) / full-cache slots)."""
+        figures = self._cache_stats()
+        if self.recall is not None:
+            figures.update(self.recall.stats())
+            figures["hot_kv_bytes"] = figures["kv_bytes"] + figures["recalled_kv_bytes"]
+            hot = sum(figures["kept_slots"]) + sum(figures["recalled_slots"])
+            full = sum(figures["full_cache_slots"])
+            figures["hot_fraction"] = hot / full if full else 0.0
+        return figures
+
+    def _cache_stats(self) -> Dict[str, object]:
+        if self.state.slots is None:
             return {"batch": 0, "tokens_seen": 0, "kept_slots": [], "capacity": 0, "kv_bytes": 0, "peak_kv_bytes": 0,
                     "allocated_kv_bytes": 0, "peak_allocated_kv_bytes": 0, "full_cache_slots": [],
                     "full_kv_bytes": 0, "reduction": 0.0, "compactions": 0}
         slot_bytes = self._slot_bytes()
-        kept = list(self._lengths_host)
-        full = self._start.position.tolist() if self._start is not None else [0] * self.batch
+        kept = list(self.state.lengths_host)
+        full = self.state.start.position.tolist() if self.state.start is not None else [0] * self.batch
         return {
             "batch": self.batch,
             "tokens_seen": self.seen_tokens,
@@ -335,7 +370,7 @@ class AnchorCache(Cache):
         }
 
     def __repr__(self):
-        return f"AnchorCache(layers={len(self.layers)}, batch={self.batch}, kept={self._lengths_host}, capacity={self.capacity})"
+        return f"AnchorCache(layers={len(self.layers)}, batch={self.batch}, kept={self.state.lengths_host}, capacity={self.capacity})"
 
 
 def cache_kv_bytes(cache) -> int:

@@ -1,40 +1,41 @@
-"""One layer of :class:`~anllm_ext.AnchorCache`: its K/V buffers, the deferred write of a forward's new tokens
-(``update`` reserves, the fused attention call writes), and where each row's new tokens go (``_Plan``)."""
+"""One layer of :class:`~anllm_ext.AnchorCache` (:class:`AnchorLayer`: its K/V buffers) and the slot state that
+the cache and all its layers share (:class:`SlotState`: capacity, per-row lengths, columns seen, the current
+forward's :class:`WritePlan` and the deferred write of the last updated layer). The cache and its layers talk
+only through the SlotState's public members, never through each other's privates."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import List, Optional
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .errors import UnsupportedError
 
-if TYPE_CHECKING:
-    from .cache import AnchorCache
 
-
-def _query_length(query) -> int:
+def query_length(query) -> int:
     """``get_mask_sizes`` receives the query length (transformers >= 5.4) or ``cache_position`` (5.0-5.3)."""
     return int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
 
 
 class AnchorLayer(CacheLayerMixin):
-    """K/V buffers of one layer; slot bookkeeping lives in the owning :class:`AnchorCache`.
+    """K/V buffers of one layer; the slot bookkeeping is the shared :class:`SlotState`.
 
     ``keys`` / ``values``: [B, Hkv, capacity, D] (None before the first forward); row b's first
-    ``owner.lengths()[b]`` slots are the kept ones. ``get_seq_length()``: the owner's, columns seen."""
+    ``state.lengths_host[b]`` slots are the kept ones. ``get_seq_length()``: the state's columns seen.
+    ``index``: the layer's place in the cache (0 = first layer)."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, owner: "AnchorCache"):
+    def __init__(self, state: "SlotState", index: int):
         super().__init__()
-        self._owner = owner  # strong ref: the owner holds the layers, a cycle the GC handles
+        self.state = state
+        self.index = index
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
-        cap = self._owner.capacity
+        cap = self.state.capacity
         self.device = key_states.device
         self.keys = key_states.new_empty(B, H, cap, D)
         self.values = value_states.new_empty(B, value_states.shape[1], cap, value_states.shape[3])
@@ -55,14 +56,8 @@ class AnchorLayer(CacheLayerMixin):
         The write itself is deferred to the attention call, which writes and attends in one op
         (``anchor_attention_append_``); the attention function recognises the returned tensors.
         """
-        owner = self._owner
-        plan = owner._plan
-        if plan is None:
-            raise RuntimeError(
-                "AnchorCache.update called outside a forward: a model patched by anllm_ext.patch(model, anchor_ids) "
-                "drives the cache; a model of your own calls begin_forward(chunk layout) first, then per layer "
-                "update + attend, then end_forward (see AnchorCache's docstring)"
-            )
+        state = self.state
+        plan = state.require_plan()
         if key_states.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("AnchorCache is for inference: run under torch.no_grad() / torch.inference_mode()")
         if torch.is_autocast_enabled(key_states.device.type):
@@ -74,14 +69,12 @@ class AnchorLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.keys.shape[0] != key_states.shape[0]:
             raise ValueError(f"batch size {key_states.shape[0]} != cache batch size {self.keys.shape[0]}")
-        if self.keys.shape[2] != owner.capacity:
-            self._grow(owner.capacity, plan.used_before)
-        if owner._pending is not None:  # a layer whose attention never ran: write its tokens now
-            owner.flush_pending()
-        owner._pending = (self, key_states, value_states)
+        if self.keys.shape[2] != state.capacity:
+            self._grow(state.capacity, plan.used_before)
+        state.defer_write(self, key_states, value_states)
         return key_states, value_states
 
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: "_Plan") -> None:
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: "WritePlan") -> None:
         """Write the new tokens' keys/values at each row's offset (the unfused path)."""
         T = key_states.shape[2]
         if plan.index is None:  # all rows equally long: the chunk starts at used_before in every row
@@ -96,10 +89,10 @@ class AnchorLayer(CacheLayerMixin):
             )
 
     def get_seq_length(self) -> int:
-        return self._owner.seen_tokens
+        return self.state.seen_tokens
 
-    def get_mask_sizes(self, query_length):
-        return self._owner.seen_tokens + _query_length(query_length), 0
+    def get_mask_sizes(self, query_length_or_positions):
+        return self.state.seen_tokens + query_length(query_length_or_positions), 0
 
     def get_max_length(self) -> int:
         return -1
@@ -120,7 +113,7 @@ class AnchorLayer(CacheLayerMixin):
             self.values = self.values.index_select(0, beam_idx.to(self.values.device))
 
 
-class _Plan:
+class WritePlan:
     """Where the chunk of the current forward goes: ``offsets[b]`` is row b's first new slot. ``index``
     [B, T] holds every new slot when rows differ in length (None when all start at ``used_before``)."""
 
@@ -128,3 +121,57 @@ class _Plan:
 
     def __init__(self, offsets, index, end, used_before):
         self.offsets, self.index, self.end, self.used_before = offsets, index, end, used_before
+
+
+class SlotState:
+    """What an :class:`~anllm_ext.AnchorCache` and its layers share: the slot capacity per row, the batch,
+    the input columns seen, the slots in use per row (``lengths`` on the device, ``lengths_host`` as ints),
+    the per-slot layout buffers ``slots`` (positions, segments, is_anchor, valid: [B, capacity]), where the
+    next chunk starts, the current forward's :class:`WritePlan` (None outside a forward) and the deferred
+    write of the last layer whose ``update`` ran but whose attention call has not yet written its tokens."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.capacity = 0
+        self.batch: Optional[int] = None
+        self.seen_tokens = 0
+        self.plan: Optional[WritePlan] = None
+        self.pending = None  # (layer, new keys, new values)
+        self.lengths: Optional[torch.Tensor] = None  # int64 [B]
+        self.lengths_host: List[int] = []
+        self.slots: Optional[List[torch.Tensor]] = None
+        self.start = None  # LayoutStart of the next chunk
+
+    def require_plan(self) -> WritePlan:
+        """The current forward's plan; raises when no forward is under way."""
+        if self.plan is None:
+            raise RuntimeError(
+                "AnchorCache.update called outside a forward: a model patched by anllm_ext.patch(model, anchor_ids) "
+                "drives the cache; a model of your own calls begin_forward(chunk layout) first, then per layer "
+                "update + attend, then end_forward (see AnchorCache's docstring)"
+            )
+        return self.plan
+
+    def defer_write(self, layer: AnchorLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Hold ``layer``'s new keys/values until its attention call writes them (a layer whose attention
+        never ran gets its tokens written now)."""
+        self.flush_pending()
+        self.pending = (layer, key_states, value_states)
+
+    def take_pending(self, key: torch.Tensor, value: torch.Tensor) -> Optional[AnchorLayer]:
+        """The layer whose update returned exactly ``key``/``value`` (its write still deferred), or None.
+        The caller then owes the write."""
+        pending = self.pending
+        if pending is None or pending[1] is not key or pending[2] is not value:
+            return None
+        self.pending = None
+        return pending[0]
+
+    def flush_pending(self) -> None:
+        """Write the deferred keys/values of the last updated layer (when no fused attention call did)."""
+        if self.pending is not None:
+            layer, k, v = self.pending
+            self.pending = None
+            layer.write(k, v, self.plan)

@@ -110,6 +110,13 @@ def anchor_attention_append_(
     Equal to writing the slots and calling :func:`anchor_attention` on ``k_cache[:, :, :Tk]``, in one
     dispatcher call (what :class:`~anllm_ext.AnchorCache` does in every layer). Not differentiable.
     """
+    return anchor_attention_append_with_lse_(q, k_new, v_new, k_cache, v_cache, offsets, q_layout, k_layout, scale)[0]
+
+
+def anchor_attention_append_with_lse_(q, k_new, v_new, k_cache, v_cache, offsets, q_layout: Layout, k_layout: Layout,
+                                      scale: Optional[float] = None):
+    """Like :func:`anchor_attention_append_`, also returning the fp32 log-sum-exp of the scores [B,Hq,Tq]
+    (to merge with another partial attention, as anchor-indexed recall does)."""
     _require_tensors((("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)))
     if not torch.compiler.is_compiling() and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
         # one buffer for both: the values would overwrite the keys
@@ -119,7 +126,7 @@ def anchor_attention_append_(
         q = q.contiguous()
     args = (*_layout_args(q_layout, "q"), *_layout_args(k_layout, "k"), scale)
     with torch._C._AutoDispatchBelowAutograd():
-        return _append_attention(q, k_new, v_new, k_cache, v_cache, offsets, *args)[0]
+        return _append_attention(q, k_new, v_new, k_cache, v_cache, offsets, *args)
 
 
 def _check_one_device(named_tensors):

@@ -109,3 +109,89 @@ def compact_ref(
             dst.copy_(t[b].index_select(slot_dim - 1, idx))
         results.append(out)
     return results, new_lengths
+
+
+def recall_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    chunk_starts: Sequence[int],
+    budget: int,
+    every: str = "token",
+    score: str = "mass",
+    scale: Optional[float] = None,
+    pool: str = "layer",
+    carry: Optional[dict] = None,
+) -> torch.Tensor:
+    """Dense oracle of one layer of anchor-indexed recall (anllm_ext/recall.py), written independently of it.
+
+    q [B,Hq,T,D], k/v [B,Hkv,T,D] cover a whole text of ``layout`` that a cache processed in forwards starting
+    at the columns ``chunk_starts`` (the first is 0). A forward s *chooses* when ``every == "token"``, or when
+    it is the first forward or the forward before it held an anchor or padding in some row (the cache
+    compacted), else it reuses the last choice. A choice of row b scores every closed segment (segment below
+    the segment of the forward's first column) that has a real non-anchor token by the AnSAN attention
+    probability its anchor gets from the forward's real non-anchor queries, summed over those queries, then
+    summed (``"mass"``) or maximised (``"max"``) over heads, or the largest over queries and heads
+    (``"peak"``), and takes the ``budget`` best with a positive
+    score. With ``pool="running"`` each layer's scores of a choice are first divided by their sum over the
+    candidates and added to those of the earlier layers of the stack for the same forward and row: ``carry``, a
+    dict the caller passes to every layer of one pass, layer 0 first, holds these sums. A real non-anchor query
+    then also sees every real non-anchor token of the segments its forward's choice took."""
+    if pool == "running" and carry is None:
+        raise ValueError("pool='running' needs carry={} shared by the layers of one pass")
+    B, Hq, T, D = q.shape
+    group = Hq // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    hot = ansan_mask(layout, layout)  # [B,T,T]
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    probs = torch.nan_to_num(torch.softmax(scores.masked_fill(~hot[:, None], float("-inf")), dim=-1), nan=0.0)
+
+    bounds = list(chunk_starts) + [T]
+    real_word = layout.valid & ~layout.is_anchor  # [B,T]: real non-anchor tokens (the ones a cache evicts)
+    extra = torch.zeros_like(hot)
+    chosen = None
+    for s in range(len(bounds) - 1):
+        a, e = bounds[s], bounds[s + 1]
+        boundary_before = s > 0 and bool((layout.is_anchor | ~layout.valid)[:, bounds[s - 1] : a].any())
+        if every == "token" or chosen is None or boundary_before:
+            chosen = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b],
+                                  carry if pool == "running" else None, (s, b))
+                      for b in range(B)]
+        for b in range(B):
+            recalled = real_word[b] & torch.isin(layout.segments[b].long(), chosen[b])  # [T] keys
+            queries = real_word[b, a:e]
+            extra[b, a:e] |= queries[:, None] & recalled[None, :]
+    mask = (hot | extra)[:, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0) @ v
+    return out.to(q.dtype)
+
+
+def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, score: str, real_word_b,
+                carry=None, key=None):
+    """Segments row b's forward over columns [a, e) recalls (see :func:`recall_attention_ref`)."""
+    seg = layout.segments[b].long()
+    first_open = int(seg[a])
+    has_words = torch.zeros(int(seg.max()) + 2, dtype=torch.bool)
+    has_words[seg[real_word_b].cpu()] = True
+    voters = real_word_b[a:e]
+    seen = probs_b[:, a:e][:, voters]  # [Hq, voters, T]
+    if score == "peak":
+        pooled = seen.amax(dim=1).amax(0) if seen.shape[1] else torch.zeros(seen.shape[2])
+    else:
+        mass = seen.sum(dim=1)  # [Hq, T]: per head, summed over the voters
+        pooled = mass.sum(0) if score == "mass" else mass.amax(0)
+    is_candidate = [bool(layout.is_anchor[b, j]) and bool(layout.valid[b, j]) and int(seg[j]) < first_open
+                    and bool(has_words[int(seg[j])]) for j in range(layout.positions.shape[1])]
+    if carry is not None:  # pool="running": this layer's share over the candidates, added to earlier layers'
+        total = sum(float(pooled[j]) for j, c in enumerate(is_candidate) if c)
+        share = [float(pooled[j]) / total if c and total > 0 else 0.0 for j, c in enumerate(is_candidate)]
+        before = carry.get(key, [0.0] * len(share))
+        carry[key] = [x + y for x, y in zip(before, share)]
+        pooled = torch.tensor(carry[key])
+    candidates = [(float(pooled[j]), int(seg[j])) for j, c in enumerate(is_candidate) if c and float(pooled[j]) > 0]
+    candidates.sort(reverse=True)
+    return torch.tensor([s for _, s in candidates[:budget]], dtype=torch.int64, device=seg.device)

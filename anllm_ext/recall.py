@@ -1,0 +1,303 @@
+"""Anchor-indexed recall (issue 37): the sentences an :class:`~anllm_ext.AnchorCache` evicts are kept in a cold
+store, and the queries of a forward get a few of them back, chosen through their anchors.
+
+Per layer and per forward (see :meth:`RecallState.attend`):
+
+1. the queries attend over the hot cache (anchors + open segment + the new tokens) as without recall, which
+   also gives each query's log-sum-exp ``lse``;
+2. every closed segment with evicted tokens is scored by the attention its anchor receives from the forward's
+   non-anchor queries: ``exp(q . k_anchor * scale - lse)`` summed over queries, then over heads (``score="mass"``)
+   or the largest over heads (``score="max"``); the ``budget`` best segments with a positive score are recalled;
+3. the queries attend over the recalled segments' evicted tokens at their true positions (the op takes any key
+   layout: the recalled keys are flagged as anchors, so exactly the non-anchor queries see them, as they see
+   anchors), and the two partial attentions are merged by their log-sum-exp.
+
+So a non-anchor query sees: the AnSAN mask's keys + every evicted token of the segments its forward recalled;
+an anchor query sees what it sees without recall (it summarises its own segment only). The dense oracle is
+:func:`anllm_ext.reference.recall_attention_ref`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from .layout import Layout
+from .ops import anchor_attention_with_lse
+
+EVERY = ("token", "sentence")
+_UNCHOSEN = object()  # no choice made since the last compaction
+SCORES = ("mass", "max", "peak")
+POOLS = ("layer", "running")
+
+
+@dataclass(frozen=True)
+class RecallConfig:
+    """Settings of anchor-indexed recall.
+
+    Args:
+        budget: sentences (closed segments) recalled per row, per layer, per forward (>= 1).
+        every: ``"token"``: every forward (each decode step, each prefill chunk) chooses anew;
+            ``"sentence"``: a forward chooses only when the cache compacted since the last choice (a sentence
+            closed), later forwards reuse the recalled keys.
+        score: how a segment's anchor is scored from the attention probabilities the forward's non-anchor
+            queries give it: ``"mass"`` (summed over queries and heads), ``"max"`` (summed over queries, the
+            largest head's) or ``"peak"`` (the largest of any query and head: one query that looks at it is
+            enough, e.g. a name in the question).
+        pool: ``"layer"``: each layer chooses by its own scores; ``"running"``: layer l chooses by the sum over
+            layers 0..l of this forward of each layer's scores normalised to sum 1 over the candidates (later
+            layers use the evidence of earlier ones; still one pass, causal over layers).
+        cold_device: where the evicted K/V live (e.g. ``"cpu"`` for host memory beside a GPU); None: beside the
+            hot cache.
+    """
+
+    budget: int = 4
+    every: str = "token"
+    score: str = "mass"
+    pool: str = "layer"
+    cold_device: Optional[str] = None
+
+    def __post_init__(self):
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
+            raise ValueError(f"RecallConfig.budget must be an integer >= 1 (sentences per step), got {self.budget!r}")
+        if self.every not in EVERY:
+            raise ValueError(f"RecallConfig.every must be one of {EVERY}, got {self.every!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"RecallConfig.score must be one of {SCORES}, got {self.score!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"RecallConfig.pool must be one of {POOLS}, got {self.pool!r}")
+        if self.cold_device is not None:
+            torch.device(self.cold_device)  # raises on a bad name
+
+
+class ColdStore:
+    """Evicted tokens of every row: their K/V per layer ([B, Hkv, capacity, D]) and their true positions and
+    segments ([B, capacity]); row b holds ``lengths[b]`` tokens in eviction (= position) order."""
+
+    def __init__(self, device=None):
+        self.device = None if device is None else torch.device(device)
+        self.clear()
+
+    def clear(self) -> None:
+        self.keys: Dict[int, torch.Tensor] = {}
+        self.values: Dict[int, torch.Tensor] = {}
+        self.positions: Optional[torch.Tensor] = None
+        self.segments: Optional[torch.Tensor] = None
+        self.lengths: List[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def add(self, drop: torch.Tensor, slots: List[torch.Tensor], layers) -> None:
+        """Move the hot slots ``drop`` [B, Cap] marks (before the compaction that removes them) into the store:
+        their layout from ``slots`` (positions, segments, ...) and every initialised layer's K/V."""
+        rows = [d.nonzero().squeeze(1) for d in drop]
+        counts = [int(r.numel()) for r in rows]
+        if not any(counts):
+            return
+        B = drop.shape[0]
+        if self.positions is None:
+            self.lengths = [0] * B
+        self._reserve(max(n + c for n, c in zip(self.lengths, counts)), slots[0].device, layers)
+        for b, (idx, n, c) in enumerate(zip(rows, self.lengths, counts)):
+            if c == 0:
+                continue
+            self.positions[b, n : n + c] = slots[0][b, idx].to(self.positions.device)
+            self.segments[b, n : n + c] = slots[1][b, idx].to(self.segments.device)
+            for layer in layers:
+                self.keys[layer.index][b, :, n : n + c] = layer.keys[b, :, idx].to(self.keys[layer.index].device)
+                self.values[layer.index][b, :, n : n + c] = layer.values[b, :, idx].to(self.values[layer.index].device)
+        self.lengths = [n + c for n, c in zip(self.lengths, counts)]
+
+    def _reserve(self, need: int, hot_device, layers) -> None:
+        """Grow every buffer to at least ``need`` slots (geometrically, so appends stay amortised O(1))."""
+        if need <= self.capacity and all(l.index in self.keys for l in layers):
+            return
+        cap = max(need, 2 * self.capacity, 64)
+        device = self.device or hot_device
+        B = len(self.lengths)
+        self.positions = _grown(self.positions, (B, cap), torch.int64, device)
+        self.segments = _grown(self.segments, (B, cap), torch.int64, device)
+        for layer in layers:
+            H, D = layer.keys.shape[1], layer.keys.shape[3]
+            for store, hot in ((self.keys, layer.keys), (self.values, layer.values)):
+                store[layer.index] = _grown(store.get(layer.index), (B, hot.shape[1], cap, hot.shape[3]),
+                                            hot.dtype, device)
+
+    def gather(self, layer_index: int, chosen: List[torch.Tensor], device):
+        """K/V [B, Hkv, R, D] and the layout of every stored token of the segments ``chosen[b]`` (row b), padded
+        to the longest row; the layout flags them as anchors (see the module docstring). None if none."""
+        picks = [
+            (self.segments[b, :n][:, None] == sel.to(self.segments.device)[None, :]).any(1).nonzero().squeeze(1)
+            if n and sel.numel() else torch.zeros(0, dtype=torch.int64, device=self.segments.device)
+            for b, (n, sel) in enumerate(zip(self.lengths, chosen))
+        ]
+        R = max(int(p.numel()) for p in picks)
+        if R == 0:
+            return None
+        B = len(picks)
+        index = torch.zeros(B, R, dtype=torch.int64, device=self.segments.device)
+        valid = torch.zeros(B, R, dtype=torch.bool, device=self.segments.device)
+        for b, p in enumerate(picks):
+            index[b, : p.numel()] = p
+            valid[b, : p.numel()] = True
+        keys, values = self.keys[layer_index], self.values[layer_index]
+        kv_index = index[:, None, :, None].expand(B, keys.shape[1], R, keys.shape[3])
+        k = keys.gather(2, kv_index).to(device)
+        v = values.gather(2, kv_index).to(device)
+        layout = Layout(self.positions.gather(1, index).to(device), self.segments.gather(1, index).to(device, torch.int32),
+                        valid.to(device), valid.to(device))
+        return k, v, layout, [int(p.numel()) for p in picks]
+
+    def has_segment(self, segments: torch.Tensor) -> torch.Tensor:
+        """bool like ``segments`` [B, T]: whether row b's store holds tokens of that segment."""
+        out = torch.zeros(segments.shape, dtype=torch.bool, device=segments.device)
+        for b, n in enumerate(self.lengths):
+            if n:
+                stored = self.segments[b, :n].to(segments.device)
+                out[b] = (segments[b].to(torch.int64)[:, None] == stored.unique()[None, :]).any(1)
+        return out
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.positions is None:
+            return
+        idx = index.to(self.positions.device)
+        self.positions = self.positions.index_select(0, idx)
+        self.segments = self.segments.index_select(0, idx)
+        for store in (self.keys, self.values):
+            for i in list(store):
+                store[i] = store[i].index_select(0, idx)
+        self.lengths = [self.lengths[i] for i in index.tolist()]
+
+    def nbytes(self) -> int:
+        """K + V bytes of the stored tokens, all rows and layers."""
+        per_slot = sum(t.shape[1] * t.shape[3] * t.element_size() for s in (self.keys, self.values) for t in s.values())
+        return sum(self.lengths) * per_slot
+
+
+def _grown(old: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
+    """A zero buffer of ``shape`` holding ``old``'s slots first (the slot dim: 1 of [B, Cap], 2 of [B, H, Cap, D])."""
+    new = torch.zeros(shape, dtype=dtype, device=device)
+    if old is not None:
+        slot_dim = 1 if old.dim() == 2 else 2
+        new.narrow(slot_dim, 0, old.shape[slot_dim]).copy_(old)
+    return new
+
+
+def anchor_scores(query, keys, lse, q_layout: Layout, candidates: torch.Tensor, scale: float, score: str):
+    """Score [B, Tk] of every candidate key slot (``candidates`` [B, Tk], the anchors of segments with evicted
+    tokens): the attention probability ``exp(q . k * scale - lse)`` of the non-anchor queries, summed over
+    the queries, then summed over heads (``"mass"``) or the largest head's (``"max"``), or the largest of any
+    query and head (``"peak"``); -inf elsewhere."""
+    B, Hq, T, D = query.shape
+    Hkv = keys.shape[1]
+    q = query.float().reshape(B, Hkv, Hq // Hkv, T, D)
+    logits = torch.einsum("bhgtd,bhkd->bhgtk", q, keys.float()) * scale
+    probs = torch.exp(logits - lse.reshape(B, Hkv, Hq // Hkv, T)[..., None])
+    voters = (q_layout.valid & ~q_layout.is_anchor)[:, None, None, :, None]
+    probs = torch.where(voters, probs, torch.zeros((), device=probs.device))
+    if score == "peak":
+        pooled = probs.amax(3).reshape(B, Hq, -1).amax(1)
+    else:
+        per_head = probs.sum(3).reshape(B, Hq, -1)
+        pooled = per_head.sum(1) if score == "mass" else per_head.amax(1)
+    return pooled.masked_fill(~candidates, float("-inf"))
+
+
+def choose_segments(scores: torch.Tensor, segments: torch.Tensor, budget: int) -> List[torch.Tensor]:
+    """Per row: the segments of the ``budget`` best-scored slots whose score is positive (int64 [<= budget])."""
+    k = min(budget, scores.shape[1])
+    if k == 0:
+        return [segments.new_zeros(0, dtype=torch.int64) for _ in range(scores.shape[0])]
+    best, where = scores.topk(k, dim=1)
+    chosen = segments.gather(1, where).to(torch.int64)
+    return [chosen[b][best[b] > 0] for b in range(scores.shape[0])]
+
+
+def merge_partial_attentions(out_a, lse_a, out_b, lse_b):
+    """Softmax attention over the union of two disjoint key sets from the partial results (out [B,H,T,D],
+    lse [B,H,T]); a query that sees no key in either set gets zeros."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.nan_to_num(torch.exp(lse_a - lse), nan=0.0)[..., None]
+    w_b = torch.nan_to_num(torch.exp(lse_b - lse), nan=0.0)[..., None]
+    return (out_a.float() * w_a + out_b.float() * w_b).to(out_a.dtype)
+
+
+class RecallState:
+    """The recall side of one :class:`~anllm_ext.AnchorCache`: its config, the cold store, the reused
+    selection (``every="sentence"``) and the figures of the last forward."""
+
+    def __init__(self, config: RecallConfig):
+        self.config = config
+        self.cold = ColdStore(config.cold_device)
+        self.clear()
+
+    def clear(self) -> None:
+        self.cold.clear()
+        self.reusable: Dict[int, object] = {}  # layer index -> the last choice's gathered recall (None: nothing)
+        self.recalled: Dict[int, List[int]] = {}  # layer index -> recalled tokens per row, last forward
+        self.recalled_bytes: Dict[int, int] = {}
+        self.chosen: Dict[int, List[torch.Tensor]] = {}  # layer index -> segments per row, last choice (inspection)
+        self.running: Optional[torch.Tensor] = None  # pool="running": this forward's summed scores [B, Tk]
+
+    def begin_forward(self) -> None:
+        self.running = None
+
+    def evict(self, drop: torch.Tensor, slots, layers) -> None:
+        """Called before a compaction: keep the dropped slots; a later forward chooses anew."""
+        self.cold.add(drop & slots[3], slots, layers)
+        self.reusable = {}
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.cold.select_rows(index)
+        self.reusable = {}
+
+    def attend(self, layer, query, out_hot, lse_hot, q_layout: Layout, k_layout: Layout, scale: float):
+        """The output of ``layer``'s queries over the hot keys (``out_hot``/``lse_hot``, what the op gave)
+        plus the recalled segments (module docstring). The layer's new keys are already in its buffers."""
+        recall = self.reusable.get(layer.index, _UNCHOSEN)
+        if recall is _UNCHOSEN or self.config.every == "token":
+            recall = self._choose(layer, query, lse_hot, q_layout, k_layout, scale)
+            self.reusable[layer.index] = recall  # None: chosen, nothing to recall
+        if recall is None:
+            self.recalled[layer.index] = [0] * query.shape[0]
+            self.recalled_bytes[layer.index] = 0
+            return out_hot
+        k, v, layout, counts = recall
+        self.recalled[layer.index] = counts
+        self.recalled_bytes[layer.index] = sum(counts) * (k[0, :, 0].numel() + v[0, :, 0].numel()) * k.element_size()
+        out_r, lse_r = anchor_attention_with_lse(query, k, v, q_layout, layout, scale)
+        return merge_partial_attentions(out_hot, lse_hot, out_r, lse_r)
+
+    def _choose(self, layer, query, lse_hot, q_layout, k_layout, scale):
+        if not any(self.cold.lengths):
+            return None
+        Tk = k_layout.positions.shape[1]
+        keys = layer.keys[:, :, :Tk]
+        candidates = k_layout.is_anchor & k_layout.valid & self.cold.has_segment(k_layout.segments)
+        scores = anchor_scores(query, keys, lse_hot, q_layout, candidates, scale, self.config.score)
+        if self.config.pool == "running":
+            scores = self._pooled(scores, candidates)
+        chosen = choose_segments(scores, k_layout.segments, self.config.budget)
+        self.chosen[layer.index] = chosen
+        return self.cold.gather(layer.index, chosen, query.device)
+
+    def _pooled(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Add this layer's scores, normalised over the candidates, to the forward's running sum; return it."""
+        finite = torch.where(candidates, scores, torch.zeros((), device=scores.device))
+        total = finite.sum(1, keepdim=True)
+        share = torch.where(total > 0, finite / total.clamp_min(1e-30), torch.zeros((), device=scores.device))
+        self.running = share if self.running is None else self.running + share
+        return self.running.masked_fill(~candidates, float("-inf"))
+
+    def stats(self) -> Dict[str, object]:
+        """Cold figures and the last forward's recalled figures (see AnchorCache.stats)."""
+        recalled = list(self.recalled.values())
+        return {
+            "cold_slots": list(self.cold.lengths),
+            "cold_kv_bytes": self.cold.nbytes(),
+            "recalled_slots": [max(r) for r in zip(*recalled)] if recalled else [],
+            "recalled_kv_bytes": sum(self.recalled_bytes.values()),
+        }

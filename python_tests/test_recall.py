@@ -1,0 +1,229 @@
+"""Anchor-indexed recall (anllm_ext/recall.py, issue 37): an AnchorCache with a RecallConfig must give, forward by
+forward, what the dense oracle gives: one pass over the whole text whose mask is the AnSAN mask plus, for every
+real non-anchor query, the evicted tokens of the segments its forward chose through their anchors
+(anllm_ext.reference.recall_attention_ref, written independently of the cache). Batches, left padding,
+prefill chunks and decode steps, both choice rules and both re-choice cadences; a transformers model through
+the patch too. Every comparison also checks that recall changed the output (else it would prove nothing)."""
+import copy
+
+import pytest
+import torch
+
+import anllm_ext
+from anllm_ext import AnchorCache, RecallConfig, patch
+from anllm_ext.reference import anchor_attention_ref, recall_attention_ref
+
+from anllm_ext.hf import patched_anchor_ids
+from helpers import ANCHOR, MODEL_ANCHOR, TEXT, model_stream, needs_smollm2, tiny_model, token_stream
+
+H_Q, H_KV, D, LAYERS, WIDTH = 4, 2, 16, 3, 32
+
+
+class ToyStack(torch.nn.Module):
+    """Attention-only layers with residuals: later layers read cached keys of earlier layers' outputs."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q = torch.nn.ModuleList(torch.nn.Linear(WIDTH, H_Q * D, bias=False) for _ in range(LAYERS))
+        self.kv = torch.nn.ModuleList(torch.nn.Linear(WIDTH, 2 * H_KV * D, bias=False) for _ in range(LAYERS))
+        self.o = torch.nn.ModuleList(torch.nn.Linear(H_Q * D, WIDTH, bias=False) for _ in range(LAYERS))
+        with torch.no_grad():  # sharper attention than the default init, so the choice matters
+            for p in self.parameters():
+                p.mul_(1.5)
+
+    def heads(self, i, x):
+        B, T, _ = x.shape
+        q = self.q[i](x).view(B, T, H_Q, D).transpose(1, 2)
+        k, v = self.kv[i](x).view(B, T, 2, H_KV, D).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def merge(self, i, x, attn):
+        B, _, T, _ = attn.shape
+        return x + self.o[i](attn.transpose(1, 2).reshape(B, T, H_Q * D))
+
+    def dense_pass(self, x, layout, chunk_starts, recall):
+        carry = {}
+        for i in range(LAYERS):
+            q, k, v = self.heads(i, x)
+            if recall is None:
+                attn = anchor_attention_ref(q, k, v, layout, layout)
+            else:
+                attn = recall_attention_ref(q, k, v, layout, chunk_starts, recall.budget, recall.every, recall.score,
+                                            pool=recall.pool, carry=carry)
+            x = self.merge(i, x, attn)
+        return x
+
+    def cached_chunk(self, x, ids, mask, cache):
+        q_layout = anllm_ext.token_layout(ids, [ANCHOR], mask, start=cache.next_start())
+        k_layout = cache.begin_forward(q_layout)
+        for i in range(LAYERS):
+            q, k, v = self.heads(i, x)
+            k, v = cache.update(k, v, i)
+            x = self.merge(i, x, cache.attend(q, k, v, q_layout, k_layout))
+        cache.end_forward(q_layout)
+        return x
+
+
+def chunk_starts(T, prefill, chunk):
+    """Forwards of a chunked prefill of `prefill` columns, then one column at a time."""
+    return list(range(0, prefill, chunk)) + list(range(prefill, T))
+
+
+def run_cached(stack, x, ids, mask, starts, recall):
+    cache = AnchorCache(initial_capacity=8, recall=recall)
+    bounds = starts + [ids.shape[1]]
+    with torch.no_grad():
+        outs = [stack.cached_chunk(x[:, a:e], ids[:, a:e], mask[:, a:e], cache) for a, e in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=1), cache
+
+
+CONFIGS = [RecallConfig(budget=2), RecallConfig(budget=1, score="max"), RecallConfig(budget=3, every="sentence"),
+           RecallConfig(budget=2, every="sentence", score="max"), RecallConfig(budget=2, score="peak"),
+           RecallConfig(budget=2, score="peak", pool="running"),
+           RecallConfig(budget=1, every="sentence", pool="running")]
+
+
+@pytest.mark.parametrize("recall", CONFIGS, ids=lambda r: f"{r.budget}-{r.every}-{r.score}-{r.pool}")
+@pytest.mark.parametrize("chunk", [1, 6, 32])
+def test_recall_cache_matches_the_dense_oracle(recall, chunk):
+    B, T, prefill = 3, 72, 48
+    ids, mask = token_stream(B, T, "random", left_pad=(0, 4, 9), anchor_every=6, seed=chunk)
+    x = torch.randn(B, T, WIDTH, generator=torch.Generator().manual_seed(1))
+    stack = ToyStack()
+    starts = chunk_starts(T, prefill, chunk)
+    layout = anllm_ext.token_layout(ids, [ANCHOR], mask)
+    with torch.no_grad():
+        expected = stack.dense_pass(x, layout, starts, recall)
+        without = stack.dense_pass(x, layout, starts, None)
+    got, cache = run_cached(stack, x, ids, mask, starts, recall)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=5e-5, rtol=1e-5)
+    assert (got[valid] - without[valid]).abs().max() > 1e-2  # recall changed the output
+    # the hot cache is what it is without recall; the evicted real tokens are all cold
+    assert cache.lengths() == run_cached(stack, x, ids, mask, starts, None)[1].lengths()
+    evicted = (valid.sum(1) - torch.tensor(cache.lengths())).tolist()
+    stats = cache.stats()
+    assert stats["cold_slots"] == evicted and stats["cold_kv_bytes"] > 0
+    assert 0 < max(stats["recalled_slots"]) and stats["hot_kv_bytes"] > stats["kv_bytes"]
+
+
+def test_recall_of_a_decode_step_equals_recall_alone():
+    """Rows of a batch choose independently: a left-padded batch equals each row run alone."""
+    recall = RecallConfig(budget=2)
+    ids, mask = token_stream(2, 40, "random", left_pad=(0, 7), anchor_every=5, seed=3)
+    x = torch.randn(2, 40, WIDTH, generator=torch.Generator().manual_seed(2))
+    stack = ToyStack(seed=1)
+    starts = chunk_starts(40, 24, 8)
+    both, _ = run_cached(stack, x, ids, mask, starts, recall)
+    for b in range(2):
+        alone, _ = run_cached(stack, x[b : b + 1], ids[b : b + 1], mask[b : b + 1], starts, recall)
+        keep = mask[b].bool()
+        torch.testing.assert_close(both[b][keep], alone[0][keep], atol=2e-5, rtol=1e-5)
+
+
+def test_without_recall_the_cache_keeps_no_cold_figures():
+    cache = AnchorCache(initial_capacity=8)
+    assert cache.recall is None and "cold_kv_bytes" not in cache.stats()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(budget=0), "budget must be an integer >= 1"),
+    (dict(budget=2.0), "budget must be an integer >= 1"),
+    (dict(every="chunk"), "every must be one of"),
+    (dict(score="sum"), "score must be one of"),
+    (dict(pool="all"), "pool must be one of"),
+])
+def test_recall_config_rejects_bad_settings(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RecallConfig(**bad)
+
+
+def test_recall_needs_a_compacting_cache_and_a_recall_config():
+    with pytest.raises(ValueError, match="recall needs compact=True"):
+        AnchorCache(compact=False, recall=RecallConfig())
+    with pytest.raises(TypeError, match="recall must be an anllm_ext.RecallConfig"):
+        AnchorCache(recall={"budget": 2})
+
+
+# ------------------------------------------------------------------ a transformers model through the patch
+
+_REF = {}
+
+
+def _recall_ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    r = _REF["recall"]
+    if module.layer_idx == 0:
+        _REF["carry"] = {}
+    out = recall_attention_ref(query, key, value, _REF["layout"], _REF["starts"], r.budget, r.every, r.score,
+                               scale=scaling, pool=r.pool, carry=_REF["carry"])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def dense_recall_logits(model, ids, mask, starts, recall, anchors=(MODEL_ANCHOR,)):
+    """The unpatched model, one pass, its attention replaced by the dense recall oracle."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("anllm_recall_ref", _recall_ref_attention)
+    AttentionMaskInterface.register("anllm_recall_ref", lambda *a, **k: None)
+    layout = anllm_ext.token_layout(ids, list(anchors), mask)
+    _REF.update(recall=recall, layout=layout, starts=starts)
+    model.set_attn_implementation("anllm_recall_ref")
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=layout.positions, use_cache=False).logits
+
+
+def cached_recall_logits(model, ids, mask, starts, recall):
+    cache = AnchorCache(model.config, initial_capacity=16, recall=recall)
+    bounds = starts + [ids.shape[1]]
+    outs = []
+    with torch.no_grad():
+        for a, e in zip(bounds, bounds[1:]):
+            out = model(input_ids=ids[:, a:e], attention_mask=mask[:, :e], cache=cache, use_cache=True)
+            outs.append(out.logits)
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("recall", [RecallConfig(budget=2), RecallConfig(budget=2, every="sentence", score="peak"),
+                                    RecallConfig(budget=2, score="peak", pool="running")],
+                         ids=lambda r: f"{r.every}-{r.score}-{r.pool}")
+def test_patched_model_with_recall_matches_the_dense_oracle(family, recall):
+    base = tiny_model(family)
+    reference = copy.deepcopy(base)
+    model = patch(base, MODEL_ANCHOR)
+    ids, mask = model_stream(3, 56, seed=4, left_pad=(0, 3, 8))
+    starts = chunk_starts(56, 40, 9)
+    got, cache = cached_recall_logits(model, ids, mask, starts, recall)
+    want = dense_recall_logits(reference, ids, mask, starts, recall)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=5e-5, rtol=1e-5)
+    plain, _ = cached_recall_logits(model, ids, mask, starts, None)
+    assert (got[keep] - plain[keep]).abs().max() > 1e-3  # recall changed the logits
+    assert sum(cache.stats()["cold_slots"]) > 0
+
+
+@needs_smollm2
+def test_bundled_anllm_with_recall_matches_the_dense_oracle():
+    """The bundled AnLLM (smollm2-anllm): a held-out paragraph with a needle sentence, a question, chunked prefill
+    and three decode steps through the cache with recall, against the dense oracle; batch of one (the tiny
+    models cover batches and padding)."""
+    from anllm_ext.models import load_model
+
+    torch.set_num_threads(2)
+    base, tok = load_model("smollm2-anllm")
+    reference = copy.deepcopy(base)
+    model = patch(base)
+    text = (TEXT + " The secret code of the Harbor archive is 4821. " + TEXT +
+            "\n\nWhat is the secret code of the Harbor archive? It is")
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :150]
+    mask = torch.ones_like(ids)
+    starts = chunk_starts(ids.shape[1], ids.shape[1] - 3, 64)
+    recall = RecallConfig(budget=2)
+    got, cache = cached_recall_logits(model, ids, mask, starts, recall)
+    want = dense_recall_logits(reference, ids, mask, starts, recall, anchors=patched_anchor_ids(model))
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)  # logits are O(10)
+    plain, _ = cached_recall_logits(model, ids, mask, starts, None)
+    assert (got - plain).abs().max() > 1e-2
+    assert cache.stats()["hot_fraction"] < 0.6
