@@ -157,11 +157,12 @@ def generate(
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         past = cache.get_seq_length()
-        if past and prefill_chunk is not None and input_ids.shape[1] - past > 1:
+        if past and prefill_chunk is not None:
             # Going on from a cache that holds the first `past` columns: transformers' chunked prefill starts at
             # column 0 whatever the cache holds (5.17), so the new prompt tokens but the last are prefilled here
-            # and generate() goes on from the last one.
-            prefill(model, input_ids[:, past:-1], attention_mask[:, :-1], cache=cache, prefill_chunk=prefill_chunk)
+            # and generate() goes on from the last one, unchunked.
+            if input_ids.shape[1] - past > 1:
+                prefill(model, input_ids[:, past:-1], attention_mask[:, :-1], cache=cache, prefill_chunk=prefill_chunk)
             prefill_chunk = None
         if generate_kwargs.get("pad_token_id") is None and getattr(model.generation_config, "pad_token_id", None) is None:
             pad = pad_token_id(model, generate_kwargs.get("eos_token_id", _MODEL))

@@ -45,8 +45,8 @@ def main():
 
         cache = anllm_ext.AnchorCache(model.config, recall=R.RecallConfig())
         cache.recall = Probe(cache.recall.config)
-        anllm_ext.prefill(model, ids[:, :-qn], cache=cache, chunk_size=4096)
-        anllm_ext.prefill(model, ids[:, -qn:], cache=cache, chunk_size=4096)
+        anllm_ext.prefill(model, ids[:, :-qn], cache=cache, prefill_chunk=4096)
+        anllm_ext.prefill(model, ids[:, -qn:], cache=cache, prefill_chunk=4096)
         layers = len(model.model.layers)
         for rule in R.SCORES:
             print(f"depth {trial.depth} {rule}: needle rank per layer {ranks[rule][-layers:]}")
