@@ -1,4 +1,4 @@
-"""Anchor-indexed recall (issue 37): the sentences an :class:`~anllm_ext.AnchorCache` evicts are kept in a cold
+"""Anchor-indexed recall: the sentences an :class:`~anllm_ext.AnchorCache` evicts are kept in a cold
 store, and the queries of a forward get a few of them back, chosen through their anchors.
 
 Per layer and per forward (see :meth:`RecallState.attend`):

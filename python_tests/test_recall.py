@@ -1,4 +1,4 @@
-"""Anchor-indexed recall (anllm_ext/recall.py, issue 37): an AnchorCache with a RecallConfig must give, forward by
+"""Anchor-indexed recall (anllm_ext/recall.py): an AnchorCache with a RecallConfig must give, forward by
 forward, what the dense oracle gives: one pass over the whole text whose mask is the AnSAN mask plus, for every
 real non-anchor query, the evicted tokens of the segments its forward chose through their anchors
 (anllm_ext.reference.recall_attention_ref, written independently of the cache). Batches, left padding,

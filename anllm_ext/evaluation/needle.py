@@ -1,4 +1,4 @@
-"""Needle recall (issue 37): does a model find one fact in a long context under a given KV policy?
+"""Needle recall: does a model find one fact in a long context under a given KV policy?
 
 A trial hides a needle sentence ("The secret code of the NAME archive is 4821.") at a relative depth in
 ``length`` tokens of haystack prose, then asks in the model's chat template for the code; greedy decoding;
