@@ -168,7 +168,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``eval`` to ``anllm``'s subcommands."""
-    from .evaluation import DEMO_ENDS, MODES
+    from .evaluation import ALL_MODES, DEMO_ENDS, MODES, RECALL_MODE
+    from .recall import EVERY, POOLS, SCORES, RecallConfig
 
     e = subparsers.add_parser("eval", help="perplexity and multiple-choice accuracy: full attention vs anchor inference",
                               description="Quality of a model under anchor inference (see docs/method.md): perplexity "
@@ -182,7 +183,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--anchors", default=None,
                    help="ep, ep:<chars>, ac, anllm-ac/anllm-ep or ids '13,30' (default: the anchors a trained "
                         "AnLLM carries, else ep)")
-    e.add_argument("--mode", default=",".join(MODES), help=f"comma-separated modes from {MODES}")
+    e.add_argument("--mode", default=",".join(MODES),
+                   help=f"comma-separated modes from {ALL_MODES} (default: {','.join(MODES)})")
+    r = e.add_argument_group(f"anchor-indexed recall (the {RECALL_MODE} mode)")
+    r.add_argument("--recall-budget", type=arg_int(1), default=RecallConfig.budget,
+                   help="sentences recalled per row, layer and forward")
+    r.add_argument("--recall-every", choices=EVERY, default=RecallConfig.every, help="when a forward chooses anew")
+    r.add_argument("--recall-score", choices=SCORES, default=RecallConfig.score,
+                   help="how an anchor's attention ranks its sentence")
+    r.add_argument("--recall-pool", choices=POOLS, default=RecallConfig.pool, help="per layer, or pooled over layers")
     e.add_argument("--shots", type=arg_int(0), nargs="+", default=[0], help="demonstrations per question (several: one run each)")
     e.add_argument("--limit", type=arg_int(1), default=None, help="score the first N questions")
     e.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draw")
@@ -205,6 +214,7 @@ def cmd_eval(args) -> int:
     from .data import list_data_files, load_documents
     from .evaluation import EvalPlan, PerplexityResult, dump_json, load_multiple_choice, plot_results, run_eval
     from .models import load_model
+    from .recall import RecallConfig
 
     if args.text is None and args.mc is None:
         raise ValueError("nothing to evaluate: give --text PATH... and/or --mc FILE.jsonl")
@@ -217,7 +227,9 @@ def cmd_eval(args) -> int:
                     modes=tuple(m.strip() for m in args.mode.split(",") if m.strip()), shots=args.shots,
                     limit=args.limit, seed=args.seed, demo_end=args.demo_end, batch_size=args.batch_size,
                     prefill_chunk=args.prefill_chunk, block_size=args.block_size, max_blocks=args.max_blocks,
-                    progress=args.progress, text_source=[str(f) for f in args.text or []], mc_source=args.mc)
+                    progress=args.progress, text_source=[str(f) for f in args.text or []], mc_source=args.mc,
+                    recall=RecallConfig(budget=args.recall_budget, every=args.recall_every, score=args.recall_score,
+                                        pool=args.recall_pool))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)

@@ -83,6 +83,27 @@ def test_perplexity_cached_equals_one_pass(tiny):
     assert res["cached"].kv_kept < res["cached"].kv_peak < 1.0
 
 
+def test_recall_mode_scores_against_a_recalling_anchor_cache(tiny):
+    """`cached+recall`: each block prefilled into an AnchorCache with the RecallConfig given, scored token by token
+    as that cache computes it (by hand here); recall changes the scores and its hot KV counts the recalled slots."""
+    from anllm_ext import AnchorCache, RecallConfig, prefill
+
+    blocks = _blocks([60, 45], every=5)
+    recall = RecallConfig(budget=2, score="peak")
+    res = ev.perplexity(tiny, blocks, modes=("cached", "cached+recall"), prefill_chunk=8, batch_size=1,
+                        progress=False, recall=recall)
+    nll, n = 0.0, 0
+    for b in blocks:
+        ids = torch.tensor([b])
+        _, logits = prefill(tiny, ids, cache=AnchorCache(tiny.config, recall=recall), prefill_chunk=8,
+                            return_logits=True)
+        lp = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])
+        nll, n = nll - float(lp.double().sum()), n + len(b) - 1
+    assert res["cached+recall"].perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert res["cached+recall"].nll != pytest.approx(res["cached"].nll, abs=1e-4)
+    assert res["cached"].kv_kept < res["cached+recall"].kv_kept < 1.0
+
+
 def test_perplexity_batched_equals_single(tiny):
     blocks = _blocks([30, 12, 25, 7, 19])
     one = ev.perplexity(tiny, blocks, batch_size=1, prefill_chunk=5, progress=False)
@@ -303,6 +324,23 @@ def test_cli_eval(tiny_dir, tmp_path, capsys):
     assert "6 shots need at least 7 questions" in capsys.readouterr().err
     assert cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--mode", "full,fast", "--no-progress"]) == 2
     assert "unknown evaluation mode 'fast'" in capsys.readouterr().err
+
+
+
+def test_cli_eval_recall_mode(tiny_dir, tmp_path, capsys):
+    from anllm_ext import cli
+
+    mc, out = _write_jsonl(tmp_path / "q.jsonl", QUESTIONS), tmp_path / "r.json"
+    rc = cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--shots", "2", "--limit", "3", "--prefill-chunk", "8",
+                   "--mode", "cached,cached+recall", "--recall-budget", "1", "--recall-score", "peak", "--no-progress",
+                   "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["config"]["recall"]["budget"] == 1 and res["config"]["recall"]["score"] == "peak"
+    assert set(res["modes"]) == {"cached", "cached+recall"}
+    with pytest.raises(SystemExit):  # argparse names the option
+        cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--recall-budget", "0", "--no-progress"])
+    assert "--recall-budget: must be an integer >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec, demo_end", [("ep", "period"), ("ac", "ac"), ("13,30", "none")])

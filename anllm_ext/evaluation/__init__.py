@@ -33,7 +33,7 @@ plots), ``run`` (:class:`EvalPlan` and :func:`run_eval`: what ``anllm eval`` run
 model and its anchors, the tasks take them as given). Every public name is importable from
 ``anllm_ext.evaluation``. The ``anllm eval`` command (:mod:`anllm_ext.cli`) only parses and calls :func:`run_eval`.
 """
-from .modes import MODES, check_modes, model_mode
+from .modes import ALL_MODES, MODES, RECALL_MODE, check_modes, model_mode
 from .multiple_choice import (
     DEMO_ENDS,
     MultipleChoiceConfig,
@@ -51,6 +51,8 @@ from .scoring import ContinuationScores, KVSlots, prefill_with_peak, score_conti
 
 __all__ = [
     "MODES",
+    "ALL_MODES",
+    "RECALL_MODE",
     "check_modes",
     "model_mode",
     "score_sequences",

@@ -1,5 +1,5 @@
-"""The three evaluation modes (``full``, ``ansan``, ``cached``: see :mod:`anllm_ext.evaluation`) and how a
-model is put in one."""
+"""The evaluation modes (``full``, ``ansan``, ``cached``, ``cached+recall``: see :mod:`anllm_ext.evaluation`) and
+how a model is put in one."""
 from __future__ import annotations
 
 from typing import Iterable, Tuple
@@ -7,16 +7,22 @@ from typing import Iterable, Tuple
 #: The evaluation modes, in the order they run by default (not to be confused with the anchor modes of
 #: ``anllm_ext.config.ANCHOR_MODES``).
 MODES = ("full", "ansan", "cached")
+#: The anchor cache with anchor-indexed recall (:class:`~anllm_ext.recall.RecallConfig`): run when asked for.
+RECALL_MODE = "cached+recall"
+#: Every mode a run may name.
+ALL_MODES = MODES + (RECALL_MODE,)
+#: The modes that score against an AnchorCache (prefilled in chunks, compacted between them).
+CACHED_MODES = ("cached", RECALL_MODE)
 
 
 def check_modes(modes: Iterable[str]) -> Tuple[str, ...]:
-    """``modes`` as a tuple of distinct names from ``MODES`` (else ValueError naming the problem)."""
+    """``modes`` as a tuple of distinct names from ``ALL_MODES`` (else ValueError naming the problem)."""
     modes = tuple(modes)
     if not modes:
-        raise ValueError(f"no evaluation mode given; choose from {MODES}")
+        raise ValueError(f"no evaluation mode given; choose from {ALL_MODES}")
     for m in modes:
-        if m not in MODES:
-            raise ValueError(f"unknown evaluation mode {m!r}; choose from {MODES}")
+        if m not in ALL_MODES:
+            raise ValueError(f"unknown evaluation mode {m!r}; choose from {ALL_MODES}")
     if len(set(modes)) != len(modes):
         raise ValueError(f"evaluation modes repeat: {modes}")
     return modes
@@ -29,6 +35,6 @@ def model_mode(model, mode: str, anchors=None):
     the patch it has, else the anchors its config carries)."""
     from ..hf import patched, unpatched
 
-    if mode not in MODES:
-        raise ValueError(f"unknown evaluation mode {mode!r}; choose from {MODES}")
+    if mode not in ALL_MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; choose from {ALL_MODES}")
     return unpatched(model) if mode == "full" else patched(model, anchors)

@@ -21,7 +21,8 @@ import torch
 
 from ..defaults import BATCH_SIZE, PREFILL_CHUNK
 from ..anchors import AC_TOKEN
-from .modes import MODES, check_modes, model_mode
+from ..recall import RecallConfig
+from .modes import CACHED_MODES, MODES, check_modes, model_mode
 from .report import ModeResult, dump_json, format_table, set_t_up
 from .scoring import score_continuations
 
@@ -97,6 +98,7 @@ class MultipleChoiceConfig:
     ``demo_end``: what closes a demonstration: ``"ac"`` (the ``<AC>`` token, AC anchors), ``"period"``
     (EP anchors: a period unless the demonstration already ends with one) or ``"none"``.
     ``limit``: score the first ``limit`` questions only. ``batch_size``: sequences (options) per forward.
+    ``recall``: the :class:`~anllm_ext.recall.RecallConfig` of the ``cached+recall`` mode (default settings when None).
     """
 
     shots: int = 0
@@ -111,6 +113,7 @@ class MultipleChoiceConfig:
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     progress: bool = True
+    recall: Optional[RecallConfig] = None
 
     def __post_init__(self):
         from ..checks import check_int
@@ -252,14 +255,14 @@ def multiple_choice(model, tokenizer, questions: Sequence[Question], config: Opt
     for mode in cfg.modes:
         t0 = time.perf_counter()
         with model_mode(model, mode, anchor_ids), torch.no_grad():
-            sc = score_continuations(model, requests, mode, cfg.batch_size, cfg.prefill_chunk, cfg.progress)
+            sc = score_continuations(model, requests, mode, cfg.batch_size, cfg.prefill_chunk, cfg.progress, cfg.recall)
         seconds = time.perf_counter() - t0
         flat = iter(sc.logprobs)
         scores = [[next(flat) for _ in it.options] for it in items]
         acc, norm = _accuracy(scores, items)
         r = ModeResult(mode, seconds, questions=len(items), accuracy=acc, accuracy_norm=norm)
         prompt_slots = sum(len(it.context) for it in items)
-        if mode == "cached":
+        if mode in CACHED_MODES:
             r.kv_kept_slots, r.kv_full_slots = sc.kv_kept_slots, sc.kv_full_slots
             r.kv_kept = sc.kv_kept_slots / max(sc.kv_full_slots, 1)
             r.kv_peak = sc.kv_peak

@@ -10,7 +10,7 @@ import torch
 
 from ..defaults import BATCH_SIZE, PREFILL_CHUNK
 from ..console import progress_bar
-from .modes import MODES, check_modes, model_mode
+from .modes import CACHED_MODES, MODES, check_modes, model_mode
 from .report import ModeResult, dump_json, format_table, set_t_up
 from .scoring import KVSlots, score_sequences
 
@@ -68,12 +68,15 @@ def perplexity(
     batch_size: int = BATCH_SIZE,
     progress: bool = True,
     anchor_ids=None,
+    recall=None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``blocks`` (token-id lists, each scored on its own) in each mode.
 
     ``anchor_ids``: the anchors (an :class:`~anllm_ext.config.AnchorConfig` or ids) of the anchor modes; None: the
     model's patch, else the anchors its config carries (:func:`~anllm_ext.evaluation.model_mode` decides).
-    Every real token after the first of a block is scored. ``prefill_chunk``: chunk of the ``"cached"``
+    Every real token after the first of a block is scored. ``recall``: the
+    :class:`~anllm_ext.recall.RecallConfig` of the ``cached+recall`` mode (default settings when None); its KV kept
+    is the hot part, kept + recalled slots. ``prefill_chunk``: chunk of the ``"cached"``
     mode's prefill (compaction between chunks); ``batch_size``: blocks per forward (right-padded).
     Returns a :class:`PerplexityResult` (``result["cached"].perplexity``, ``.kv_kept``, ``.seconds``, ...).
     """
@@ -95,7 +98,7 @@ def perplexity(
         with model_mode(model, mode, anchor_ids), torch.no_grad():
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
-                rows = score_sequences(model, [blocks[i] for i in idx], mode, prefill_chunk, kv)
+                rows = score_sequences(model, [blocks[i] for i in idx], mode, prefill_chunk, kv, recall)
                 for i, (lp, _) in zip(idx, rows):
                     scores[i] = lp.cpu()
                 if bar is not None:
@@ -108,9 +111,9 @@ def perplexity(
         n = int(all_lp.numel())
         nll = float(-all_lp.double().sum() / n)
         r = ModeResult(mode, seconds, tokens=n, nll=nll, perplexity=math.exp(nll))
-        if mode == "cached":
-            r.kv_kept_slots, r.kv_full_slots = kv.kept, kv.full
-            r.kv_kept = kv.kept / max(kv.full, 1)
+        if mode in CACHED_MODES:
+            r.kv_kept_slots, r.kv_full_slots = kv.kept + kv.recalled, kv.full
+            r.kv_kept = r.kv_kept_slots / max(kv.full, 1)
             r.kv_peak = kv.peak / max(kv.full, 1)
         else:
             r.kv_kept_slots = r.kv_full_slots = sum(len(b) for b in blocks)

@@ -8,6 +8,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..checks import check_int
 from ..defaults import BATCH_SIZE, PREFILL_CHUNK
+from ..recall import RecallConfig
 from .modes import MODES, check_modes
 from .multiple_choice import (DEMO_ENDS, MultipleChoiceConfig, MultipleChoiceResult, Question, demo_end_for,
                               multiple_choice)
@@ -21,7 +22,8 @@ class EvalPlan:
     ``texts``: documents for perplexity (cut into blocks of ``block_size`` tokens, at most ``max_blocks``; 0: all);
     ``questions``: multiple-choice questions, scored once per entry of ``shots``; ``demo_end``: what closes a
     demonstration (``"auto"``: what fits the anchors, :func:`~anllm_ext.evaluation.multiple_choice.demo_end_for`);
-    ``text_source`` / ``mc_source``: where the data came from (recorded in the results).
+    ``text_source`` / ``mc_source``: where the data came from (recorded in the results); ``recall``: the
+    :class:`~anllm_ext.recall.RecallConfig` of the ``cached+recall`` mode (default settings when None).
     """
 
     texts: Sequence[str] = ()
@@ -38,6 +40,7 @@ class EvalPlan:
     progress: bool = True
     text_source: List[str] = field(default_factory=list)
     mc_source: Optional[str] = None
+    recall: Optional[RecallConfig] = None
 
     def __post_init__(self):
         self.modes = check_modes(self.modes)
@@ -57,7 +60,7 @@ def run_eval(model, tokenizer, anchors, plan: EvalPlan) -> Iterator[Union[Perple
     if plan.texts:
         blocks = text_blocks(tokenizer, plan.texts, anchors, plan.block_size, plan.max_blocks)
         result = perplexity(model, blocks, plan.modes, plan.prefill_chunk, plan.batch_size, plan.progress,
-                            anchor_ids=anchors)
+                            anchor_ids=anchors, recall=plan.recall)
         result.source = list(plan.text_source)
         yield result
     demo_end = demo_end_for(anchors) if plan.demo_end == "auto" else plan.demo_end
@@ -65,5 +68,5 @@ def run_eval(model, tokenizer, anchors, plan: EvalPlan) -> Iterator[Union[Perple
         config = MultipleChoiceConfig(shots=shots, seed=plan.seed, limit=plan.limit, modes=plan.modes,
                                       batch_size=plan.batch_size, prefill_chunk=plan.prefill_chunk, demo_end=demo_end,
                                       ac_token=anchors.ac_token or MultipleChoiceConfig.ac_token,
-                                      progress=plan.progress)
+                                      progress=plan.progress, recall=plan.recall)
         yield multiple_choice(model, tokenizer, plan.questions, config, anchor_ids=anchors, source=plan.mc_source)

@@ -10,7 +10,7 @@ import torch
 
 from ..defaults import BATCH_SIZE, PREFILL_CHUNK
 from ..console import progress_bar
-from .modes import MODES
+from .modes import ALL_MODES, RECALL_MODE
 
 
 def _pad_right(rows: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -72,47 +72,68 @@ def _rows_logprobs(logits: torch.Tensor, ids: torch.Tensor, lengths: Sequence[in
 
 @dataclass
 class KVSlots:
-    """KV slots counted over the ``cached`` mode's prefills (summed over sequences): ``kept`` after the last
+    """KV slots counted over the cached modes' prefills (summed over sequences): ``kept`` after the last
     compaction, ``full`` what a full cache holds for the same real tokens, ``peak`` the most held at once
-    (per sequence, summed; see :func:`prefill_with_peak`)."""
+    (per sequence, summed; see :func:`prefill_with_peak`), ``recalled`` (``cached+recall``) the most slots a layer
+    recalled from the cold store in the last forward: ``kept + recalled`` is what that forward attended."""
 
     kept: int = 0
     full: int = 0
     peak: int = 0
+    recalled: int = 0
 
 
 def score_sequences(model, sequences: Sequence[Sequence[int]], mode: str, prefill_chunk: int = PREFILL_CHUNK,
-                    kv: Optional[KVSlots] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+                    kv: Optional[KVSlots] = None, recall=None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence (token-id lists, one batch, right-padded): log p(token t | tokens < t) for every t >= 1
     (fp32) and whether each token is the argmax, both of shape [len - 1].
 
     The model must already be in ``mode`` (see :func:`~anllm_ext.evaluation.model_mode`). ``full`` /
     ``ansan``: one forward over the batch. ``cached``: the batch is prefilled in chunks of ``prefill_chunk``
     into an :class:`~anllm_ext.cache.AnchorCache` that compacts between chunks, each token scored against
-    the compacted cache; ``kv`` (when given) adds up its KV slots.
+    the compacted cache; ``kv`` (when given) adds up its KV slots. ``cached+recall``: the same with ``recall`` (a
+    :class:`~anllm_ext.recall.RecallConfig`) in the cache; ``kv.recalled`` adds up the slots recalled.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown evaluation mode {mode!r}; choose from {MODES}")
+    check_mode(mode)
     if mode in ("full", "ansan"):
         return _sequence_logprobs(model, sequences)
     ids, mask = _pad_right(sequences, _pad_id(model), _model_device(model))
-    cache, logits, peak = prefill_with_peak(model, ids, mask, prefill_chunk, return_logits=True)
+    cache, logits, peak = prefill_with_peak(model, ids, mask, prefill_chunk, return_logits=True,
+                                            recall=recall_of(mode, recall))
     if kv is not None:
         st = cache.stats()
+        kv.recalled += sum(st.get("recalled_slots", [0]))
         kv.kept += sum(st["kept_slots"])
         kv.full += sum(st["full_cache_slots"])
         kv.peak += peak
     return _rows_logprobs(logits, ids, [len(s) for s in sequences])
 
 
-def prefill_with_peak(model, ids: torch.Tensor, mask: torch.Tensor, prefill_chunk: int, return_logits: bool = False):
-    """:func:`anllm_ext.prefill` into a new AnchorCache, plus the peak KV slots of real tokens: per row, the
-    most slots held at once (kept slots before a chunk + the chunk's real tokens), summed over rows."""
+def check_mode(mode: str) -> None:
+    if mode not in ALL_MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; choose from {ALL_MODES}")
+
+
+def recall_of(mode: str, recall):
+    """The RecallConfig an AnchorCache of ``mode`` gets: ``recall`` (default settings when None) in the
+    ``cached+recall`` mode, None in ``cached``."""
+    from ..recall import RecallConfig
+
+    if mode != RECALL_MODE:
+        return None
+    return RecallConfig() if recall is None else recall
+
+
+def prefill_with_peak(model, ids: torch.Tensor, mask: torch.Tensor, prefill_chunk: int, return_logits: bool = False,
+                      recall=None):
+    """:func:`anllm_ext.prefill` into a new AnchorCache (with ``recall``, a RecallConfig, when given), plus the peak KV
+    slots of real tokens: per row, the most slots held at once (kept slots before a chunk + the chunk's real
+    tokens), summed over rows."""
     from ..cache import AnchorCache
     from ..generation import prefill
 
     kept_after = []  # slots per row after each chunk's forward (compacted; padding never stays)
-    cache = AnchorCache(model.config)
+    cache = AnchorCache(model.config, recall=recall)
     cache.callbacks.append(lambda c, n: kept_after.append(c.lengths()))
     cache, logits = prefill(model, ids, mask, cache=cache, prefill_chunk=prefill_chunk, return_logits=return_logits)
     cache.callbacks.clear()
@@ -145,6 +166,7 @@ def score_continuations(
     batch_size: int = BATCH_SIZE,
     prefill_chunk: int = PREFILL_CHUNK,
     progress: bool = False,
+    recall=None,
 ) -> ContinuationScores:
     """log p(continuation | context) of each ``(context_ids, continuation_ids)`` pair, in ``mode``.
 
@@ -152,15 +174,14 @@ def score_continuations(
     each context + continuation is one sequence, ``batch_size`` per forward. ``cached``: requests sharing a
     context are grouped; each context is prefilled once into an AnchorCache (compacted between chunks), its
     rows are repeated for the group's continuations, and all continuations are scored in one forward
-    against the compacted cache.
+    against the compacted cache. ``cached+recall``: the same with ``recall`` (a RecallConfig) in the cache.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown evaluation mode {mode!r}; choose from {MODES}")
+    check_mode(mode)
     for n, (ctx, cont) in enumerate(requests):
         if len(ctx) < 1 or len(cont) < 1:
             raise ValueError(f"request {n}: the context and the continuation need at least one token each")
-    if mode == "cached":
-        return _score_cached(model, requests, batch_size, prefill_chunk, progress)
+    if mode not in ("full", "ansan"):
+        return _score_cached(model, requests, batch_size, prefill_chunk, progress, mode, recall_of(mode, recall))
     logprobs = [0.0] * len(requests)
     greedy = [False] * len(requests)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
@@ -197,7 +218,7 @@ def _context_groups(requests, batch_size: int) -> List[List[Tuple[Tuple[int, ...
     return packs
 
 
-def _score_cached(model, requests, batch_size, prefill_chunk, progress) -> ContinuationScores:
+def _score_cached(model, requests, batch_size, prefill_chunk, progress, mode, recall) -> ContinuationScores:
     from ..hf import cache_kwarg
 
     device = _model_device(model)
@@ -206,13 +227,13 @@ def _score_cached(model, requests, batch_size, prefill_chunk, progress) -> Conti
     logprobs = [0.0] * len(requests)
     greedy = [False] * len(requests)
     kept = full = peak = 0
-    bar = progress_bar(len(requests), "scoring (cached)", progress, unit="it")
+    bar = progress_bar(len(requests), f"scoring ({mode})", progress, unit="it")
     for pack in _context_groups(requests, batch_size):
         # 1) prefill the contexts once (left-padded: every row's last column is its last context token)
         ids, mask = _pad_left([list(ctx) for ctx, _ in pack], pad, device)
-        cache, last, pack_peak = prefill_with_peak(model, ids, mask, prefill_chunk)
+        cache, last, pack_peak = prefill_with_peak(model, ids, mask, prefill_chunk, recall=recall)
         st = cache.stats()
-        kept += sum(st["kept_slots"])
+        kept += sum(st["kept_slots"]) + sum(st.get("recalled_slots", ()))  # hot: kept + recalled
         full += sum(st["full_cache_slots"])
         peak += pack_peak
         # 2) one row per continuation, against its context's compacted rows
