@@ -8,13 +8,14 @@ Per step (the metadata builder, once for all layers): the AnSAN layout of every 
 its token ids (vLLM's persistent input batch, ``token_ids_cpu``), so it needs no state of its own: keys sit
 in the paged cache at their true positions (after RoPE), and the layout of a prefix is the same whichever
 step computed it. Per layer (:class:`AnchorAttentionImpl`): the new keys/values are written into their
-slots, every request's keys are gathered from its blocks into one padded batch (a view per head, no GQA
-copies), and :func:`anllm_ext.anchor_attention` attends all queries of the step at once.
+slots; then per request group (all decodes together, each prefill chunk alone) the keys are gathered
+from the requests' blocks into one padded batch (a view per head, no GQA copies) and
+:func:`anllm_ext.anchor_attention` attends the group's queries.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -60,16 +61,25 @@ class AnchorAttentionBackend(CPUAttentionBackend):
 
 
 @dataclass
+class RequestGroup:
+    """Requests attended in one op call, padded to the group's longest query / key run."""
+
+    q_index: torch.Tensor  # [b, Q] row of each request's j-th query in the step's flat query tensor (0: padding)
+    k_block: torch.Tensor  # [b, S] block holding each request's t-th key (0: padding)
+    k_offset: torch.Tensor  # [b, S] its offset inside the block
+    q_layout: Layout  # [b, Q]
+    k_layout: Layout  # [b, S]
+
+
+@dataclass
 class AnchorAttentionMetadata:
-    """One step's batch, shared by all layers: B requests padded to the longest query / key run."""
+    """One step, shared by all layers: the new tokens' slots and the request groups. All decoding requests
+    (one query each) form one group; every prefill chunk is a group of its own, so no request is padded
+    to another's query length."""
 
     num_actual_tokens: int
     slot_mapping: torch.Tensor  # [num_tokens] flat slot (block * block_size + offset) of each new token
-    q_index: torch.Tensor  # [B, Qmax] row of each request's j-th query in the flat query tensor (0 if padding)
-    k_block: torch.Tensor  # [B, Smax] block holding each request's t-th key (0 if padding)
-    k_offset: torch.Tensor  # [B, Smax] its offset inside the block
-    q_layout: Layout  # [B, Qmax]
-    k_layout: Layout  # [B, Smax]
+    groups: List[RequestGroup]
 
 
 class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
@@ -90,37 +100,45 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
         qsl = m.query_start_loc_cpu[: B + 1].to(torch.int64)
         seq_lens = m.seq_lens[:B].to("cpu", torch.int64)
         q_lens = qsl[1:] - qsl[:-1]
-        S, Q = max(int(seq_lens.max()), 1), max(int(q_lens.max()), 1)
-        ids, valid = self._token_ids(B, seq_lens, S)
-        k_layout = token_layout(ids, self.anchor_ids, valid)
-        # the j-th query of request b is its key (seq_len - q_len + j)
-        j = torch.arange(Q)[None, :]
-        q_valid = j < q_lens[:, None]
-        q_col = torch.where(q_valid, seq_lens[:, None] - q_lens[:, None] + j, 0)
-        q_layout = Layout(*(t.gather(1, q_col) for t in k_layout.as_tuple()[:3]), q_valid)
-        t = torch.arange(S)[None, :]
+        token_ids = runner_state.token_ids(B, max(int(seq_lens.max()), 1))
         block_table = m.block_table_tensor[:B].to("cpu", torch.int64)
-        k_block = torch.where(valid, block_table.gather(1, (t // self.block_size).expand(B, S).clamp_max(
-            block_table.shape[1] - 1)), 0)
-        device = self.device
+        decodes = (q_lens == 1).nonzero().flatten().tolist()
+        prefills = (q_lens > 1).nonzero().flatten().tolist()
+        groups = [self._group(rows, qsl, seq_lens, token_ids, block_table)
+                  for rows in ([decodes] if decodes else []) + [[r] for r in prefills]]
         return AnchorAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            slot_mapping=m.slot_mapping[: m.num_actual_tokens].to(device, torch.int64),
-            q_index=torch.where(q_valid, qsl[:-1, None] + j, 0).to(device),
+            slot_mapping=m.slot_mapping[: m.num_actual_tokens].to(self.device, torch.int64),
+            groups=groups,
+        )
+
+    def _group(self, rows, qsl, seq_lens, token_ids, block_table) -> RequestGroup:
+        rows = torch.tensor(rows, dtype=torch.int64)
+        starts, lens = qsl[rows], seq_lens[rows]
+        q_lens = qsl[rows + 1] - starts
+        b, S, Q = len(rows), max(int(lens.max()), 1), int(q_lens.max())
+        t = torch.arange(S)[None, :]
+        valid = t < lens[:, None]
+        if token_ids is None:  # a dummy/profiling run outside a scheduled step: no real requests
+            ids = torch.zeros(b, S, dtype=torch.int64)
+        else:
+            ids = torch.from_numpy(np.ascontiguousarray(token_ids[rows.numpy(), :S])).to(torch.int64)
+        k_layout = token_layout(torch.where(valid, ids, 0), self.anchor_ids, valid)
+        # the j-th query of a request is its key (seq_len - q_len + j)
+        j = torch.arange(Q)[None, :]
+        q_valid = j < q_lens[:, None]
+        q_col = torch.where(q_valid, lens[:, None] - q_lens[:, None] + j, 0)
+        q_layout = Layout(*(x.gather(1, q_col) for x in k_layout.as_tuple()[:3]), q_valid)
+        blocks = block_table[rows]
+        k_block = torch.where(valid, blocks.gather(1, (t // self.block_size).clamp_max(blocks.shape[1] - 1).expand(b, S)), 0)
+        device = self.device
+        return RequestGroup(
+            q_index=torch.where(q_valid, starts[:, None] + j, 0).to(device),
             k_block=k_block.to(device),
-            k_offset=(t % self.block_size).expand(B, S).to(device),
+            k_offset=(t % self.block_size).expand(b, S).to(device),
             q_layout=q_layout.to(device),
             k_layout=Layout(*k_layout.as_tuple()).to(device),
         )
-
-    @staticmethod
-    def _token_ids(B: int, seq_lens: torch.Tensor, S: int):
-        """[B, S] token ids of every request's first seq_len tokens (right-padded) and their validity."""
-        valid = torch.arange(S)[None, :] < seq_lens[:, None]
-        token_ids = runner_state.token_ids(B, S)
-        if token_ids is None:  # a dummy/profiling run outside a scheduled step: no real requests
-            return torch.zeros(B, S, dtype=torch.int64), valid
-        return torch.where(valid, torch.from_numpy(np.ascontiguousarray(token_ids)).to(torch.int64), 0), valid
 
 
 class AnchorAttentionImpl(AttentionImpl):
@@ -157,11 +175,12 @@ class AnchorAttentionImpl(AttentionImpl):
         blocks, offsets = m.slot_mapping // bs, m.slot_mapping % bs
         key_cache[blocks, :, offsets] = key[:n].to(key_cache.dtype)
         value_cache[blocks, :, offsets] = value[:n].to(value_cache.dtype)
-        # every request's keys, gathered from its blocks: [B, S, Hkv, D] -> [B, Hkv, S, D] views
-        k = key_cache[m.k_block, :, m.k_offset].permute(0, 2, 1, 3)
-        v = value_cache[m.k_block, :, m.k_offset].permute(0, 2, 1, 3)
-        q = query[m.q_index].permute(0, 2, 1, 3)  # [B, Hq, Qmax, D]
-        out = anchor_attention(q, k, v, m.q_layout, m.k_layout, self.scale).permute(0, 2, 1, 3)  # [B, Qmax, Hq, D]
-        valid = m.q_layout.valid
-        output[m.q_index[valid]] = out[valid].to(output.dtype)
+        for g in m.groups:
+            # the group's keys, gathered from its blocks: [b, S, Hkv, D] -> [b, Hkv, S, D] views (no GQA repeat)
+            k = key_cache[g.k_block, :, g.k_offset].permute(0, 2, 1, 3)
+            v = value_cache[g.k_block, :, g.k_offset].permute(0, 2, 1, 3)
+            q = query[g.q_index].permute(0, 2, 1, 3)  # [b, Hq, Q, D]
+            out = anchor_attention(q, k, v, g.q_layout, g.k_layout, self.scale).permute(0, 2, 1, 3)  # [b, Q, Hq, D]
+            valid = g.q_layout.valid
+            output[g.q_index[valid]] = out[valid].to(output.dtype)
         return output

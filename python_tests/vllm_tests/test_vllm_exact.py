@@ -39,7 +39,7 @@ def vllm_outputs(anllm_dir, prompt_ids):
     return result
 
 
-def _reference(model_dir, prompt_ids, anchors: bool):
+def _reference(model_dir, prompt_ids, anchors: bool, max_new: int = MAX_NEW):
     """Greedy continuations and their logprobs with transformers: anllm_ext.generate (anchors) or plain
     full-attention generate."""
     import anllm_ext
@@ -51,9 +51,9 @@ def _reference(model_dir, prompt_ids, anchors: bool):
     result = []
     for ids in prompt_ids:
         x = torch.tensor([ids])
-        kw = dict(max_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        kw = dict(max_new_tokens=max_new, do_sample=False, output_logits=True, return_dict_in_generate=True)
         if anchors:
-            out = anllm_ext.generate(model, x, prefill_chunk=128, **kw)
+            out = anllm_ext.generate(model, x, **kw)
         else:
             out = model.generate(x, attention_mask=torch.ones_like(x), **kw)
         new = out.sequences[0, len(ids):].tolist()
@@ -64,7 +64,7 @@ def _reference(model_dir, prompt_ids, anchors: bool):
 
 def test_prompts_cover_many_lengths_and_sentences(prompt_ids):
     lengths = sorted(len(i) for i in prompt_ids)
-    assert len(prompt_ids) >= 20 and lengths[0] < 32 and lengths[-1] > 1500, lengths
+    assert len(prompt_ids) >= 20 and lengths[0] < 32 and lengths[-1] > 1400, lengths
     assert len(set(lengths)) >= 20
 
 
@@ -79,6 +79,6 @@ def test_greedy_tokens_and_logprobs_equal_anllm_generate(anllm_dir, prompt_ids, 
 def test_anchor_attention_is_what_runs(anllm_dir, prompt_ids, vllm_outputs):
     """The same weights under full (causal) attention give other logprobs: the engine ran the AnSAN mask."""
     longest = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))[:3]
-    full = _reference(anllm_dir, [prompt_ids[i] for i in longest], anchors=False)
+    full = _reference(anllm_dir, [prompt_ids[i] for i in longest], anchors=False, max_new=1)
     gaps = [abs(vllm_outputs[i][1][0] - f[1][0]) for i, f in zip(longest, full)]
     assert max(gaps) > 1e-2, gaps
