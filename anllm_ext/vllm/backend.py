@@ -9,7 +9,7 @@ its token ids (vLLM's persistent input batch, ``token_ids_cpu``), so it needs no
 in the paged cache at their true positions (after RoPE), and the layout of a prefix is the same whichever
 step computed it. Per layer (:class:`AnchorAttentionImpl`): the new keys/values are written into their
 slots; then per request group (all decodes together, each prefill chunk alone) the keys are gathered
-from the requests' blocks into one padded batch (a view per head, no GQA copies) and
+from the requests' blocks into one padded batch (one copy per KV head, not repeated for GQA) and
 :func:`anllm_ext.anchor_attention` attends the group's queries.
 """
 from __future__ import annotations
@@ -176,7 +176,7 @@ class AnchorAttentionImpl(AttentionImpl):
         key_cache[blocks, :, offsets] = key[:n].to(key_cache.dtype)
         value_cache[blocks, :, offsets] = value[:n].to(value_cache.dtype)
         for g in m.groups:
-            # the group's keys, gathered from its blocks: [b, S, Hkv, D] -> [b, Hkv, S, D] views (no GQA repeat)
+            # the group's keys, gathered from its blocks: [b, S, Hkv, D], seen as [b, Hkv, S, D] (not repeated for GQA)
             k = key_cache[g.k_block, :, g.k_offset].permute(0, 2, 1, 3)
             v = value_cache[g.k_block, :, g.k_offset].permute(0, 2, 1, 3)
             q = query[g.q_index].permute(0, 2, 1, 3)  # [b, Hq, Q, D]

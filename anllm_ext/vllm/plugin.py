@@ -51,9 +51,14 @@ def register() -> None:
         if config is None or anchor_config_of(config.model_config) is None:
             return original_select(selected_backend, attn_selector_config, *args, **kwargs)
         _check_layer(attn_selector_config)
+        from vllm.logger import init_logger
+
         from . import runner_state
 
         runner_state.install()
+        # under "vllm.": the logger namespace vLLM configures
+        init_logger("vllm.plugins.anllm_ext").info("anllm_ext: %s is an AnLLM; attention backend %s",
+                                                   config.model_config.model, BACKEND_NAME)
         return BACKEND_PATH
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
