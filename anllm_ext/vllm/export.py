@@ -1,0 +1,76 @@
+"""Write a servable Hugging Face directory of an AnLLM (merged weights + tokenizer + anchor config).
+
+vLLM serves whole models, not PEFT adapters: the bundled ``smollm2-anllm`` (a LoRA adapter on the bundled
+SmolLM2-135M-Instruct) is merged first. The directory's ``config.json`` carries the anchor configuration
+under the ``"anllm"`` key (:class:`anllm_ext.config.AnchorConfig`), which is what switches the vLLM plugin on.
+
+    python -m anllm_ext.vllm.export smollm2-anllm OUT_DIR [--dtype float32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+
+from ..config import AnchorConfig
+
+
+def export_merged(model: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Merge ``model`` (``"smollm2-anllm"``, an adapter directory of ``anllm train --lora`` or a model
+    directory that carries an anchor configuration) and save it to ``out_dir`` (written atomically:
+    a temporary directory renamed into place). Returns ``out_dir``."""
+    from ..models import load_model
+
+    out = Path(out_dir).expanduser()
+    mdl, tok = load_model(model, dtype=dtype)
+    config = AnchorConfig.from_model(mdl)
+    if config is None:
+        raise ValueError(f"{model} carries no anchor configuration (anllm_config.json or the 'anllm' key of "
+                         "config.json): it is not an AnLLM, serve it with plain vLLM")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        mdl.save_pretrained(tmp)  # config.json carries the "anllm" key (config.attach in load_adapter)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cached_export(model: str = "smollm2-anllm") -> Path:
+    """The merged directory of ``model`` under anllm_ext's cache (``~/.cache/anllm_ext/vllm/<name>``),
+    exported on first use."""
+    from ..models import cache_dir
+
+    target = cache_dir() / "vllm" / Path(str(model)).name
+    if not (target / "config.json").is_file() or AnchorConfig.find_pretrained(target) is None:
+        export_merged(model, target)
+    return target
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m anllm_ext.vllm.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help='"smollm2-anllm" (the bundled AnLLM), or a LoRA adapter / model directory')
+    p.add_argument("out_dir", help="the servable directory to write (replaced if it exists)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    args = p.parse_args(argv)
+    out = export_merged(args.model, args.out_dir, _DTYPES[args.dtype])
+    print(f"wrote {out} (anchors: {AnchorConfig.from_pretrained(out).mode}); serve it with: vllm serve {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
