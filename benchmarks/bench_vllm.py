@@ -21,7 +21,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def prompts(n: int, sentences: int):
-    from anllm_ext.models import sample_text
+    from anllm_ext.sample_text import sample_text
 
     text = re.sub(r"\s+", " ", sample_text(200000))
     parts = [s.strip() + "." for s in text.split(". ") if 20 < len(s.strip()) < 300]

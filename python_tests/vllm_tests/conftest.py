@@ -33,7 +33,7 @@ def sentences(n_max=400):
     """English sentences (Python's documentation prose when installed, else a bundled paragraph)."""
     import re
 
-    from anllm_ext.models import sample_text
+    from anllm_ext.sample_text import sample_text
 
     text = re.sub(r"\s+", " ", sample_text(60000))
     parts = [s.strip() + "." for s in text.split(". ") if 20 < len(s.strip()) < 300]
