@@ -1,10 +1,10 @@
 """anllm_ext.vllm: serve AnLLMs with vLLM (docs/vllm.md).
 
 - :func:`register`: vLLM's plugin entry point (``vllm.general_plugins`` in setup.py); AnLLMs (a config with
-  an anchor configuration) get AnSAN attention (:mod:`anllm_ext.vllm.backend`), other models run as in
+  an anchor configuration) get AnSAN attention (``anllm_ext.vllm.backend``), other models run as in
   plain vLLM;
 - ``python -m anllm_ext.vllm.export smollm2-anllm OUT_DIR``: a servable merged directory of an adapter
-  (:mod:`anllm_ext.vllm.export`).
+  (``anllm_ext.vllm.export``).
 
 Importing this package does not import vLLM.
 """
