@@ -299,6 +299,10 @@ def test_cli_paths_encodings_devices(tmp_path, capsys):
     text.write_text("One. Two.", encoding="utf-8")
     err = cli_error(["eval", "--model", "/nonexistent", "--text", str(text), "--json", str(tmp_path)], capsys)
     assert "--json" in err and "directory" in err
+
+
+@needs_datasets
+def test_cli_eval_refuses_text_without_a_document(tmp_path, capsys):
     blank = tmp_path / "blank.txt"
     blank.write_text(" \n \n", encoding="utf-8")
     err = cli_error(["eval", "--model", "/nonexistent", "--text", str(blank)], capsys)
