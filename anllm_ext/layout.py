@@ -84,11 +84,18 @@ def anchor_tensor(anchor_ids: AnchorIds, device=None) -> torch.Tensor:
     items = [anchor_ids] if isinstance(anchor_ids, numbers.Integral) else anchor_ids
     if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
         raise TypeError(f"anchor_ids must be an int, a sequence of ints or an integer tensor, got {_describe(items)}")
-    items = list(items)
-    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
-    if bad:
-        raise TypeError(f"anchor_ids must hold integer token ids, got {bad[0]!r}")
-    return torch.tensor([int(i) for i in items], dtype=torch.int64, device=device)
+    return torch.tensor([_token_id(i) for i in items], dtype=torch.int64, device=device)
+
+
+def _token_id(item) -> int:
+    """One anchor id: a Python or numpy integer, or a 0-d integer tensor (what iterating a tensor gives)."""
+    if isinstance(item, torch.Tensor):
+        if item.dim() != 0 or item.dtype.is_floating_point or item.dtype.is_complex or item.dtype == torch.bool:
+            raise TypeError(f"anchor_ids must hold integer token ids, got {item!r}")
+        return int(item)
+    if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+        raise TypeError(f"anchor_ids must hold integer token ids, got {item!r}")
+    return int(item)
 
 
 def token_layout(

@@ -80,7 +80,8 @@ def test_bad_layout_input(bad, match):
         token_layout(anchor_ids=[1], **bad)
 
 
-@pytest.mark.parametrize("anchor_ids", [None, "13", 1.5, [1, 2.0], [True], torch.tensor([1.0]), torch.tensor([True])])
+@pytest.mark.parametrize("anchor_ids", [None, "13", 1.5, [1, 2.0], [True], torch.tensor([1.0]), torch.tensor([True]),
+                                       [torch.tensor(1.0)], [torch.tensor([1, 2])]])
 def test_bad_anchor_ids_name_the_argument(anchor_ids):
     with pytest.raises(TypeError, match="anchor_ids"):
         token_layout(torch.zeros(1, 3, dtype=torch.long), anchor_ids)
@@ -91,7 +92,7 @@ def test_anchor_ids_of_any_integer_kind_give_one_layout():
 
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     ref = token_layout(ids, [1, 9])
-    for same in ([np.int64(1), 9], (1, 9), torch.tensor([[1], [9]], dtype=torch.int32)):
+    for same in ([np.int64(1), 9], (1, 9), torch.tensor([[1], [9]], dtype=torch.int32), list(torch.tensor([1, 9]))):
         assert torch.equal(token_layout(ids, same).segments, ref.segments)
 
 
