@@ -71,11 +71,18 @@ def default_model_dir(convert: bool = True, verbose: bool = False) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return save_model_dir(model, tok, target)
+
+
+def save_model_dir(model, tokenizer, target: Path) -> Path:
+    """``save_pretrained`` of ``model`` and ``tokenizer`` into ``target``, atomically: written into a temporary
+    directory beside it and renamed into place (a reader never sees half a directory). Returns ``target``."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=DEFAULT_MODEL_NAME + ".", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

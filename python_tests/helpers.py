@@ -238,3 +238,54 @@ def make_anchor_config(mode: str, tokenizer, model=None, punctuation: str = ".",
     from anllm_ext.config import anchor_spec, resolve_anchor_config
 
     return resolve_anchor_config(anchor_spec(mode, punctuation, anchor_ids), tokenizer, model, ac_init=ac_init)
+
+
+# The toy attention stack of the cache tests: heads, head size, layers.
+H_Q, H_KV, D, LAYERS = 4, 2, 16, 3
+
+
+class ToyStack(torch.nn.Module):
+    """Attention-only layers (q/k/v/o projections, residual): the smallest model whose later layers read the
+    cached keys/values of earlier layers' outputs."""
+
+    def __init__(self, width=32, seed=0, sharpen=1.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.q = torch.nn.ModuleList(torch.nn.Linear(width, H_Q * D, bias=False) for _ in range(LAYERS))
+        self.kv = torch.nn.ModuleList(torch.nn.Linear(width, 2 * H_KV * D, bias=False) for _ in range(LAYERS))
+        self.o = torch.nn.ModuleList(torch.nn.Linear(H_Q * D, width, bias=False) for _ in range(LAYERS))
+        with torch.no_grad():  # sharpen > 1: sharper attention than the default init
+            for p in self.parameters():
+                p.mul_(sharpen)
+
+    def heads(self, i, x):
+        B, T, _ = x.shape
+        q = self.q[i](x).view(B, T, H_Q, D).transpose(1, 2)
+        k, v = self.kv[i](x).view(B, T, 2, H_KV, D).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def merge(self, i, x, attn):
+        B, _, T, _ = attn.shape
+        return x + self.o[i](attn.transpose(1, 2).reshape(B, T, H_Q * D))
+
+    def masked_pass(self, x, layout):
+        """One pass over the whole text under the AnSAN mask (the plain-PyTorch oracle)."""
+        from anllm_ext.reference import anchor_attention_ref
+
+        for i in range(LAYERS):
+            q, k, v = self.heads(i, x)
+            x = self.merge(i, x, anchor_attention_ref(q, k, v, layout, layout))
+        return x
+
+    def cached_chunk(self, x, ids, mask, cache):
+        """One chunk through the cache's public protocol, as a model of one's own would run it."""
+        q_layout = anllm_ext.token_layout(ids, [ANCHOR], mask, start=cache.next_start())
+        k_layout = cache.begin_forward(q_layout)
+        for i in range(LAYERS):
+            q, k, v = self.heads(i, x)
+            k, v = cache.update(k, v, i)  # transformers' Cache API: creates layer i on first use
+            x = self.merge(i, x, cache.attend(q, k, v, q_layout, k_layout))
+        cache.end_forward(q_layout)
+        return x
+
+

@@ -14,33 +14,18 @@ from anllm_ext import AnchorCache, RecallConfig, patch
 from anllm_ext.reference import anchor_attention_ref, recall_attention_ref
 
 from anllm_ext.hf import patched_anchor_ids
-from helpers import ANCHOR, MODEL_ANCHOR, TEXT, model_stream, needs_smollm2, tiny_model, token_stream
+from helpers import (ANCHOR, LAYERS, MODEL_ANCHOR, TEXT, ToyStack, model_stream, needs_smollm2, tiny_model,
+                     token_stream)
 
-H_Q, H_KV, D, LAYERS, WIDTH = 4, 2, 16, 3, 32
+WIDTH = 32
 
 
-class ToyStack(torch.nn.Module):
-    """Attention-only layers with residuals: later layers read cached keys of earlier layers' outputs."""
+class RecallStack(ToyStack):
+    """The cache tests' toy attention stack with sharper attention (so the choice matters) and a dense pass that
+    recalls as the oracle says."""
 
     def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.q = torch.nn.ModuleList(torch.nn.Linear(WIDTH, H_Q * D, bias=False) for _ in range(LAYERS))
-        self.kv = torch.nn.ModuleList(torch.nn.Linear(WIDTH, 2 * H_KV * D, bias=False) for _ in range(LAYERS))
-        self.o = torch.nn.ModuleList(torch.nn.Linear(H_Q * D, WIDTH, bias=False) for _ in range(LAYERS))
-        with torch.no_grad():  # sharper attention than the default init, so the choice matters
-            for p in self.parameters():
-                p.mul_(1.5)
-
-    def heads(self, i, x):
-        B, T, _ = x.shape
-        q = self.q[i](x).view(B, T, H_Q, D).transpose(1, 2)
-        k, v = self.kv[i](x).view(B, T, 2, H_KV, D).permute(2, 0, 3, 1, 4)
-        return q, k, v
-
-    def merge(self, i, x, attn):
-        B, _, T, _ = attn.shape
-        return x + self.o[i](attn.transpose(1, 2).reshape(B, T, H_Q * D))
+        super().__init__(WIDTH, seed, sharpen=1.5)
 
     def dense_pass(self, x, layout, chunk_starts, recall):
         carry = {}
@@ -52,16 +37,6 @@ class ToyStack(torch.nn.Module):
                 attn = recall_attention_ref(q, k, v, layout, chunk_starts, recall.budget, recall.every, recall.score,
                                             pool=recall.pool, carry=carry)
             x = self.merge(i, x, attn)
-        return x
-
-    def cached_chunk(self, x, ids, mask, cache):
-        q_layout = anllm_ext.token_layout(ids, [ANCHOR], mask, start=cache.next_start())
-        k_layout = cache.begin_forward(q_layout)
-        for i in range(LAYERS):
-            q, k, v = self.heads(i, x)
-            k, v = cache.update(k, v, i)
-            x = self.merge(i, x, cache.attend(q, k, v, q_layout, k_layout))
-        cache.end_forward(q_layout)
         return x
 
 
@@ -90,7 +65,7 @@ def test_recall_cache_matches_the_dense_oracle(recall, chunk):
     B, T, prefill = 3, 72, 48
     ids, mask = token_stream(B, T, "random", left_pad=(0, 4, 9), anchor_every=6, seed=chunk)
     x = torch.randn(B, T, WIDTH, generator=torch.Generator().manual_seed(1))
-    stack = ToyStack()
+    stack = RecallStack()
     starts = chunk_starts(T, prefill, chunk)
     layout = anllm_ext.token_layout(ids, [ANCHOR], mask)
     with torch.no_grad():
@@ -113,7 +88,7 @@ def test_recall_of_a_decode_step_equals_recall_alone():
     recall = RecallConfig(budget=2)
     ids, mask = token_stream(2, 40, "random", left_pad=(0, 7), anchor_every=5, seed=3)
     x = torch.randn(2, 40, WIDTH, generator=torch.Generator().manual_seed(2))
-    stack = ToyStack(seed=1)
+    stack = RecallStack(seed=1)
     starts = chunk_starts(40, 24, 8)
     both, _ = run_cached(stack, x, ids, mask, starts, recall)
     for b in range(2):

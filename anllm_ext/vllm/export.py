@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -25,7 +23,7 @@ def export_merged(model: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
     """Merge ``model`` (``"smollm2-anllm"``, an adapter directory of ``anllm train --lora`` or a model
     directory that carries an anchor configuration) and save it to ``out_dir`` (written atomically:
     a temporary directory renamed into place). Returns ``out_dir``."""
-    from ..models import load_model
+    from ..models import load_model, save_model_dir
 
     out = Path(out_dir).expanduser()
     mdl, tok = load_model(model, dtype=dtype)
@@ -33,18 +31,7 @@ def export_merged(model: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
     if config is None:
         raise ValueError(f"{model} carries no anchor configuration (anllm_config.json or the 'anllm' key of "
                          "config.json): it is not an AnLLM, serve it with plain vLLM")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        mdl.save_pretrained(tmp)  # config.json carries the "anllm" key (config.attach in load_adapter)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_model_dir(mdl, tok, out)  # config.json carries the "anllm" key (config.attach in load_adapter)
 
 
 def cached_export(model: str = "smollm2-anllm") -> Path:
