@@ -76,7 +76,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _load_prompt(args, tok, ac_mode: Optional[bool] = None):
     """The prompt's ids [1, T]; ``ac_mode`` (default: whether ``args.anchors`` is an AC spec) inserts ``<AC>``
-    after every sentence of the prompt."""
+    after every sentence of the prompt. ``--max-prompt-tokens`` cuts the text (the document with ``--chat``);
+    ``--chat`` puts it, then ``--question``, into one user turn of the model's chat template."""
     from .anchors import AC_TOKEN, insert_ac
     from .config import spec_mode
     from .sample_text import sample_text
@@ -91,14 +92,24 @@ def _load_prompt(args, tok, ac_mode: Optional[bool] = None):
         text = read_utf8(args.prompt_file, "--prompt-file")
     else:
         text = sample_text(max(4 * args.max_prompt_tokens, 4000))
-    if ac_mode and AC_TOKEN not in text:
+    ids = tok(text, add_special_tokens=not args.chat)["input_ids"]
+    if args.max_prompt_tokens and len(ids) > args.max_prompt_tokens:
+        ids = ids[: args.max_prompt_tokens]
+        text = tok.decode(ids) if args.chat else text
+    if args.chat:
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError("--chat: the model's tokenizer has no chat template")
+        content = text + (f"\n\n{args.question}" if args.question else "")
+        if ac_mode and AC_TOKEN not in content:
+            content = insert_ac(content, close_last=False)
+        ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+    elif ac_mode and AC_TOKEN not in text:
         text = insert_ac(text, close_last=False)  # AC mode: <AC> after every sentence of the prompt
-    ids = tok(text, return_tensors="pt")["input_ids"]
-    if ids.shape[1] == 0:
+        ids = tok(text)["input_ids"][: args.max_prompt_tokens or None]
+    if len(ids) == 0:
         raise ValueError("the prompt is empty")
-    if args.max_prompt_tokens and ids.shape[1] > args.max_prompt_tokens:
-        ids = ids[:, : args.max_prompt_tokens]
-    return ids
+    return torch.tensor([ids])
 
 
 def _anchor_label(spec: Optional[str], saved) -> str:
@@ -113,12 +124,15 @@ def _anchor_label(spec: Optional[str], saved) -> str:
 def cmd_generate(args) -> int:
     from .checks import check_device, read_utf8
     from .config import AnchorConfig, resolve_anchor_config
-    from .models import load_model
+    from .models import load_model, original_model_dir
     from .side_by_side import compare_caches, print_comparison
 
     check_device(args.device)
+    if args.question is not None and not args.chat:
+        raise ValueError("--question is asked in a chat turn: add --chat")
     if args.prompt_file is not None:
         read_utf8(args.prompt_file, "--prompt-file")  # a bad file fails before the model loads
+    original_dir = original_model_dir(args.model) if args.original else None
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
@@ -130,11 +144,13 @@ def cmd_generate(args) -> int:
     print(f"prompt: {ids.shape[1]} tokens, anchors: {_anchor_label(args.anchors, saved)} ({len(anchors.anchor_ids)} "
           f"ids, {int(torch.isin(ids, torch.tensor(anchors.anchor_ids, device=ids.device)).sum())} in the prompt), "
           f"prefill chunk {args.prefill_chunk}")
-    runs = compare_caches(model, ids, anchors, full=not args.anchor_only, max_new_tokens=args.max_new_tokens,
+    original = load_model(original_dir, dtype=args.dtype, device=args.device)[0] if original_dir else None
+    runs = compare_caches(model, ids, anchors, full=not args.anchor_only, original=original,
+                          max_new_tokens=args.max_new_tokens,
                           do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                           ignore_eos=args.ignore_eos, seed=args.seed, prefill_chunk=args.prefill_chunk,
                           progress=args.progress)
-    print_comparison(tok, ids, runs, anchors, trained=saved is not None)
+    print_comparison(tok, ids, runs, anchors, trained=saved is not None, expect=args.expect)
     return 0
 
 
@@ -156,6 +172,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     g.add_argument("--anchor-only", action="store_true", help="skip the full-cache run")
+    g.add_argument("--chat", action="store_true",
+                   help="the prompt (then --question) as one user turn of the model's chat template")
+    g.add_argument("--question", default=None, help="with --chat: asked after the prompt text")
+    g.add_argument("--original", action="store_true",
+                   help="also run the original model with the full cache (the base model of a LoRA AnLLM)")
+    g.add_argument("--expect", default=None, help="a text the right answer contains: each run says whether it does")
     _add_common(g)
     g.set_defaults(func=cmd_generate)
     return g

@@ -208,6 +208,18 @@ def is_adapter_dir(model) -> bool:
     return (resolve_model_dir(model) / "adapter_config.json").is_file() if model is not None else False
 
 
+def original_model_dir(model) -> Path:
+    """The directory of the model an AnLLM was converted from: the base model of a LoRA adapter (e.g. the
+    bundled SmolLM2 for ``smollm2-anllm``). ``ValueError`` for a model that does not name it."""
+    from .config import CONFIG_FILE, AnchorConfig
+
+    path = resolve_model_dir(model)
+    if not (path / "adapter_config.json").is_file() or not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"{model or DEFAULT_MODEL_NAME}: only a LoRA AnLLM (e.g. smollm2-anllm, or what `anllm train "
+                         "--lora` saves) names the original model it was converted from")
+    return adapter_base_dir(AnchorConfig.from_pretrained(path).base_model)
+
+
 def load_adapter_base(path: Path, dtype=torch.float32, attn_implementation: str = "sdpa", verbose: bool = False):
     """(base model, tokenizer, anchor config) of a LoRA adapter directory, the adapter not applied: the base
     model ``anllm_config.json`` names, with the ``<AC>`` row added in AC mode and the anchors attached (the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 from transformers import DynamicCache
@@ -40,14 +40,14 @@ class _Timer:
 
 
 def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool, anchor_ids,
-                   max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                   max_new_tokens: int, label: Optional[str] = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                    ignore_eos: bool = False, seed: int = 0, prefill_chunk: int = PREFILL_CHUNK, progress: bool = False) -> dict:
     """One generation with the anchor cache (``anchor``: chunked prefill, :func:`anllm_ext.generate`) or with
     transformers' full ``DynamicCache`` on the unpatched model; returns the output ids and the figures:
     ``label, ids, new, prefill_s, prefill_tps, decode_tps, kv, peak, slots`` (KV bytes at the end and at
     the peak, key/value slots kept over the batch)."""
     n_prompt = ids.shape[1]
-    label = "anchor cache" if anchor else "full cache"
+    label = label or ("anchor cache" if anchor else "full cache")
     # the anchor run's bar comes from anllm_ext.generate (prefill chunks + decoding)
     timer = _Timer(max_new_tokens, f"{label}: decode", progress and not anchor)
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=timer)
@@ -99,13 +99,19 @@ def first_difference(full, anc, n_prompt: int) -> str:
     return ""
 
 
-def compare_caches(model, ids: torch.Tensor, anchors, *, full: bool = True, **settings) -> List[dict]:
-    """The same generation with transformers' full cache (unless ``full`` is False) and with the anchor cache of
-    ``anchors`` (an :class:`~anllm_ext.config.AnchorConfig`); ``settings``: :func:`timed_generate`'s keywords.
-    Returns the runs' figures, full cache first."""
+def compare_caches(model, ids: torch.Tensor, anchors, *, full: bool = True, original=None, **settings) -> List[dict]:
+    """The same generation with ``original`` (the model before its conversion, if given) and with transformers'
+    full cache (unless ``full`` is False), then with the anchor cache of ``anchors`` (an
+    :class:`~anllm_ext.config.AnchorConfig`); ``settings``: :func:`timed_generate`'s keywords. Returns the
+    runs' figures in that order, the anchor cache last."""
     mask = torch.ones_like(ids)
-    kinds = ([False] if full else []) + [True]
-    return [timed_generate(model, ids, mask, anchor=anchor, anchor_ids=anchors, **settings) for anchor in kinds]
+    runs = []
+    if original is not None:
+        runs.append(timed_generate(original, ids, mask, anchor=False, anchor_ids=anchors,
+                                   label="original, full cache", **settings))
+    if full:
+        runs.append(timed_generate(model, ids, mask, anchor=False, anchor_ids=anchors, **settings))
+    return runs + [timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, **settings)]
 
 
 def _human(n: float) -> str:
@@ -116,15 +122,19 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, trained: bool) -> None:
-    """Every run's generated text (as generated, blank lines included), then their figures side by side and, for
-    two runs, the KV reduction, the decode speed-up and whether the tokens agree. ``trained``: the model carries
-    an anchor configuration (else a note says that an untrained model loses quality under anchor inference)."""
+def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, trained: bool,
+                     expect: Optional[str] = None) -> None:
+    """Every run's generated text (as generated, blank lines included), then their figures side by side and the
+    anchor cache (the last run) against the full cache before it: the KV reduction, the decode speed-up and
+    whether the tokens agree. ``trained``: the model carries an anchor configuration (else a note says that an
+    untrained model loses quality under anchor inference). ``expect``: a text the right answer contains; each
+    run says whether its answer does."""
     from .anchors import decode
 
     n_prompt = ids.shape[1]
-    for r in runs:
-        text = decode(tokenizer, r["ids"][0, n_prompt:], anchor_ids=anchors.anchor_ids, skip_special_tokens=True)
+    texts = [decode(tokenizer, r["ids"][0, n_prompt:], anchor_ids=anchors.anchor_ids, skip_special_tokens=True)
+             for r in runs]
+    for r, text in zip(runs, texts):
         print(f"\n--- generated ({r['label']}) ---")
         print(text)
         print("-" * 32)
@@ -135,15 +145,17 @@ def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, tr
     rows.append(("peak KV bytes", *[_human(r["peak"]) for r in runs]))
     rows.append(("prefill tokens/s", *[f"{r['prefill_tps']:.1f}" for r in runs]))
     rows.append(("decode tokens/s", *[f"{r['decode_tps']:.2f}" for r in runs]))
+    if expect is not None:
+        rows.append((f"answer has {expect!r}", *["yes" if expect.lower() in t.lower() else "NO" for t in texts]))
     print(text_table(rows))
-    if len(runs) != 2:
+    if len(runs) < 2:
         return
-    full, anc = runs
-    print(f"\nKV reduction (C-down): {100 * (1 - anc['kv'] / max(full['kv'], 1)):.1f}% at the end, "
-          f"peak {100 * (1 - anc['peak'] / max(full['peak'], 1)):.1f}%")
+    full, anc = runs[-2], runs[-1]
+    print(f"\nKV reduction (C-down) against the {full['label']}: {100 * (1 - anc['kv'] / max(full['kv'], 1)):.1f}% "
+          f"at the end, peak {100 * (1 - anc['peak'] / max(full['peak'], 1)):.1f}%")
     print(f"decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
     same = torch.equal(full["ids"], anc["ids"])
-    print(f"same tokens as the full cache: {'yes' if same else 'no'}{first_difference(full, anc, n_prompt)}")
+    print(f"same tokens as the {full['label']}: {'yes' if same else 'no'}{first_difference(full, anc, n_prompt)}")
     if not same and not trained:
         print("note: a model not trained with AnSAN (anchor attention) loses quality under anchor inference; "
               "the memory and speed mechanics are the same")

@@ -91,7 +91,7 @@ def test_cli_generate_on_local_dir(tiny_model_dir, capsys, anchors):
         assert all(float(x) > 0 for x in table[row]), table[row]
     assert text.strip() == exp["text"].strip()
     reduction = 100 * (1 - exp["kept"] / n_full)
-    assert f"KV reduction (C-down): {reduction:.1f}% at the end" in out
+    assert f"KV reduction (C-down) against the full cache: {reduction:.1f}% at the end" in out
     same = torch.equal(exp["full"], exp["anchor"])
     assert f"same tokens as the full cache: {'yes' if same else 'no'}" in out
 
@@ -143,3 +143,84 @@ def test_empty_prompt_is_a_clear_error(capsys):
 
     assert main(["generate", "--prompt", "", "--no-progress", "--anchor-only", "--max-new-tokens", "1"]) == 2
     assert "anllm: error: the prompt is empty" in capsys.readouterr().err
+
+
+DOCUMENT = "The keeper of Skerry Point is Agnes Moray. She has kept the light since 1987. The tower is white"
+QUESTION = "Who keeps the light at Skerry Point?"
+
+
+@needs_smollm2
+def test_chat_prompt_is_the_document_then_the_question_in_the_chat_template(tiny_model_dir):
+    """--chat: one user turn, the document then --question, with the generation prompt; --max-prompt-tokens cuts
+    the document and never the question or the template."""
+    from anllm_ext.models import load_model
+
+    _, tok = load_model(tiny_model_dir)
+
+    def prompt(*extra):
+        args = cli.build_parser().parse_args(["generate", "--prompt", DOCUMENT, "--chat", "--question", QUESTION, *extra])
+        return cli._load_prompt(args, tok)[0].tolist()
+
+    def templated(content):
+        return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                       return_dict=True)["input_ids"]
+
+    assert prompt("--max-prompt-tokens", "0") == templated(DOCUMENT + "\n\n" + QUESTION)
+    doc_ids = tok(DOCUMENT, add_special_tokens=False)["input_ids"]
+    cut = prompt("--max-prompt-tokens", "6")
+    assert cut == templated(tok.decode(doc_ids[:6]) + "\n\n" + QUESTION)
+    assert tok.decode(cut).rstrip().endswith("assistant")
+
+
+def test_question_without_chat_is_refused(capsys):
+    assert cli.main(["generate", "--prompt", DOCUMENT, "--question", QUESTION, "--no-progress"]) == 2
+    assert "--question is asked in a chat turn: add --chat" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA AnLLM over the tiny model: random non-zero LoRA weights, EP anchors, base_model = the tiny model."""
+    import peft
+
+    from anllm_ext.config import AnchorConfig, resolve_anchors
+    from anllm_ext.models import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    out = tmp_path_factory.mktemp("tiny_adapter")
+    lora.save_pretrained(str(out))
+    AnchorConfig("ep", resolve_anchors("ep", tok), punctuation=".", base_model=str(tiny_model_dir)).save_pretrained(out)
+    return out
+
+
+@needs_smollm2
+def test_original_runs_the_base_model_beside_the_anllm(tiny_model_dir, tiny_adapter_dir, capsys):
+    """--original: the base model the adapter names, full cache, reported first; --expect marks each answer."""
+    pytest.importorskip("peft")
+    from anllm_ext.models import load_model
+
+    base, tok = load_model(tiny_model_dir)
+    argv = ["generate", "--model", str(tiny_adapter_dir), "--prompt", DOCUMENT, "--chat", "--question", QUESTION,
+            "--max-new-tokens", str(N_NEW), "--ignore-eos", "--no-progress", "--original"]
+    assert cli.main(argv + ["--expect", "zzz-not-there"]) == 0
+    out = capsys.readouterr().out
+    ids = cli._load_prompt(cli.build_parser().parse_args(argv), tok)
+    with torch.no_grad():
+        want = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False,
+                             eos_token_id=None, pad_token_id=tok.eos_token_id)
+    from anllm_ext.anchors import decode
+
+    assert generated_text(out, "original, full cache") == decode(tok, want[0, ids.shape[1]:], skip_special_tokens=True)
+    assert out.index("(original, full cache)") < out.index("(full cache)") < out.index("(anchor cache)")
+    assert re.search(r"answer has 'zzz-not-there'\s+NO\s+NO\s+NO", out)
+    assert "KV reduction (C-down) against the full cache" in out
+    original_text = generated_text(out, "original, full cache")
+    assert cli.main(argv + ["--expect", original_text.strip()[:3]]) == 0
+    assert re.search(r"answer has '.*'\s+yes\s", capsys.readouterr().out)
+
+
+def test_original_needs_a_model_that_names_it(tiny_model_dir, capsys):
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--original", "--no-progress"]) == 2
+    assert "only a LoRA AnLLM" in capsys.readouterr().err

@@ -136,6 +136,17 @@ def unpatched(model):
         _restore(model, before)
 
 
+@contextlib.contextmanager
+def as_original(model):
+    """``with as_original(model): ...``: the model as it was before its conversion, inside the block: a PEFT
+    adapter disabled and the patch lifted (full attention); as before after it. The full-attention teacher of
+    self-distillation and the "original" run of ``anllm generate --original``."""
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with adapter_off, unpatched(base):
+        yield model
+
+
 def _snapshot(target):
     """(anchor configuration, default_cache) of a patched model, or None: what :func:`_restore` puts back."""
     from ..config import AnchorConfig

@@ -20,7 +20,6 @@ which AC mode therefore needs (``distill_alpha < 1``).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -28,6 +27,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+
+from ..hf import as_original
 
 IGNORE_INDEX = -100
 
@@ -92,17 +93,6 @@ def hidden_state_error(student_hidden: Sequence[torch.Tensor], teacher_hidden: S
     return total / max(len(pairs), 1)
 
 
-@contextlib.contextmanager
-def full_attention(model):
-    """The teacher's view of ``model``: LoRA adapter disabled (PEFT) and the AnSAN patch lifted."""
-    from ..hf import unpatched
-
-    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with adapter_off, unpatched(base):
-        yield model
-
-
 class DistillationTrainer(Trainer):
     """``Trainer`` whose loss is ``alpha * KL(teacher || student) + (1 - alpha) * LM`` (plus an optional
     hidden-state term). ``teacher=None``: the model itself with full attention (LoRA only)."""
@@ -144,7 +134,7 @@ class DistillationTrainer(Trainer):
         if self.teacher is not None:
             return self.teacher(**kwargs)
         unwrapped = self.accelerator.unwrap_model(model)
-        with full_attention(unwrapped):
+        with as_original(unwrapped):
             return unwrapped(**kwargs)
 
     def _normalise(self, total, count, num_items_in_batch):

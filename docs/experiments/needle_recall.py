@@ -8,7 +8,8 @@ Handbook pages of heldout_text.py (default) or the GPL-3.
         --per-cell 2 --runs original-full anllm-full anllm-cached anllm-recall:4:token:mass \
         anllm-recall:4:token:peak anllm-recall:8:token:peak --json docs/results/recall/needle.json
 
-A run is ``MODEL-POLICY`` with MODEL ``original`` or ``anllm`` (the bundled smollm2-anllm) and POLICY ``full``,
+A run is ``MODEL-POLICY`` with MODEL ``original`` or ``anllm`` (``--anllm``: the bundled smollm2-anllm unless
+another adapter or model directory is named) and POLICY ``full``,
 ``cached``, ``oracle`` (the needle sentence recalled in every layer) or ``recall:BUDGET:EVERY:SCORE[:POOL]``
 (RecallConfig's fields).
 """
@@ -49,6 +50,7 @@ def main():
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per forward (cache policies)")
+    ap.add_argument("--anllm", default="smollm2-anllm", help="the AnLLM of the anllm-* runs")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,7 +63,7 @@ def main():
     models = {}
     for run, (which, policy, recall) in zip(args.runs, runs):
         if which not in models:
-            models[which] = load_model(None if which == "original" else "smollm2-anllm")
+            models[which] = load_model(None if which == "original" else args.anllm)
         model, tok = models[which]
         if policy == "full" and anllm_ext.is_patched(model):
             anllm_ext.unpatch(model)
@@ -71,7 +73,7 @@ def main():
                          log=lambda s: print(f"[{run}] {s}", flush=True))
         results["runs"][run] = res.as_dict()
         print(f"{run}: {res.score:.3f}", flush=True)
-        results["setup"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "haystack": args.haystack,
+        results["setup"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "haystack": args.haystack, "anllm": args.anllm,
                             "machine": f"2-core CPU ({platform.machine()}), torch threads {args.threads}, fp32",
                             "command": "PYTHONPATH=. python " + " ".join(sys.argv), "torch": torch.__version__,
                             "lengths": args.lengths, "depths": args.depths, "per_cell": args.per_cell,
