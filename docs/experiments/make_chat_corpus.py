@@ -141,18 +141,33 @@ def cut_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def answer_all(model, tok, specs, batch: int, max_new: int) -> None:
-    """The teacher's greedy answer to each spec's last user turn, appended as an assistant turn."""
+def answer(model, tok, specs, max_new: int) -> None:
+    """The teacher's greedy answer to each spec's last user turn (one left-padded batch), appended as an
+    assistant turn."""
     prompts = [tok.apply_chat_template(s["messages"], add_generation_prompt=True, tokenize=False) for s in specs]
-    order = sorted(range(len(specs)), key=lambda i: len(prompts[i]))
-    t0 = time.time()
-    for k in range(0, len(order), batch):
-        idx = order[k: k + batch]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:]):
-            specs[i]["messages"].append({"role": "assistant", "content": cut_answer(tok.decode(row, skip_special_tokens=True))})
-        print(f"  {k + len(idx)}/{len(order)} answered, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+    for spec, row in zip(specs, out[:, enc["input_ids"].shape[1]:]):
+        spec["messages"].append({"role": "assistant", "content": cut_answer(tok.decode(row, skip_special_tokens=True))})
+
+
+def conversations(model, tok, specs, batch: int, max_new: int):
+    """Finished conversations, a batch at a time (batches of similar lengths within windows of 4 batches, so
+    that a run stopped early keeps a sample of every length): the first answer, then any follow-up's."""
+    t0, done = time.time(), 0
+    for w in range(0, len(specs), 4 * batch):
+        window = sorted(specs[w: w + 4 * batch], key=lambda s: len(s["messages"][0]["content"]))
+        for k in range(0, len(window), batch):
+            group = window[k: k + batch]
+            answer(model, tok, group, max_new)
+            follow = [s for s in group if s["follow"]]
+            for s in follow:
+                s["messages"].append({"role": "user", "content": s["follow"]})
+            if follow:
+                answer(model, tok, follow, max_new)
+            done += len(group)
+            print(f"  {done}/{len(specs)} conversations, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+            yield from group
 
 
 def main():
@@ -182,23 +197,18 @@ def main():
     print(f"{len(docs)} documents: " + ", ".join(f"{s} {sum(1 for d in docs if d[0] == s)}"
                                                  for s in sorted({d[0] for d in docs})), file=sys.stderr)
     specs = make_specs(rng, tok, docs, args.conversations, args.min_tokens, args.max_tokens)
-    answer_all(model, tok, specs, args.batch, args.max_new_tokens)
-    follow = [s for s in specs if s["follow"]]
-    for s in follow:
-        s["messages"].append({"role": "user", "content": s["follow"]})
-    answer_all(model, tok, follow, args.batch, args.max_new_tokens)
+    prose = [rng.choice(docs) for _ in range(args.prose)]
+    prose = [(source, passage(rng, tok, paras, rng.randint(300, args.max_tokens))) for source, paras in prose]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for s in specs:
+    with out.open("w", encoding="utf-8") as f:  # written as it goes: a run stopped early keeps what it finished
+        for source, text in prose:
+            f.write(json.dumps({"text": text, "task": "prose", "source": source}) + "\n")
+        for s in conversations(model, tok, specs, args.batch, args.max_new_tokens):
             text = tok.apply_chat_template(s["messages"], tokenize=False)
             f.write(json.dumps({"text": text, "task": s["task"], "source": s["source"]}) + "\n")
-        for _ in range(args.prose):
-            source, paras = rng.choice(docs)
-            f.write(json.dumps({"text": passage(rng, tok, paras, rng.randint(300, 1400)), "task": "prose",
-                                "source": source}) + "\n")
-    print(f"{len(specs)} conversations ({len(follow)} with a follow-up) + {args.prose} prose rows -> {out}",
-          file=sys.stderr)
+            f.flush()
+    print(f"{len(specs)} conversations + {args.prose} prose rows -> {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Self-distillation on the work the model will do: the bundled AnLLM's LoRA adapter goes on training, the AnSAN
+# student matching the original SmolLM2-135M-Instruct (the same weights, adapter off, full attention) on chat
+# conversations whose answers that teacher wrote (make_chat_corpus.py) plus plain passages of the same sources.
+#   python docs/experiments/make_chat_corpus.py --out $DATA/chat.jsonl --conversations 260 --prose 120 \
+#       --man $DATA/man_prose.jsonl --legal $DATA/legal.jsonl --max-new-tokens 64
+#   RUN=chat-distill docs/experiments/chat_distill.sh
+# One epoch (constant lr after 8 warm-up steps: a run cut by MIN is as trained), batch 1 x 4 accumulation (conversations are not padded to each other),
+# 2,048-token rows (a conversation is one row), lr 2e-4; MODEL (default smollm2-anllm), LR, SCHED, EPOCHS, MIN, THREADS.
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+DATA=${DATA:-$REPO/data}; RUNS=${RUNS:-$REPO/runs}
+mkdir -p $RUNS && cd $RUNS && ${ANLLM_PY:-$REPO/.venv/bin/python} -m anllm_ext.cli train \
+  --data $DATA/chat.jsonl --model ${MODEL:-smollm2-anllm} --lora --lora-r 16 --lora-alpha 32 \
+  --distill true --distill-alpha 1.0 --output-dir $RUNS/${RUN:-chat-distill} \
+  --block-size 2048 --per-device-train-batch-size 1 --gradient-accumulation-steps 4 \
+  --learning-rate ${LR:-2e-4} --lr-scheduler-type ${SCHED:-constant_with_warmup} --warmup-steps 8 --num-train-epochs ${EPOCHS:-1} \
+  --max-minutes ${MIN:-80} --eval-blocks 4 --no-eval-before --prefill-chunk 256 \
+  --logging-steps 5 --save-steps ${SAVE_STEPS:-20} --seed ${SEED:-0} --threads ${THREADS:-2} --disable-tqdm true
