@@ -167,3 +167,19 @@ def test_ac_mode_distillation_runs_with_the_lm_loss_mixed_in(tmp_path, tiny_dir,
                       max_steps=3)
     assert res["anchor_config"]["mode"] == "ac" and res["train_steps"] == 3
     assert all(h["distill_kl"] >= 0 for h in res["log_history"] if "distill_kl" in h)
+
+
+@needs_smollm2
+def test_logged_terms_are_per_token_over_an_accumulated_step(tmp_path, tiny_dir):
+    """With gradient accumulation the Trainer normalises each micro-batch by the whole step's tokens; the logged
+    distill_kl / lm_loss are still per-token means over the step (two equal micro-batches: one's own mean)."""
+    trainer, model, batch, _ = _trainer(tiny_dir, tmp_path, lora=True, alpha=0.5)
+    trainer.compute_loss(model, dict(batch))  # no num_items_in_batch: normalised by its own tokens
+    trainer.log(alone := {"loss": 0.0})
+    trainer.args.gradient_accumulation_steps = 2
+    n_tokens = int(predicted_token_mask(batch["labels"]).sum())
+    for _ in range(2):
+        trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(2 * n_tokens))
+    trainer.log(logs := {"loss": 0.0})
+    for key in ("distill_kl", "lm_loss"):
+        assert logs[key] == pytest.approx(alone[key], rel=1e-4), key

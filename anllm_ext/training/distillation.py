@@ -123,7 +123,7 @@ class DistillationTrainer(Trainer):
             hidden = self._normalise(hidden_state_error(outputs.hidden_states, teacher_out.hidden_states,
                                                         token_mask), count, num_items_in_batch)
             loss = loss + cfg.hidden_weight * hidden
-        self._record(kl, lm_loss, hidden)
+        self._record(kl, lm_loss, hidden, per_step=num_items_in_batch is not None and self.model_accepts_loss_kwargs)
         return (loss, outputs) if return_outputs else loss
 
     def _teacher_forward(self, model, inputs, want_hidden: bool):
@@ -147,10 +147,14 @@ class DistillationTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return loss
 
-    def _record(self, kl, lm, hidden):
-        self._parts["kl"] += float(kl.detach())
-        self._parts["lm"] += float(lm.detach())
-        self._parts["hidden"] += float(hidden.detach()) if hidden is not None else 0.0
+    def _record(self, kl, lm, hidden, per_step: bool):
+        """Adds one micro-batch's terms. ``per_step``: they are normalised by the tokens of the whole accumulated
+        batch (the Trainer's ``num_items_in_batch``), so an optimizer step's value is their sum: each counts
+        ``gradient_accumulation_steps`` times, and the log's mean is per optimizer step, per token."""
+        weight = self.args.gradient_accumulation_steps if per_step else 1
+        self._parts["kl"] += float(kl.detach()) * weight
+        self._parts["lm"] += float(lm.detach()) * weight
+        self._parts["hidden"] += float(hidden.detach()) * weight if hidden is not None else 0.0
         self._parts["n"] += 1
 
     def log(self, logs, *args, **kwargs):
