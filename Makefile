@@ -32,16 +32,17 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*
 
 install: $(VENV)/.built
 
-## The main job: generate on the bundled default model (SmolLM2-135M), full cache vs anchor cache.
-## The bundled trained AnLLM (SmolLM2-135M + a LoRA adapter trained with AnSAN, docs/training.md): anchor
-## cache vs full cache; then, for contrast, the untrained SmolLM2 under the same anchor inference.
-## The prompt: the GPL-2 licence text (verbatim; ~4,100 tokens, long enough for the anchor cache to decode
-## faster than the full cache) and a question about it (docs/guide.md, "What the demo shows").
-DEMO_PROMPT ?= docs/experiments/demo_prompt_gpl2.txt
+## The main job: the bundled trained AnLLM (SmolLM2-135M-Instruct + a LoRA adapter trained with AnSAN,
+## docs/training.md) answers a question about a long document in its chat template: the original model with
+## the full cache, the AnLLM with the full cache, the AnLLM with the anchor cache, side by side (the answers,
+## whether each holds the fact, KV kept, decode speed). The document: the GNU GPL version 2 (verbatim, ~4,100
+## tokens; no training run read it); docs/guide.md, "What the demo shows".
+DEMO_DOCUMENT ?= docs/experiments/gpl2.txt
+DEMO_QUESTION ?= Who publishes this license?
+DEMO_EXPECT ?= Free Software Foundation
 demo: install
-	$(VENV)/bin/anllm generate --model smollm2-anllm --prompt-file $(DEMO_PROMPT) --max-prompt-tokens 0 --max-new-tokens 48
-	@echo; echo "=== for contrast: the untrained SmolLM2-135M under anchor inference (EP anchors) ==="
-	$(VENV)/bin/anllm generate --anchor-only --anchors ep --prompt-file $(DEMO_PROMPT) --max-prompt-tokens 0 --max-new-tokens 48
+	$(VENV)/bin/anllm generate --model smollm2-anllm --original --chat --prompt-file $(DEMO_DOCUMENT) \
+		--question "$(DEMO_QUESTION)" --expect "$(DEMO_EXPECT)" --max-prompt-tokens 0 --max-new-tokens 48
 
 ## All tests (CPU; CUDA cases too when a GPU is present) with the pinned transformers (DEPS), then the
 ## transformers-facing tests again with the oldest supported transformers.

@@ -156,6 +156,23 @@ def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, tr
     print(f"decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
     same = torch.equal(full["ids"], anc["ids"])
     print(f"same tokens as the {full['label']}: {'yes' if same else 'no'}{first_difference(full, anc, n_prompt)}")
+    if expect is not None:
+        print(_expect_verdict(expect, runs, texts))
     if not same and not trained:
         print("note: a model not trained with AnSAN (anchor attention) loses quality under anchor inference; "
               "the memory and speed mechanics are the same")
+
+
+def _expect_verdict(expect: str, runs: List[dict], texts: List[str]) -> str:
+    """One line naming where the expected fact was lost: by the conversion (the AnLLM's own full attention misses
+    it), by the anchor cache (only the compressed run misses it), or nowhere."""
+    has = {r["label"]: expect.lower() in t.lower() for r, t in zip(runs, texts)}
+    if has["anchor cache"]:
+        return f"the anchor cache's answer holds {expect!r}"
+    if has.get("full cache") is False:
+        return (f"failure: the AnLLM misses {expect!r} with its full cache too, so the conversion lost it, not the "
+                "anchor cache" + (" (the original model finds it)" if has.get("original, full cache") else ""))
+    if has.get("full cache"):
+        return (f"failure: only the anchor cache misses {expect!r}: what the dropped tokens said did not reach "
+                "their anchors")
+    return f"failure: the anchor cache's answer misses {expect!r}"

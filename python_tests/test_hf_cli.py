@@ -224,3 +224,18 @@ def test_original_runs_the_base_model_beside_the_anllm(tiny_model_dir, tiny_adap
 def test_original_needs_a_model_that_names_it(tiny_model_dir, capsys):
     assert cli.main(["generate", "--model", str(tiny_model_dir), "--original", "--no-progress"]) == 2
     assert "only a LoRA AnLLM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("found, verdict", [
+    ((True, True, True), "the anchor cache's answer holds 'x'"),
+    ((True, True, False), "failure: only the anchor cache misses 'x'"),
+    ((True, False, False), "failure: the AnLLM misses 'x' with its full cache too, so the conversion lost it, not "
+                           "the anchor cache (the original model finds it)"),
+    ((False, False, False), "failure: the AnLLM misses 'x' with its full cache too"),
+])
+def test_expect_verdict_names_where_the_fact_was_lost(found, verdict):
+    runs = [{"label": label} for label in ("original, full cache", "full cache", "anchor cache")]
+    texts = ["... x ..." if f else "..." for f in found]
+    assert side_by_side._expect_verdict("x", runs, texts).startswith(verdict)
+    assert side_by_side._expect_verdict("x", runs[2:], texts[2:]).startswith(
+        "the anchor cache's answer holds" if found[2] else "failure: the anchor cache's answer misses")
