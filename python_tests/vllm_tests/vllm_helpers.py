@@ -31,3 +31,14 @@ def reference(model_dir, prompt_ids, anchors: bool, max_new: int):
         logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, new)]
         result.append((new, logprobs))
     return result
+
+
+def sentences(n_max=400):
+    """English sentences (Python's documentation prose when installed, else a bundled paragraph)."""
+    import re
+
+    from anllm_ext.sample_text import sample_text
+
+    text = re.sub(r"\s+", " ", sample_text(60000))
+    parts = [s.strip() + "." for s in text.split(". ") if 20 < len(s.strip()) < 300]
+    return parts[:n_max]
