@@ -1,16 +1,19 @@
-"""The vLLM attention backend of AnLLMs: paged KV cache, AnSAN attention with anllm_ext's op.
+"""The vLLM attention backend of AnLLMs: paged KV cache, AnSAN attention with anllm_ext's op, compaction.
 
 vLLM selects it (instead of its CPU backend, :mod:`anllm_ext.vllm.plugin`) for models that carry an anchor
 configuration. The KV cache keeps vLLM's CPU layout (``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
-keys then values inside a block), so vLLM's cache allocation, block tables and prefix caching are unchanged.
+keys then values inside a block), so vLLM's cache allocation and block tables are unchanged.
 
-Per step (the metadata builder, once for all layers): the AnSAN layout of every request's keys comes from
-its token ids (vLLM's persistent input batch, ``token_ids_cpu``), so it needs no state of its own: keys sit
-in the paged cache at their true positions (after RoPE), and the layout of a prefix is the same whichever
-step computed it. Per layer (:class:`AnchorAttentionImpl`): the new keys/values are written into their
-slots; then per request group (all decodes together, each prefill chunk alone) the keys are gathered
-from the requests' blocks into one padded batch (one copy per KV head, not repeated for GQA) and
-:func:`anllm_ext.anchor_attention` attends the group's queries.
+A request's block-table row holds its slots in order: the kept slots (anchors + open segment,
+:mod:`anllm_ext.vllm.compaction`) of the tokens computed in earlier steps, then the step's new tokens. Per
+step (the metadata builder, once for all layers) the AnSAN layout of those slots comes from the request's
+token ids (vLLM's persistent input batch, ``token_ids_cpu``): keys sit in the cache at their true positions
+(after RoPE), and which tokens are kept is a function of the token ids, so the builder needs no state of its
+own. Per layer (:class:`AnchorAttentionImpl`): the new keys/values are written into their slots; per request
+group (all decodes together, each prefill chunk alone) the keys are gathered from the requests' blocks into
+one padded batch (one copy per KV head, not repeated for GQA) and :func:`anllm_ext.anchor_attention` attends
+the group's queries; then compaction moves the slots kept after this step to the front of each request's
+blocks. The scheduler (:mod:`anllm_ext.vllm.scheduler`) frees the blocks past them after the step.
 """
 from __future__ import annotations
 
@@ -136,14 +139,17 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
         prefills = (q_lens > 1).nonzero().flatten().tolist()
         groups = [self._group(rows, qsl, reqs) for rows in ([decodes] if decodes else []) + [[r] for r in prefills]]
         moves = [r.moves(self.anchor_ids_np) for r in reqs] if token_ids is not None else []
-        as_tensor = lambda parts: torch.from_numpy(np.concatenate(parts or [np.zeros(0, np.int64)])).to(self.device)
         return AnchorAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            slot_mapping=as_tensor([r.flat[len(r.flat) - r.q_len:] for r in reqs])[: m.num_actual_tokens],
+            slot_mapping=self._cat([r.flat[len(r.flat) - r.q_len:] for r in reqs])[: m.num_actual_tokens],
             groups=groups,
-            move_from=as_tensor([f for f, _ in moves]),
-            move_to=as_tensor([t for _, t in moves]),
+            move_from=self._cat([f for f, _ in moves]),
+            move_to=self._cat([t for _, t in moves]),
         )
+
+    def _cat(self, parts) -> torch.Tensor:
+        """int64 numpy arrays, concatenated into one tensor on the device."""
+        return torch.from_numpy(np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)).to(self.device)
 
     def _slots(self, row, seq_len, q_len, token_ids, block_table, row_blocks) -> _RequestSlots:
         ctx = seq_len - q_len
