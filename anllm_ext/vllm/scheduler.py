@@ -62,9 +62,10 @@ class AnchorScheduler(Scheduler):
         return outputs
 
     def _admission_slots(self, request_id: str) -> int:
-        """Slots a waiting prompt can need at once: its peak of kept slots plus one chunk of new tokens."""
+        """Slots a waiting request can need at once while its tokens are (re)computed: its peak of kept slots
+        plus one step's budget of new tokens (a preempted request recomputes its outputs too)."""
         request = self.requests[request_id]
-        return peak_kept(request.prompt_token_ids, self.anchor_ids) + self.scheduler_config.max_num_batched_tokens
+        return peak_kept(request.all_token_ids[:], self.anchor_ids) + self.scheduler_config.max_num_batched_tokens
 
     def blocks_in_use(self) -> int:
         """KV blocks held by requests now (for tests and benchmarks)."""

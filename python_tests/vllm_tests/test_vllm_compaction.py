@@ -82,3 +82,26 @@ def test_small_pool_runs_more_requests_than_plain_vllm(anllm_dir, plain_dir, pro
     assert plain["scheduler"] == "Scheduler" and peak_plain == 2, peak_plain
     assert peak_anllm >= 3 * peak_plain, (peak_anllm, peak_plain)
     assert len(anllm["steps"]) < len(plain["steps"]), (len(anllm["steps"]), len(plain["steps"]))
+
+
+def test_kept_slots_rule_is_anchor_caches():
+    """kept_indices / num_kept / peak_kept against AnchorCache's rule (valid & (anchor | open segment)) on
+    random streams, anchors at the start, at the end, none, all."""
+    import torch
+
+    from anllm_ext import token_layout
+    from anllm_ext.vllm.compaction import kept_indices, peak_kept
+
+    anchors = np.array([3, 7])
+    rng = np.random.default_rng(0)
+    streams = [rng.integers(0, 10, size=n) for n in (1, 2, 5, 40, 300)] + [np.array([3, 1, 2]), np.array([1, 2, 7]),
+                                                                         np.array([1, 2]), np.array([3, 7, 3])]
+    for ids in streams:
+        layout = token_layout(torch.from_numpy(ids)[None], anchors)
+        open_segment = layout.is_anchor.sum()
+        expected = (layout.is_anchor | (layout.segments == open_segment))[0].nonzero().flatten().numpy()
+        assert kept_indices(ids, anchors).tolist() == expected.tolist(), ids
+        assert num_kept(ids, anchors) == len(expected)
+        assert peak_kept(ids, anchors) == max(num_kept(ids[:n], anchors) for n in range(len(ids) + 1))
+    with pytest.raises(ValueError, match="1-D"):
+        kept_indices(np.zeros((2, 2), dtype=np.int64), anchors)
