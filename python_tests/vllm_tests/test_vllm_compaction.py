@@ -84,6 +84,20 @@ def test_small_pool_runs_more_requests_than_plain_vllm(anllm_dir, plain_dir, pro
     assert len(anllm["steps"]) < len(plain["steps"]), (len(anllm["steps"]), len(plain["steps"]))
 
 
+def test_preempted_request_recomputes_to_the_same_tokens(anllm_dir, tokenizer, anchor_ids):
+    """Two requests of three sentences (compacted to their anchors) then a count ("1, 2, 3, ...": no anchor,
+    so the open segment grows as they decode) in a pool of 3 blocks: the second is preempted when both need
+    a second block, its blocks are freed, it is recomputed from token 0 later, and both generate
+    anllm_ext.generate's tokens."""
+    prompts = [tokenizer("We count. We count again. Here it goes. " + ", ".join(str(i) for i in range(s, s + n)) + ",")
+               ["input_ids"] for s, n in ((1, 28), (301, 22))]
+    assert all(np.isin(p, anchor_ids).sum() == 3 for p in prompts)
+    report = probe(anllm_dir, prompts, 40, max_model_len=256, max_num_batched_tokens=128, max_num_seqs=4,
+                   num_gpu_blocks_override=4)
+    assert report["preempted"] == ["r1"], report["preempted"]
+    expected = reference(anllm_dir, prompts, anchors=True, max_new=40)
+    assert report["outputs"] == [want for want, _ in expected]
+
 def test_kept_slots_rule_is_anchor_caches():
     """kept_indices / num_kept / peak_kept against AnchorCache's rule (valid & (anchor | open segment)) on
     random streams, anchors at the start, at the end, none, all."""
