@@ -1,8 +1,8 @@
 """anllm_ext.vllm: serve AnLLMs with vLLM (docs/vllm.md).
 
 - :func:`register`: vLLM's plugin entry point (``vllm.general_plugins`` in setup.py); AnLLMs (a config with
-  an anchor configuration) get AnSAN attention (``anllm_ext.vllm.backend``), other models run as in
-  plain vLLM;
+  an anchor configuration) get AnSAN attention (``anllm_ext.vllm.backend``) and compaction of their paged KV
+  cache (``anllm_ext.vllm.scheduler``, ``anllm_ext.vllm.compaction``), other models run as in plain vLLM;
 - ``python -m anllm_ext.vllm.export smollm2-anllm OUT_DIR``: a servable merged directory of an adapter
   (``anllm_ext.vllm.export``).
 

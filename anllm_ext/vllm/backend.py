@@ -1,16 +1,19 @@
-"""The vLLM attention backend of AnLLMs: paged KV cache, AnSAN attention with anllm_ext's op.
+"""The vLLM attention backend of AnLLMs: paged KV cache, AnSAN attention with anllm_ext's op, compaction.
 
 vLLM selects it (instead of its CPU backend, :mod:`anllm_ext.vllm.plugin`) for models that carry an anchor
 configuration. The KV cache keeps vLLM's CPU layout (``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
-keys then values inside a block), so vLLM's cache allocation, block tables and prefix caching are unchanged.
+keys then values inside a block), so vLLM's cache allocation and block tables are unchanged.
 
-Per step (the metadata builder, once for all layers): the AnSAN layout of every request's keys comes from
-its token ids (vLLM's persistent input batch, ``token_ids_cpu``), so it needs no state of its own: keys sit
-in the paged cache at their true positions (after RoPE), and the layout of a prefix is the same whichever
-step computed it. Per layer (:class:`AnchorAttentionImpl`): the new keys/values are written into their
-slots; then per request group (all decodes together, each prefill chunk alone) the keys are gathered
-from the requests' blocks into one padded batch (one copy per KV head, not repeated for GQA) and
-:func:`anllm_ext.anchor_attention` attends the group's queries.
+A request's block-table row holds its slots in order: the kept slots (anchors + open segment,
+:mod:`anllm_ext.vllm.compaction`) of the tokens computed in earlier steps, then the step's new tokens. Per
+step (the metadata builder, once for all layers) the AnSAN layout of those slots comes from the request's
+token ids (vLLM's persistent input batch, ``token_ids_cpu``): keys sit in the cache at their true positions
+(after RoPE), and which tokens are kept is a function of the token ids, so the builder needs no state of its
+own. Per layer (:class:`AnchorAttentionImpl`): the new keys/values are written into their slots; per request
+group (all decodes together, each prefill chunk alone) the keys are gathered from the requests' blocks into
+one padded batch (one copy per KV head, not repeated for GQA) and :func:`anllm_ext.anchor_attention` attends
+the group's queries; then compaction moves the slots kept after this step to the front of each request's
+blocks. The scheduler (:mod:`anllm_ext.vllm.scheduler`) frees the blocks past them after the step.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from ..layout import Layout, token_layout
 from ..ops import anchor_attention
 from . import runner_state
+from .compaction import kept_indices
 from .detect import anchor_config_of
 
 
@@ -65,7 +69,7 @@ class RequestGroup:
     """Requests attended in one op call, padded to the group's longest query / key run."""
 
     q_index: torch.Tensor  # [b, Q] row of each request's j-th query in the step's flat query tensor (0: padding)
-    k_block: torch.Tensor  # [b, S] block holding each request's t-th key (0: padding)
+    k_block: torch.Tensor  # [b, S] block holding each request's t-th key slot (0: padding)
     k_offset: torch.Tensor  # [b, S] its offset inside the block
     q_layout: Layout  # [b, Q]
     k_layout: Layout  # [b, S]
@@ -73,17 +77,42 @@ class RequestGroup:
 
 @dataclass
 class AnchorAttentionMetadata:
-    """One step, shared by all layers: the new tokens' slots and the request groups. All decoding requests
-    (one query each) form one group; every prefill chunk is a group of its own, so no request is padded
-    to another's query length."""
+    """One step, shared by all layers: the new tokens' slots, the request groups and the compaction. All
+    decoding requests (one query each) form one group; every prefill chunk is a group of its own, so no
+    request is padded to another's query length."""
 
     num_actual_tokens: int
     slot_mapping: torch.Tensor  # [num_tokens] flat slot (block * block_size + offset) of each new token
     groups: List[RequestGroup]
+    move_from: torch.Tensor  # [m] flat slots whose keys/values move after the attention (compaction) ...
+    move_to: torch.Tensor  # [m] ... to these flat slots
+
+
+@dataclass
+class _RequestSlots:
+    """One request in one step: which token each of its slots holds (``keys``: the kept slots of the tokens
+    computed before, then the step's new tokens) and where its block-table row puts slot s."""
+
+    ids: np.ndarray  # [seq_len] token ids (zeros in vLLM's dummy runs)
+    keys: np.ndarray  # [kept + q_len] token index held by each slot
+    flat: np.ndarray  # [kept + q_len] flat cache slot of each slot
+    q_len: int
+
+    def moves(self, anchor_ids) -> tuple:
+        """(from, to) flat slots that compaction moves after this step: the slots kept once the step's tokens
+        are computed go to the front, in order."""
+        src = np.searchsorted(self.keys, kept_indices(self.ids, anchor_ids))
+        moved = src != np.arange(len(src))
+        return self.flat[src[moved]], self.flat[:len(src)][moved]
 
 
 class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
-    """Builds :class:`AnchorAttentionMetadata` from vLLM's common metadata and the requests' token ids."""
+    """Builds :class:`AnchorAttentionMetadata` from vLLM's common metadata and the requests' token ids.
+
+    A request's row of the block table holds its slots in order: the kept slots of the tokens computed in
+    earlier steps (:func:`anllm_ext.vllm.compaction.kept_indices`, moved to the front by compaction), then the
+    step's new tokens. So a new token's slot follows from the kept count, not from its position (vLLM's own
+    ``slot_mapping`` is not used), while its position stays the true one."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -91,6 +120,7 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
         if config is None:  # the plugin selects this backend for AnLLMs only
             raise RuntimeError("the anllm_ext attention backend was selected for a model without an anchor configuration")
         self.anchor_ids = torch.tensor(config.anchor_ids, dtype=torch.int64)
+        self.anchor_ids_np = self.anchor_ids.numpy()
         self.block_size = kv_cache_spec.block_size
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -101,43 +131,74 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
         seq_lens = m.seq_lens[:B].to("cpu", torch.int64)
         q_lens = qsl[1:] - qsl[:-1]
         token_ids = runner_state.token_ids(B, max(int(seq_lens.max()), 1))
-        block_table = m.block_table_tensor[:B].to("cpu", torch.int64)
+        row_blocks = runner_state.num_blocks_per_row(B)
+        block_table = m.block_table_tensor[:B].to("cpu", torch.int64).numpy()
+        reqs = [self._slots(r, int(seq_lens[r]), int(q_lens[r]), token_ids, block_table, row_blocks)
+                for r in range(B)]
         decodes = (q_lens == 1).nonzero().flatten().tolist()
         prefills = (q_lens > 1).nonzero().flatten().tolist()
-        groups = [self._group(rows, qsl, seq_lens, token_ids, block_table)
-                  for rows in ([decodes] if decodes else []) + [[r] for r in prefills]]
+        groups = [self._group(rows, qsl, reqs) for rows in ([decodes] if decodes else []) + [[r] for r in prefills]]
+        moves = [r.moves(self.anchor_ids_np) for r in reqs] if token_ids is not None else []
         return AnchorAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            slot_mapping=m.slot_mapping[: m.num_actual_tokens].to(self.device, torch.int64),
+            slot_mapping=self._cat([r.flat[len(r.flat) - r.q_len:] for r in reqs])[: m.num_actual_tokens],
             groups=groups,
+            move_from=self._cat([f for f, _ in moves]),
+            move_to=self._cat([t for _, t in moves]),
         )
 
-    def _group(self, rows, qsl, seq_lens, token_ids, block_table) -> RequestGroup:
-        rows = torch.tensor(rows, dtype=torch.int64)
-        starts, lens = qsl[rows], seq_lens[rows]
-        q_lens = qsl[rows + 1] - starts
-        b, S, Q = len(rows), max(int(lens.max()), 1), int(q_lens.max())
-        t = torch.arange(S)[None, :]
-        valid = t < lens[:, None]
-        if token_ids is None:  # a dummy/profiling run outside a scheduled step: no real requests
-            ids = torch.zeros(b, S, dtype=torch.int64)
+    def _cat(self, parts) -> torch.Tensor:
+        """int64 numpy arrays, concatenated into one tensor on the device."""
+        return torch.from_numpy(np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)).to(self.device)
+
+    def _slots(self, row, seq_len, q_len, token_ids, block_table, row_blocks) -> _RequestSlots:
+        ctx = seq_len - q_len
+        if token_ids is None:  # a dummy/profiling run outside a scheduled step: no real requests, no anchors
+            ids = np.zeros(seq_len, dtype=np.int64)
         else:
-            ids = torch.from_numpy(np.ascontiguousarray(token_ids[rows.numpy(), :S])).to(torch.int64)
-        k_layout = token_layout(torch.where(valid, ids, 0), self.anchor_ids, valid)
-        # the j-th query of a request is its key (seq_len - q_len + j)
+            ids = token_ids[row, :seq_len].astype(np.int64)
+        keys = np.concatenate([kept_indices(ids[:ctx], self.anchor_ids_np), np.arange(ctx, seq_len, dtype=np.int64)])
+        if row_blocks is not None and len(keys) > int(row_blocks[row]) * self.block_size:
+            raise RuntimeError(f"anllm_ext: request row {row} needs {len(keys)} KV slots but its block table holds "
+                               f"{int(row_blocks[row])} blocks of {self.block_size}: scheduler and worker disagree")
+        s = np.arange(len(keys))
+        blocks = block_table[row, np.minimum(s // self.block_size, block_table.shape[1] - 1)]
+        return _RequestSlots(ids, keys, blocks * self.block_size + s % self.block_size, q_len)
+
+    def _group(self, rows, qsl, reqs) -> RequestGroup:
+        b = len(rows)
+        group = [reqs[r] for r in rows]
+        L = max(max(len(r.ids) for r in group), 1)
+        S = max(max(len(r.keys) for r in group), 1)
+        Q = max(r.q_len for r in group)
+        ids = torch.zeros(b, L, dtype=torch.int64)
+        valid = torch.zeros(b, L, dtype=torch.bool)
+        k_col = torch.zeros(b, S, dtype=torch.int64)  # token index of each key slot
+        k_valid = torch.zeros(b, S, dtype=torch.bool)
+        k_flat = torch.zeros(b, S, dtype=torch.int64)
+        for i, r in enumerate(group):
+            ids[i, : len(r.ids)] = torch.from_numpy(r.ids)
+            valid[i, : len(r.ids)] = True
+            k_col[i, : len(r.keys)] = torch.from_numpy(r.keys)
+            k_valid[i, : len(r.keys)] = True
+            k_flat[i, : len(r.keys)] = torch.from_numpy(r.flat)
+        layout = token_layout(torch.where(valid, ids, 0), self.anchor_ids, valid)  # of every token, true positions
+        k_layout = Layout(*(x.gather(1, k_col) for x in layout.as_tuple()[:3]), k_valid)
+        # the j-th query of a request is its token (seq_len - q_len + j)
+        seq_lens = torch.tensor([len(r.ids) for r in group])
+        q_lens = torch.tensor([r.q_len for r in group])
         j = torch.arange(Q)[None, :]
         q_valid = j < q_lens[:, None]
-        q_col = torch.where(q_valid, lens[:, None] - q_lens[:, None] + j, 0)
-        q_layout = Layout(*(x.gather(1, q_col) for x in k_layout.as_tuple()[:3]), q_valid)
-        blocks = block_table[rows]
-        k_block = torch.where(valid, blocks.gather(1, (t // self.block_size).clamp_max(blocks.shape[1] - 1).expand(b, S)), 0)
+        q_col = torch.where(q_valid, seq_lens[:, None] - q_lens[:, None] + j, 0)
+        q_layout = Layout(*(x.gather(1, q_col) for x in layout.as_tuple()[:3]), q_valid)
+        k_flat = torch.where(k_valid, k_flat, 0)
         device = self.device
         return RequestGroup(
-            q_index=torch.where(q_valid, starts[:, None] + j, 0).to(device),
-            k_block=k_block.to(device),
-            k_offset=(t % self.block_size).expand(b, S).to(device),
+            q_index=torch.where(q_valid, qsl[rows][:, None] + j, 0).to(device),
+            k_block=(k_flat // self.block_size).to(device),
+            k_offset=(k_flat % self.block_size).to(device),
             q_layout=q_layout.to(device),
-            k_layout=Layout(*k_layout.as_tuple()).to(device),
+            k_layout=k_layout.to(device),
         )
 
 
@@ -183,4 +244,8 @@ class AnchorAttentionImpl(AttentionImpl):
             out = anchor_attention(q, k, v, g.q_layout, g.k_layout, self.scale).permute(0, 2, 1, 3)  # [b, Q, Hq, D]
             valid = g.q_layout.valid
             output[g.q_index[valid]] = out[valid].to(output.dtype)
+        if m.move_from.numel():  # compaction: this layer's kept slots to the front (gathered before written)
+            src, dst = (m.move_from // bs, m.move_from % bs), (m.move_to // bs, m.move_to % bs)
+            key_cache[dst[0], :, dst[1]] = key_cache[src[0], :, src[1]]
+            value_cache[dst[0], :, dst[1]] = value_cache[src[0], :, src[1]]
         return output

@@ -4,7 +4,9 @@ It changes two things, and only for AnLLMs (models whose config carries an ancho
 :func:`anllm_ext.vllm.detect.anchor_config_of`); any other model runs exactly as in plain vLLM:
 
 - ``EngineArgs.create_engine_config``: the finished config of an AnLLM is checked
-  (:func:`check_engine_config`), so an unsupported combination fails at engine start with a clear message;
+  (:func:`check_engine_config`), so an unsupported combination fails at engine start with a clear message,
+  and gets :class:`anllm_ext.vllm.scheduler.AnchorScheduler` (compaction: dropped slots' blocks go back to
+  vLLM's pool);
 - the platform's attention-backend choice: an AnLLM gets :class:`anllm_ext.vllm.backend.AnchorAttentionBackend`.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .detect import anchor_config_of
 
 BACKEND_NAME = "ANLLM_ANCHOR"
 BACKEND_PATH = "anllm_ext.vllm.backend.AnchorAttentionBackend"
+SCHEDULER_PATH = "anllm_ext.vllm.scheduler.AnchorScheduler"
 _registered = False
 
 
@@ -36,6 +39,8 @@ def register() -> None:
     def create_engine_config(self, *args, **kwargs):
         config = original_create(self, *args, **kwargs)
         check_engine_config(config)
+        if anchor_config_of(config.model_config) is not None:  # compaction: the scheduler frees dropped slots
+            config.scheduler_config.scheduler_cls = SCHEDULER_PATH
         return config
 
     EngineArgs.create_engine_config = create_engine_config
@@ -55,7 +60,7 @@ def register() -> None:
 
         from . import runner_state
 
-        runner_state.install()
+        runner_state.install(anchor_config_of(config.model_config).anchor_ids)
         # under "vllm.": the logger namespace vLLM configures
         init_logger("vllm.plugins.anllm_ext").info("anllm_ext: %s is an AnLLM; attention backend %s",
                                                    config.model_config.model, BACKEND_NAME)
@@ -87,6 +92,8 @@ def check_engine_config(config) -> None:
     if sc.async_scheduling:
         problems.append("async scheduling (the step's last sampled tokens are not yet in the runner's token ids); "
                         "pass async_scheduling=False")
+    if sc.scheduler_cls not in (None, SCHEDULER_PATH):
+        problems.append(f"scheduler_cls={sc.scheduler_cls!r} (compaction needs anllm_ext's scheduler)")
     if mc.is_hybrid or getattr(mc, "is_encoder_decoder", False) or getattr(mc, "use_mla", False):
         problems.append("hybrid, MLA or encoder-decoder models")
     if problems:

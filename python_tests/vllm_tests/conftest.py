@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from vllm_helpers import sentences
+
 if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob = ["test_*.py"]
 else:
@@ -27,17 +29,6 @@ def plain_dir():
     from anllm_ext.models import default_model_dir
 
     return default_model_dir()
-
-
-def sentences(n_max=400):
-    """English sentences (Python's documentation prose when installed, else a bundled paragraph)."""
-    import re
-
-    from anllm_ext.sample_text import sample_text
-
-    text = re.sub(r"\s+", " ", sample_text(60000))
-    parts = [s.strip() + "." for s in text.split(". ") if 20 < len(s.strip()) < 300]
-    return parts[:n_max]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ transformers, the same exported weights), so the comparison needs no stored resu
 import pytest
 import torch
 
-from vllm_helpers import ENGINE_ARGS, shutdown
+from vllm_helpers import ENGINE_ARGS, reference, shutdown
 
 MAX_NEW = 12
 CHUNK = 256  # vLLM's token budget per step: long prompts are prefilled in chunks, beside other requests' decodes
@@ -39,29 +39,6 @@ def vllm_outputs(anllm_dir, prompt_ids):
     return result
 
 
-def _reference(model_dir, prompt_ids, anchors: bool, max_new: int = MAX_NEW):
-    """Greedy continuations and their logprobs with transformers: anllm_ext.generate (anchors) or plain
-    full-attention generate."""
-    import anllm_ext
-    from anllm_ext.models import load_model
-
-    model, _ = load_model(str(model_dir))
-    if anchors:
-        anllm_ext.patch(model)  # the anchors saved in the directory's config.json
-    result = []
-    for ids in prompt_ids:
-        x = torch.tensor([ids])
-        kw = dict(max_new_tokens=max_new, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        if anchors:
-            out = anllm_ext.generate(model, x, **kw)
-        else:
-            out = model.generate(x, attention_mask=torch.ones_like(x), **kw)
-        new = out.sequences[0, len(ids):].tolist()
-        logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, new)]
-        result.append((new, logprobs))
-    return result
-
-
 def test_prompts_cover_many_lengths_and_sentences(prompt_ids):
     lengths = sorted(len(i) for i in prompt_ids)
     assert len(prompt_ids) >= 20 and lengths[0] < 32 and lengths[-1] > 1400, lengths
@@ -69,8 +46,8 @@ def test_prompts_cover_many_lengths_and_sentences(prompt_ids):
 
 
 def test_greedy_tokens_and_logprobs_equal_anllm_generate(anllm_dir, prompt_ids, vllm_outputs):
-    reference = _reference(anllm_dir, prompt_ids, anchors=True)
-    for i, ((ids, lps), (ref_ids, ref_lps)) in enumerate(zip(vllm_outputs, reference)):
+    expected = reference(anllm_dir, prompt_ids, anchors=True, max_new=MAX_NEW)
+    for i, ((ids, lps), (ref_ids, ref_lps)) in enumerate(zip(vllm_outputs, expected)):
         assert ids == ref_ids, f"prompt {i} ({len(prompt_ids[i])} tokens): vLLM {ids} != anllm_ext.generate {ref_ids}"
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), atol=2e-3, rtol=0,
                                    msg=lambda m: f"prompt {i}: logprobs differ: {m}")
@@ -79,6 +56,6 @@ def test_greedy_tokens_and_logprobs_equal_anllm_generate(anllm_dir, prompt_ids, 
 def test_anchor_attention_is_what_runs(anllm_dir, prompt_ids, vllm_outputs):
     """The same weights under full (causal) attention give other logprobs: the engine ran the AnSAN mask."""
     longest = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))[:3]
-    full = _reference(anllm_dir, [prompt_ids[i] for i in longest], anchors=False, max_new=1)
+    full = reference(anllm_dir, [prompt_ids[i] for i in longest], anchors=False, max_new=1)
     gaps = [abs(vllm_outputs[i][1][0] - f[1][0]) for i, f in zip(longest, full)]
     assert max(gaps) > 1e-2, gaps

@@ -1,0 +1,59 @@
+"""Runs requests through an in-process vLLM engine step by step and reports what its scheduler holds.
+
+A script, run in a process of its own (:func:`probe`): an in-process engine core binds the process's
+OpenMP threads and cuts its torch threads to one, which would slow every later test of the session.
+Reports, per step, the requests running and the KV blocks in use, and per request its tokens and, after
+every step, (computed tokens, blocks held).
+"""
+import json
+import os
+import subprocess
+import sys
+
+
+def probe(model_dir, prompt_ids, max_tokens, **engine_args) -> dict:
+    """Run the prompts (lists of token ids, all added at once; greedy) and return the report (a dict)."""
+    job = json.dumps(dict(model=str(model_dir), prompts=prompt_ids, max_tokens=max_tokens, engine=engine_args))
+    done = subprocess.run([sys.executable, __file__], input=job, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"engine probe failed:\n{done.stderr[-6000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from vllm_helpers import ENGINE_ARGS
+
+    llm = LLM(model=job["model"], **{**ENGINE_ARGS, **job["engine"]})
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool, manager = scheduler.kv_cache_manager.block_pool, scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    ids = [f"r{i}" for i in range(len(job["prompts"]))]
+    for rid, prompt in zip(ids, job["prompts"]):
+        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+    steps, held, outputs, preempted = [], {rid: [] for rid in ids}, {}, set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id.rsplit("-", 1)[0] if out.request_id not in held else out.request_id] = list(out.outputs[0].token_ids)
+        steps.append(dict(running=len(scheduler.running), blocks=pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()))
+        for internal_id, request in scheduler.requests.items():
+            rid = internal_id.rsplit("-", 1)[0]  # vLLM suffixes the ids it was given
+            held[rid].append((request.num_computed_tokens, len(manager.req_to_blocks.get(internal_id, ()))))
+            if request.num_preemptions:
+                preempted.add(rid)
+    report = dict(block_size=scheduler.block_size, num_blocks=pool.num_gpu_blocks - 1, steps=steps,
+                  held=[held[r] for r in ids], outputs=[outputs[r] for r in ids], preempted=sorted(preempted),
+                  scheduler=type(scheduler).__name__,
+                  prefix_caching=scheduler.kv_cache_manager.enable_caching)
+    engine.engine_core.shutdown()
+    return report
+
+
+if __name__ == "__main__":
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its scheduler is readable
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    result = _run(json.loads(sys.stdin.read()))
+    print(json.dumps(result))
