@@ -1,5 +1,5 @@
-"""Why the bundled AnLLM writes blank lines under the anchor cache in `make demo` (docs/guide.md, "What
-`make demo` shows").
+"""Why earlier AnLLM adapters wrote blank lines under the anchor cache in the earlier `make demo`
+(docs/results/training/README.md, "The earlier `make demo`").
 
 1. Generates greedily from the demo prompt with the full cache and with the anchor cache and prints the
    generated token ids and tokens of both; then scores the anchor cache's own text (prompt + its tokens)

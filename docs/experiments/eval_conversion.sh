@@ -7,7 +7,7 @@
 # Writes docs/results/conversion/{ppl_$NAME_<domain>,mc_$NAME,needle_$NAME}.json; quality_domains_table.py
 # turns them into the table of docs/training.md.
 set -e
-NAME=$1; MODEL=$2
+NAME=$1; MODEL=$2; [ -d "$MODEL" ] && MODEL=$(cd "$MODEL" && pwd)  # the needle step runs from docs/experiments
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DATA=${DATA:-$REPO/data}; OUT=${OUT:-$REPO/docs/results/conversion}; T=${THREADS:-2}
 PY=${ANLLM_PY:-$REPO/.venv/bin/python}
