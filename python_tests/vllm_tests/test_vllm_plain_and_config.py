@@ -40,6 +40,21 @@ def test_anllm_config_json_beside_the_weights_is_detected(anllm_dir, tmp_path):
     assert anchor_config_of(_engine_config(d).model_config).anchor_ids == anchors["anchor_ids"]
 
 
+def test_hf_overrides_switch_the_plugin_on_for_a_directory_without_anchors(anllm_dir, plain_dir):
+    """The explicit switch: vLLM's own ``hf_overrides`` (``--hf-overrides`` of ``vllm serve``) adds the anchor
+    configuration to a model directory that carries none; the engine config is then an AnLLM's, refusals
+    included."""
+    anchors = json.loads((anllm_dir / "config.json").read_text())["anllm"]
+    config = _engine_config(plain_dir, hf_overrides={"anllm": anchors})
+    assert anchor_config_of(config.model_config).anchor_ids == anchors["anchor_ids"]
+    from anllm_ext.vllm.plugin import SCHEDULER_PATH
+
+    assert config.scheduler_config.scheduler_cls == SCHEDULER_PATH  # compaction on
+    assert _engine_config(plain_dir).scheduler_config.scheduler_cls != SCHEDULER_PATH
+    with pytest.raises(UnsupportedError, match="kv_cache_dtype"):
+        _engine_config(plain_dir, hf_overrides={"anllm": anchors}, kv_cache_dtype="fp8")
+
+
 @pytest.mark.parametrize("option, words", [
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
