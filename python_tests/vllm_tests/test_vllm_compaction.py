@@ -56,7 +56,7 @@ def test_blocks_held_are_those_of_the_kept_slots(anllm_dir, prompts_of, anchor_i
     system, a, b = prompts_of(3, 24)
     prompts = [system + a[:40], system + b[:60]]
     report = probe(anllm_dir, prompts, MAX_NEW, enable_prefix_caching=True, **POOL)
-    assert report["scheduler"] == "AnchorScheduler" and report["prefix_caching"] is False
+    assert report["scheduler"] == "AnchorScheduler" and report["prefix_caching"] is True
     B = report["block_size"]
     for prompt, output, held in zip(prompts, report["outputs"], report["held"]):
         tokens = prompt + output
