@@ -3,8 +3,8 @@
 A script, run in a process of its own (:func:`probe`): an in-process engine core binds the process's
 OpenMP threads and cuts its torch threads to one, which would slow every later test of the session.
 Reports, per step, the requests running and the KV blocks in use, and per request its tokens, the prompt
-tokens vLLM took from its prefix cache (``num_cached_tokens``) and, after every step, (computed tokens,
-blocks held).
+tokens vLLM took from its prefix cache (``num_cached_tokens``), after every step (computed tokens, blocks
+held), and after every scheduling (tokens computed before the step, tokens scheduled, blocks held).
 """
 import json
 import os
@@ -36,6 +36,17 @@ def _run(job: dict) -> dict:
     ids = [f"r{i}" for i in range(len(job["prompts"]))]
     pending = list(zip(ids, job["prompts"]))
     steps, held, outputs, cached, preempted = [], {rid: [] for rid in ids}, {}, {}, set()
+    allocated = {rid: [] for rid in ids}
+    schedule = scheduler.schedule
+
+    def schedule_and_note(*args, **kwargs):  # what each scheduled request holds while its step runs
+        out = schedule(*args, **kwargs)
+        for internal_id, q in out.num_scheduled_tokens.items():
+            n = scheduler.requests[internal_id].num_computed_tokens - q  # advanced at schedule time
+            allocated[internal_id.rsplit("-", 1)[0]].append((n, q, len(manager.req_to_blocks[internal_id])))
+        return out
+
+    scheduler.schedule = schedule_and_note
     while pending or engine.has_unfinished_requests():
         while pending and not (job["one_at_a_time"] and engine.has_unfinished_requests()):
             rid, prompt = pending.pop(0)
@@ -53,7 +64,7 @@ def _run(job: dict) -> dict:
                 preempted.add(rid)
     report = dict(block_size=scheduler.block_size, num_blocks=pool.num_gpu_blocks - 1, steps=steps,
                   held=[held[r] for r in ids], outputs=[outputs[r] for r in ids],
-                  cached=[cached[r] for r in ids], preempted=sorted(preempted),
+                  cached=[cached[r] for r in ids], allocated=[allocated[r] for r in ids], preempted=sorted(preempted),
                   scheduler=type(scheduler).__name__,
                   prefix_caching=scheduler.kv_cache_manager.enable_caching)
     engine.engine_core.shutdown()

@@ -67,10 +67,12 @@ def test_second_request_reuses_the_compacted_system_prompt(anllm_dir, tokenizer,
     assert expected[1] >= ends[1] and expected[2] == ends[0], (expected, ends)
     assert report["cached"] == expected, (report["cached"], expected)
 
-    for prompt, output, held in zip(prompts, report["outputs"], report["held"]):
+    for prompt, output, held, allocated in zip(prompts, report["outputs"], report["held"], report["allocated"]):
         tokens = prompt + output
         for n, blocks in held:  # a request holding reused blocks still holds exactly its kept slots' blocks
             assert blocks == -(-num_kept(tokens[:n], anchor_ids) // B), (n, blocks)
+        for n, q, blocks in allocated:  # and while a step runs, its kept slots' + the new tokens' blocks
+            assert blocks == -(-(num_kept(tokens[:n], anchor_ids) + q) // B), (n, q, blocks)
     want = reference(anllm_dir, prompts, anchors=True, max_new=MAX_NEW)
     for i, (got, (ids, _)) in enumerate(zip(report["outputs"], want)):
         assert got == ids, f"prompt {i}: vLLM {got} != anllm_ext.generate {ids}"
