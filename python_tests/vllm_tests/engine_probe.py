@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 
-def probe(model_dir, prompt_ids, max_tokens, one_at_a_time=False, **engine_args) -> dict:
+def probe(model_dir, prompt_ids, max_tokens, staggered=False, **engine_args) -> dict:
     """Run the prompts (lists of token ids, greedy) and return the report (a dict). All are added at once, or
-    with ``one_at_a_time`` each once the one before has finished."""
+    with ``staggered`` each once the requests before it have computed their prompts (they may still decode)."""
     job = json.dumps(dict(model=str(model_dir), prompts=prompt_ids, max_tokens=max_tokens, engine=engine_args,
-                          one_at_a_time=one_at_a_time))
+                          staggered=staggered))
     done = subprocess.run([sys.executable, __file__], input=job, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"engine probe failed:\n{done.stderr[-6000:]}")
@@ -48,7 +48,8 @@ def _run(job: dict) -> dict:
 
     scheduler.schedule = schedule_and_note
     while pending or engine.has_unfinished_requests():
-        while pending and not (job["one_at_a_time"] and engine.has_unfinished_requests()):
+        while pending and not (job["staggered"] and any(r.num_computed_tokens < r.num_prompt_tokens
+                                                         for r in scheduler.requests.values())):
             rid, prompt = pending.pop(0)
             engine.add_request(rid, {"prompt_token_ids": prompt}, params)
         for out in engine.step():

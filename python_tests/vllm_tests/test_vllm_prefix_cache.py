@@ -3,9 +3,10 @@ that starts with it takes the cached blocks of its anchors (vLLM's ``num_cached_
 tokens they stand for) and computes only the rest, and every request's tokens stay anllm_ext.generate's.
 A request whose prompt differs inside an anchor block reuses only the blocks before it.
 
-The engine runs in a process of its own (engine_probe.py), requests one at a time (a block is cached after
-the step that computed it), with 32-slot blocks so a ~1,600-token system prompt fills two blocks with
-anchors."""
+The engine runs in a process of its own (engine_probe.py), each request added once the ones before have
+computed their prompts (a block is cached after the step that computed it; they still decode, so the reused
+blocks are shared by running requests), with 32-slot blocks so a ~1,600-token system prompt fills two
+blocks with anchors."""
 import numpy as np
 import pytest
 
@@ -59,8 +60,9 @@ def test_second_request_reuses_the_compacted_system_prompt(anllm_dir, tokenizer,
     p = next(i for i in range(int(ends[0]) + 2, int(ends[1]) - 1) if edited[i] not in anchor_ids)
     edited[p] = next(t for t in range(edited[p] + 1, edited[p] + 100) if t not in anchor_ids)
     prompts = [system + tail_a, system + tail_b, edited + tail_a]
-    report = probe(anllm_dir, prompts, MAX_NEW, one_at_a_time=True, **ENGINE)
+    report = probe(anllm_dir, prompts, MAX_NEW, staggered=True, **ENGINE)
     assert report["prefix_caching"] is True and report["block_size"] == B
+    assert max(s["running"] for s in report["steps"]) == 3  # the reused blocks were shared by running requests
 
     expected = [0, _expected_cached(prompts[0], prompts[1], anchor_ids),
                 _expected_cached(prompts[0], prompts[2], anchor_ids)]
