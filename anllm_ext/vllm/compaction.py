@@ -39,3 +39,14 @@ def peak_kept(token_ids, anchor_ids: np.ndarray) -> int:
     last_anchor = np.maximum.accumulate(np.where(is_anchor, t, -1))
     # kept after the prefix [0, t]: the anchors so far + the tokens after the last of them
     return int((np.cumsum(is_anchor) + t - last_anchor).max())
+
+
+def anchor_block_ends(token_ids, anchor_ids: np.ndarray, block_size: int) -> np.ndarray:
+    """For each block filled with anchors only (block ``i`` holds anchors ``[i * B, (i + 1) * B)`` once they are
+    computed and compacted, and they never move again), the number of tokens it summarises: one past the
+    position of its last anchor. Its keys/values are a function of those tokens alone, so a request whose
+    token ids start with them can reuse the block (prefix caching, :mod:`anllm_ext.vllm.scheduler`)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    anchors = np.flatnonzero(np.isin(np.asarray(token_ids, dtype=np.int64), anchor_ids))
+    return anchors[block_size - 1::block_size] + 1

@@ -92,6 +92,9 @@ def check_engine_config(config) -> None:
     if sc.async_scheduling:
         problems.append("async scheduling (the step's last sampled tokens are not yet in the runner's token ids); "
                         "pass async_scheduling=False")
+    if config.kv_transfer_config is not None:
+        problems.append("KV connectors / KV transfer or offloading (they move token-aligned blocks; compaction "
+                        "keeps a request's anchors and open segment at the front of its blocks)")
     if sc.scheduler_cls not in (None, SCHEDULER_PATH):
         problems.append(f"scheduler_cls={sc.scheduler_cls!r} (compaction needs anllm_ext's scheduler)")
     if mc.is_hybrid or getattr(mc, "is_encoder_decoder", False) or getattr(mc, "use_mla", False):

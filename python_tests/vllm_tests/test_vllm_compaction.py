@@ -52,11 +52,12 @@ def _assert_equal_to_generate(anllm_dir, prompt_ids, outputs):
 def test_blocks_held_are_those_of_the_kept_slots(anllm_dir, prompts_of, anchor_ids):
     """Two requests sharing a ~600-token system prompt, each prefilled in chunks beside the other's steps,
     then decoded: after every step each holds the blocks of its kept slots, no more, no fewer. Prefix
-    caching is asked for (vLLM's default) and stays off, and the tokens are anllm_ext.generate's."""
+    caching is on (vLLM's default; it reuses blocks full of anchors only, none here: ~24 anchors in 128-slot
+    blocks; reuse: test_vllm_prefix_cache.py), and the tokens are anllm_ext.generate's."""
     system, a, b = prompts_of(3, 24)
     prompts = [system + a[:40], system + b[:60]]
     report = probe(anllm_dir, prompts, MAX_NEW, enable_prefix_caching=True, **POOL)
-    assert report["scheduler"] == "AnchorScheduler" and report["prefix_caching"] is False
+    assert report["scheduler"] == "AnchorScheduler" and report["prefix_caching"] is True
     B = report["block_size"]
     for prompt, output, held in zip(prompts, report["outputs"], report["held"]):
         tokens = prompt + output

@@ -59,6 +59,7 @@ def test_hf_overrides_switch_the_plugin_on_for_a_directory_without_anchors(anllm
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8'"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
      "speculative decoding"),
+    (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}), "KV connectors"),
 ])
 def test_unsupported_option_fails_at_engine_start(anllm_dir, plain_dir, option, words):
     with pytest.raises(UnsupportedError, match=words.replace("(", r"\(")):
