@@ -41,3 +41,21 @@ def prompts():
         out.append(" ".join(sents[(start + k) % len(sents)] for k in range(n)))
         start += 7 * i + 3
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(anllm_dir):
+    """The exported AnLLM's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(anllm_dir), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def anchor_ids(anllm_dir):
+    """The exported AnLLM's anchor ids (numpy, for the kept-slot rule)."""
+    import numpy as np
+
+    from anllm_ext.config import AnchorConfig
+
+    return np.asarray(AnchorConfig.find_pretrained(anllm_dir).anchor_ids)

@@ -17,20 +17,6 @@ POOL = dict(max_model_len=1024, max_num_batched_tokens=256, max_num_seqs=16, num
 
 
 @pytest.fixture(scope="module")
-def tokenizer(anllm_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(anllm_dir), local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def anchor_ids(anllm_dir):
-    from anllm_ext.config import AnchorConfig
-
-    return np.asarray(AnchorConfig.find_pretrained(anllm_dir).anchor_ids)
-
-
-@pytest.fixture(scope="module")
 def prompts_of(tokenizer):
     """``prompts_of(count, sentences)``: distinct prompts of that many sentences each."""
     sents = sentences()

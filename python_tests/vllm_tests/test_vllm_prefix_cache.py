@@ -7,8 +7,6 @@ The engine runs in a process of its own (engine_probe.py), each request added on
 computed their prompts (a block is cached after the step that computed it; they still decode, so the reused
 blocks are shared by running requests), with 32-slot blocks so a ~1,600-token system prompt fills two
 blocks with anchors."""
-import numpy as np
-import pytest
 
 from anllm_ext.vllm.compaction import anchor_block_ends, num_kept
 from engine_probe import probe
@@ -18,20 +16,6 @@ MAX_NEW = 8
 B = 32
 ENGINE = dict(block_size=B, max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=4,
               num_gpu_blocks_override=200, enable_prefix_caching=True)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(anllm_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(anllm_dir), local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def anchor_ids(anllm_dir):
-    from anllm_ext.config import AnchorConfig
-
-    return np.asarray(AnchorConfig.find_pretrained(anllm_dir).anchor_ids)
 
 
 def _common_prefix(a, b) -> int:
