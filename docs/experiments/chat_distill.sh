@@ -6,11 +6,16 @@
 #       --man $DATA/man_prose.jsonl --legal $DATA/legal.jsonl --max-new-tokens 64
 #   RUN=chat-distill docs/experiments/chat_distill.sh
 # One epoch (constant lr after 8 warm-up steps: a run cut by MIN is as trained), batch 1 x 4 accumulation (conversations are not padded to each other),
-# 2,048-token rows (a conversation is one row), lr 2e-4; MODEL (default smollm2-anllm), LR, SCHED, EPOCHS, MIN, THREADS.
+# 2,048-token rows (a conversation is one row), lr 2e-4; MODEL (default smollm2-anllm; "original": the bundled
+# SmolLM2-135M-Instruct itself, i.e. a conversion from the original weights), TUNE (default LoRA r=16; "full": full
+# fine-tuning, the teacher a frozen copy), LR, SCHED, EPOCHS, MIN, THREADS.
+#   RUN=distill-full MODEL=original TUNE=full LR=5e-5 docs/experiments/chat_distill.sh
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DATA=${DATA:-$REPO/data}; RUNS=${RUNS:-$REPO/runs}
+MODEL_ARG="--model ${MODEL:-smollm2-anllm}"; [ "${MODEL:-}" = original ] && MODEL_ARG=""
+TUNE_ARGS="--lora --lora-r 16 --lora-alpha 32"; [ "${TUNE:-lora}" = full ] && TUNE_ARGS=""
 mkdir -p $RUNS && cd $RUNS && ${ANLLM_PY:-$REPO/.venv/bin/python} -m anllm_ext.cli train \
-  --data $DATA/chat.jsonl --model ${MODEL:-smollm2-anllm} --lora --lora-r 16 --lora-alpha 32 \
+  --data $DATA/chat.jsonl $MODEL_ARG $TUNE_ARGS \
   --distill true --distill-alpha 1.0 --output-dir $RUNS/${RUN:-chat-distill} \
   --block-size 2048 --per-device-train-batch-size 1 --gradient-accumulation-steps 4 \
   --learning-rate ${LR:-2e-4} --lr-scheduler-type ${SCHED:-constant_with_warmup} --warmup-steps 8 --num-train-epochs ${EPOCHS:-1} \
