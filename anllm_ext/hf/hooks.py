@@ -78,13 +78,14 @@ def remove_hooks(state: PatchState) -> None:
 class ForwardContext:
     """What the attention function of every layer needs for one forward: built once per forward."""
 
-    __slots__ = ("q_layout", "k_layout", "cache", "tracked")
+    __slots__ = ("q_layout", "k_layout", "cache", "tracked", "held")
 
     def __init__(self, q_layout: Layout, k_layout: Layout, cache=None, tracked=None):
         self.q_layout = q_layout
         self.k_layout = k_layout
         self.cache = cache  # an AnchorCache, committed/compacted after the forward
         self.tracked = tracked  # another transformers cache whose token layout we remember
+        self.held = k_layout  # the layout `tracked` holds after the forward
 
 
 def _pre_hook(module, args, kwargs):
@@ -108,7 +109,10 @@ def _pre_hook(module, args, kwargs):
             if kwargs.get(state.cache_name) is not None:
                 raise ValueError("pass the cache as `cache=` or `past_key_values=`, not both")
             kwargs[state.cache_name] = value
+    recalled = kwargs.pop("anllm_recalled", None)
     ctx = _build_context(module, state, kwargs)
+    if recalled is not None:
+        _recall_spans(ctx, recalled)
     _check_position_ids(kwargs.get("position_ids"), ctx.q_layout)
     kwargs["anllm_ctx"] = ctx
     kwargs["position_ids"] = ctx.q_layout.positions
@@ -208,6 +212,23 @@ def _build_context(module, state: PatchState, kwargs) -> ForwardContext:
     return ForwardContext(q, k, None, tracked=cache)
 
 
+def _recall_spans(ctx: ForwardContext, recalled) -> None:
+    """``anllm_recalled`` (bool [batch, tokens]): tokens whose keys every later real non-anchor query of the row
+    sees, as anchor-indexed recall gives an evicted sentence back (anllm_ext/recall.py: recalled keys are
+    flagged as anchors; training with recalled spans, anllm_ext/training/recall_spans.py). Only for a pass over
+    a whole text: the flags describe this forward's tokens, not a cache's."""
+    q = ctx.q_layout
+    if ctx.cache is not None or ctx.k_layout.shape != q.shape:
+        raise ValueError("anllm_recalled marks tokens of one pass over a whole text; it cannot be combined with a "
+                         "cache that already holds tokens or with an AnchorCache (use RecallConfig there)")
+    if not isinstance(recalled, torch.Tensor) or recalled.dtype != torch.bool or tuple(recalled.shape) != tuple(q.shape):
+        raise ValueError(f"anllm_recalled must be a bool tensor of shape [batch, tokens] = {list(q.shape)}, got "
+                         f"{getattr(recalled, 'dtype', type(recalled).__name__)} {list(getattr(recalled, 'shape', []))}")
+    flagged = q.is_anchor | (recalled.to(q.is_anchor.device) & q.valid)
+    ctx.k_layout = Layout(q.positions, q.segments, flagged, q.valid)
+    ctx.held = q  # a tracked cache holds the tokens as they are: the recall was this forward's
+
+
 def _post_hook(module, args, kwargs, output):
     ctx = kwargs.get("anllm_ctx")
     if ctx is None:
@@ -215,5 +236,5 @@ def _post_hook(module, args, kwargs, output):
     if ctx.cache is not None:
         ctx.cache.end_forward(ctx.q_layout)
     elif ctx.tracked is not None:
-        remember(ctx.tracked, ctx.k_layout)
+        remember(ctx.tracked, ctx.held)
     return None

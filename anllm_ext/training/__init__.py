@@ -39,8 +39,6 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
     """Run AnSAN training end to end; returns (and writes to ``anllm_results.json``) the run's results."""
     from transformers import Trainer, set_seed
 
-    from ..data import AnchorDataCollator
-
     if not args.data:
         raise ValueError("no training data: pass data=[files or directories]")
     if args.threads:
@@ -62,7 +60,7 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
                 results["eval_before"] = evaluate_blocks(model, eval_ds, args, "before training", config.anchor_ids)
     trainer_kwargs = dict(
         model=model, args=training_args, train_dataset=train_ds, processing_class=tok,
-        data_collator=AnchorDataCollator(tok.pad_token_id),
+        data_collator=_collator(args, tok, config),
         callbacks=[BudgetCallback(args.max_tokens, args.max_minutes)],
     )
     if args.distill:
@@ -88,6 +86,16 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
     results["eval_after"] = evaluate_blocks(reloaded, eval_ds, args, "after training", config.anchor_ids)
     write_results(results, training_args.output_dir)
     return results
+
+
+def _collator(args: AnLLMArguments, tok, config):
+    """Pads the rows; with ``--recall-spans`` also marks each row's recalled sentences."""
+    from ..data import AnchorDataCollator
+    from .recall_spans import RecallSpanCollator
+
+    if args.recall_spans:
+        return RecallSpanCollator(tok.pad_token_id, list(config.anchor_ids), args.recall_spans)
+    return AnchorDataCollator(tok.pad_token_id)
 
 
 def _reload(path: str):

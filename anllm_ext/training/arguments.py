@@ -57,6 +57,10 @@ class AnLLMArguments:
                 "teacher does not predict <AC>)"})
     distill_hidden_weight: float = field(default=0.0, metadata={
         "help": "with --distill: weight of the hidden-state MSE to the teacher (0: off)"})
+    recall_spans: int = field(default=0, metadata={
+        "help": "train for anchor-indexed recall: up to N closed sentences per row stay visible to every later "
+                "token, as recall gives them back (those the rest of the row repeats first, then random ones; "
+                "anllm_ext/training/recall_spans.py); 0: the plain AnSAN mask"})
 
     def __post_init__(self):
         if self.attention not in ("ansan", "causal"):
@@ -69,6 +73,10 @@ class AnLLMArguments:
             raise ValueError("block_size must be >= 8")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError("eval_fraction must be in [0, 1)")
+        if self.recall_spans < 0:
+            raise ValueError(f"recall_spans must be >= 0 sentences per row, got {self.recall_spans}")
+        if self.recall_spans and self.attention != "ansan":
+            raise ValueError("--recall-spans extends the AnSAN mask; with --attention causal every sentence is visible")
         self._check_distill()
 
     def _check_distill(self):

@@ -159,10 +159,11 @@ def distillation_config(tok, config, args: AnLLMArguments):
 
 
 def objective(args: AnLLMArguments) -> dict:
+    spans = {"recall_spans": args.recall_spans} if args.recall_spans else {}
     if not args.distill:
-        return {"loss": "lm"}
+        return {"loss": "lm", **spans}
     return {"loss": "distill", "teacher": args.teacher or "self (full attention)", "alpha": args.distill_alpha,
-            "temperature": args.distill_temperature, "hidden_weight": args.distill_hidden_weight}
+            "temperature": args.distill_temperature, "hidden_weight": args.distill_hidden_weight, **spans}
 
 
 def evaluate_blocks(model, eval_ds, args: AnLLMArguments, label: str, anchor_ids) -> Optional[dict]:
