@@ -110,9 +110,13 @@ def test_recalled_spans_bad_inputs(tiny_dir):
 
 
 @needs_smollm2
-def test_train_with_recalled_spans(tmp_path, tiny_dir, corpus):
+@pytest.mark.parametrize("objective", [{}, {"lora": True, "distill": True}], ids=["lm", "lora-distill"])
+def test_train_with_recalled_spans(tmp_path, tiny_dir, corpus, objective):
+    if objective:
+        pytest.importorskip("peft")
     res = run_training(tmp_path, tiny_dir, corpus / "train", eval_data=[str(corpus / "eval.txt")], recall_spans=2,
-                       max_steps=4, eval_before=False)
-    assert res["objective"] == {"loss": "lm", "recall_spans": 2}
+                       max_steps=4, eval_before=False, **objective)
+    assert res["objective"]["recall_spans"] == 2
+    assert res["objective"]["loss"] == ("distill" if objective else "lm")
     losses = [h["loss"] for h in res["log_history"] if "loss" in h]
     assert len(losses) == 4 and all(l == l for l in losses)
