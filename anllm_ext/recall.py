@@ -26,7 +26,7 @@ import torch
 from .layout import Layout
 from .ops import anchor_attention_with_lse
 
-EVERY = ("token", "sentence")
+EVERY = ("token", "sentence", "prompt")
 _UNCHOSEN = object()  # no choice made since the last compaction
 SCORES = ("mass", "max", "peak")
 POOLS = ("layer", "running")
@@ -40,7 +40,9 @@ class RecallConfig:
         budget: sentences (closed segments) recalled per row, per layer, per forward (>= 1).
         every: ``"token"``: every forward (each decode step, each prefill chunk) chooses anew;
             ``"sentence"``: a forward chooses only when the cache compacted since the last choice (a sentence
-            closed), later forwards reuse the recalled keys.
+            closed), later forwards reuse the recalled keys; ``"prompt"``: a forward of several tokens (the
+            prompt, or each chunk of it: the last one holds the question) chooses, one-token forwards (decoding)
+            keep the last choice, so the answer reads what the question's tokens recalled.
         score: how a segment's anchor is scored from the attention probabilities the forward's non-anchor
             queries give it: ``"mass"`` (summed over queries and heads), ``"max"`` (summed over queries, the
             largest head's) or ``"peak"`` (the largest of any query and head: one query that looks at it is
@@ -246,9 +248,11 @@ class RecallState:
         self.running = None
 
     def evict(self, drop: torch.Tensor, slots, layers) -> None:
-        """Called before a compaction: keep the dropped slots; a later forward chooses anew."""
+        """Called before a compaction: keep the dropped slots; a later forward chooses anew (``"prompt"``: only
+        a forward of several tokens does; the gathered recall of the last stays valid, segments are evicted whole)."""
         self.cold.add(drop & slots[3], slots, layers)
-        self.reusable = {}
+        if self.config.every != "prompt":
+            self.reusable = {}
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.cold.select_rows(index)
@@ -258,7 +262,8 @@ class RecallState:
         """The output of ``layer``'s queries over the hot keys (``out_hot``/``lse_hot``, what the op gave)
         plus the recalled segments (module docstring). The layer's new keys are already in its buffers."""
         recall = self.reusable.get(layer.index, _UNCHOSEN)
-        if recall is _UNCHOSEN or self.config.every == "token":
+        every = self.config.every
+        if recall is _UNCHOSEN or every == "token" or (every == "prompt" and query.shape[2] > 1):
             recall = self._choose(layer, query, lse_hot, q_layout, k_layout, scale)
             self.reusable[layer.index] = recall  # None: chosen, nothing to recall
         if recall is None:

@@ -127,9 +127,10 @@ def recall_attention_ref(
     """Dense oracle of one layer of anchor-indexed recall (anllm_ext/recall.py), written independently of it.
 
     q [B,Hq,T,D], k/v [B,Hkv,T,D] cover a whole text of ``layout`` that a cache processed in forwards starting
-    at the columns ``chunk_starts`` (the first is 0). A forward s *chooses* when ``every == "token"``, or when
-    it is the first forward or the forward before it held an anchor or padding in some row (the cache
-    compacted), else it reuses the last choice. A choice of row b scores every closed segment (segment below
+    at the columns ``chunk_starts`` (the first is 0). A forward s *chooses* when ``every == "token"``, when it
+    is the first forward, with ``every == "sentence"`` when the forward before it held an anchor or padding in
+    some row (the cache compacted), with ``every == "prompt"`` when it spans more than one column; else it
+    reuses the last choice. A choice of row b scores every closed segment (segment below
     the segment of the forward's first column) that has a real non-anchor token by the AnSAN attention
     probability its anchor gets from the forward's real non-anchor queries, summed over those queries, then
     summed (``"mass"``) or maximised (``"max"``) over heads, or the largest over queries and heads
@@ -156,7 +157,8 @@ def recall_attention_ref(
     for s in range(len(bounds) - 1):
         a, e = bounds[s], bounds[s + 1]
         boundary_before = s > 0 and bool((layout.is_anchor | ~layout.valid)[:, bounds[s - 1] : a].any())
-        if every == "token" or chosen is None or boundary_before:
+        several = e - a > 1
+        if every == "token" or chosen is None or (boundary_before if every == "sentence" else several):
             chosen = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b],
                                   carry if pool == "running" else None, (s, b))
                       for b in range(B)]

@@ -56,7 +56,8 @@ def run_cached(stack, x, ids, mask, starts, recall):
 CONFIGS = [RecallConfig(budget=2), RecallConfig(budget=1, score="max"), RecallConfig(budget=3, every="sentence"),
            RecallConfig(budget=2, every="sentence", score="max"), RecallConfig(budget=2, score="peak"),
            RecallConfig(budget=2, score="peak", pool="running"),
-           RecallConfig(budget=1, every="sentence", pool="running")]
+           RecallConfig(budget=1, every="sentence", pool="running"), RecallConfig(budget=2, every="prompt", score="peak"),
+           RecallConfig(budget=1, every="prompt", pool="running")]
 
 
 @pytest.mark.parametrize("recall", CONFIGS, ids=lambda r: f"{r.budget}-{r.every}-{r.score}-{r.pool}")
@@ -74,6 +75,9 @@ def test_recall_cache_matches_the_dense_oracle(recall, chunk):
     got, cache = run_cached(stack, x, ids, mask, starts, recall)
     valid = mask.bool()
     torch.testing.assert_close(got[valid], expected[valid], atol=5e-5, rtol=1e-5)
+    if recall.every == "prompt" and chunk == 1:  # one-token forwards only: the first chose, from an empty store
+        torch.testing.assert_close(got[valid], without[valid], atol=5e-5, rtol=1e-5)
+        return
     assert (got[valid] - without[valid]).abs().max() > 1e-2  # recall changed the output
     # the hot cache is what it is without recall; the evicted real tokens are all cold
     assert cache.lengths() == run_cached(stack, x, ids, mask, starts, None)[1].lengths()
@@ -162,7 +166,8 @@ def cached_recall_logits(model, ids, mask, starts, recall):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("recall", [RecallConfig(budget=2), RecallConfig(budget=2, every="sentence", score="peak"),
-                                    RecallConfig(budget=2, score="peak", pool="running")],
+                                    RecallConfig(budget=2, score="peak", pool="running"),
+                                    RecallConfig(budget=2, every="prompt", score="peak")],
                          ids=lambda r: f"{r.every}-{r.score}-{r.pool}")
 def test_patched_model_with_recall_matches_the_dense_oracle(family, recall):
     base = tiny_model(family)
