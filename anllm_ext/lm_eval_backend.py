@@ -12,8 +12,10 @@ model_args:
     ``pretrained``: a local model directory (default: the bundled SmolLM2-135M-Instruct);
     ``anchors``: ``ep``, ``ep:<chars>``, ``ac``, ``anllm-ac``/``anllm-ep`` or ids separated by ``;``
     (``13;30``; a comma would end the argument) - default: the anchors a trained AnLLM carries, else ``ep``;
-    ``mode``: ``full`` (plain model), ``ansan`` (one masked pass per sequence) or ``cached`` (default:
-    AnchorCache with chunked prefill and compaction; requests sharing a context prefill it once);
+    ``mode``: ``full`` (plain model), ``ansan`` (one masked pass per sequence), ``cached`` (default:
+    AnchorCache with chunked prefill and compaction; requests sharing a context prefill it once) or
+    ``cached+recall`` (the same with anchor-indexed recall: ``recall_budget``, ``recall_every``, ``recall_score``,
+    ``recall_pool``, the :class:`~anllm_ext.RecallConfig` fields, its defaults where not given);
     ``prefill_chunk``, ``batch_size``, ``max_length`` (the model's), ``max_gen_toks`` (256),
     ``dtype`` (``float32``/``bfloat16``/``float16``, or ``auto``: the checkpoint's, as ``load_model`` takes it),
     ``device`` (``cpu``), ``threads``. Defaults of ``prefill_chunk`` and ``batch_size``: ``anllm_ext.defaults``.
@@ -42,25 +44,30 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
 
 from .checks import check_dtype
 from .config import resolve_anchor_config
+from .cache import AnchorCache
 from .defaults import BATCH_SIZE, PREFILL_CHUNK
-from .evaluation import MODES, model_mode, score_continuations, score_sequences
+from .evaluation import model_mode, score_continuations, score_sequences
+from .evaluation.modes import ALL_MODES, CACHED_MODES, RECALL_MODE
 
 
 @register_model("anllm")
 class AnLLMEvalModel(TemplateLM):
-    """A patched Hugging Face causal LM evaluated in one of ``anllm_ext.evaluation.MODES``."""
+    """A patched Hugging Face causal LM evaluated in one of ``anllm_ext.evaluation.modes.ALL_MODES``."""
 
     def __init__(self, pretrained: Optional[str] = None, anchors: Optional[str] = None, mode: str = "cached",
                  prefill_chunk: int = PREFILL_CHUNK, batch_size=BATCH_SIZE, max_length: Optional[int] = None, max_gen_toks: int = 256,
-                 dtype: str = "float32", device: Optional[str] = None, threads: int = 0, **kwargs):
+                 dtype: str = "float32", device: Optional[str] = None, threads: int = 0, recall_budget=None,
+                 recall_every=None, recall_score=None, recall_pool=None, **kwargs):
         super().__init__()
         from .models import load_model
 
         unknown = sorted(k for k in kwargs if k not in ("max_batch_size", "trust_remote_code", "parallelize"))
         if unknown:
             raise ValueError(f"anllm: unknown model_args {unknown}")
-        if mode not in MODES:
-            raise ValueError(f"anllm: mode must be one of {MODES}, got {mode!r}")
+        if mode not in ALL_MODES:
+            raise ValueError(f"anllm: mode must be one of {ALL_MODES}, got {mode!r}")
+        self.recall = _recall_config(mode, budget=recall_budget, every=recall_every, score=recall_score,
+                                     pool=recall_pool)
         dtype = check_dtype(str(dtype))
         if threads:
             torch.set_num_threads(int(threads))
@@ -107,7 +114,8 @@ class AnLLMEvalModel(TemplateLM):
             pairs.append((list(ctx)[-keep:], list(cont)))
         bs = int(override_bs) if override_bs else self.batch_size_per_forward
         with model_mode(self.model, self.mode, self.anchors), torch.no_grad():
-            sc = score_continuations(self.model, pairs, self.mode, bs, self.prefill_chunk, progress=not disable_tqdm)
+            sc = score_continuations(self.model, pairs, self.mode, bs, self.prefill_chunk, progress=not disable_tqdm,
+                                     recall=self.recall)
         out = list(zip(sc.logprobs, sc.greedy))
         for (key, _, _), answer in zip(requests, out):
             if key is not None:
@@ -124,7 +132,8 @@ class AnLLMEvalModel(TemplateLM):
                     max_seq_len=self.max_length, context_len=1))
                 total = 0.0
                 for ctx, cont in windows:
-                    ((lp, _),) = score_sequences(self.model, [list(ctx) + list(cont)], self.mode, self.prefill_chunk)
+                    ((lp, _),) = score_sequences(self.model, [list(ctx) + list(cont)], self.mode, self.prefill_chunk,
+                                                 recall=self.recall)
                     total += float(lp[-len(cont):].double().sum())
                 self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
                 results.append(total)
@@ -154,8 +163,9 @@ class AnLLMEvalModel(TemplateLM):
             common = dict(max_new_tokens=max_new, do_sample=do_sample, stop_strings=until, tokenizer=self.tokenizer,
                           pad_token_id=self.eot_token_id, **kw)
             with model_mode(self.model, self.mode, self.anchors), torch.no_grad():
-                if self.mode == "cached":
-                    seq = generate(self.model, ids, mask, prefill_chunk=self.prefill_chunk, **common)
+                if self.mode in CACHED_MODES:
+                    cache = AnchorCache(self.model.config, recall=self.recall)
+                    seq = generate(self.model, ids, mask, prefill_chunk=self.prefill_chunk, cache=cache, **common)
                 else:  # full: the unpatched model; ansan: the patched model with a full cache (masked attention)
                     seq = self.model.generate(input_ids=ids, attention_mask=mask, cache_implementation="dynamic",
                                               **common)
@@ -166,6 +176,21 @@ class AnLLMEvalModel(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
+
+
+def _recall_config(mode: str, **given):
+    """The RecallConfig of ``cached+recall`` from the ``recall_*`` model_args (None for the other modes, which
+    take none of them)."""
+    from .recall import RecallConfig
+
+    given = {k: v for k, v in given.items() if v is not None}
+    if mode != RECALL_MODE:
+        if given:
+            raise ValueError(f"anllm: recall_{'/recall_'.join(given)} apply to mode={RECALL_MODE} only")
+        return None
+    if "budget" in given:
+        given["budget"] = int(given["budget"])
+    return RecallConfig(**given)
 
 
 def main() -> None:

@@ -107,11 +107,37 @@ def test_backend_rolling_and_generation(tiny_dir):
     assert texts["ansan"] == texts["cached"] and isinstance(texts["cached"], str)
 
 
+def test_backend_recall_mode(tiny_dir):
+    """mode=cached+recall: the rolling log-likelihood is anllm_ext's perplexity with the same RecallConfig, and
+    generation runs through an AnchorCache that recalls."""
+    from anllm_ext import RecallConfig
+
+    text = ("The sun rose over the hills. Birds sang in the old trees. The baker opened his shop. Children ran to "
+            "school. The day began slowly, and the town woke up. The sun rose over the hills again.")
+    req = SimpleNamespace(args=(text,))
+    args = dict(max_length=64, prefill_chunk=4, recall_budget=1, recall_every="token", recall_score="peak")
+    lm = _model(tiny_dir, "cached+recall", **args)
+    assert lm.recall == RecallConfig(budget=1, every="token", score="peak")
+    got = lm.loglikelihood_rolling([req], disable_tqdm=True)[0]
+    ids = [lm.eot_token_id] + lm.tok_encode(text)
+    want = ev.perplexity(lm.model, [ids], modes=("cached+recall",), prefill_chunk=4, progress=False,
+                         anchor_ids=lm.anchors, recall=lm.recall)["cached+recall"]
+    assert got == pytest.approx(-want.nll * want.tokens, abs=1e-3)
+    plain = _model(tiny_dir, "cached", max_length=64, prefill_chunk=4).loglikelihood_rolling([req], disable_tqdm=True)[0]
+    assert got != pytest.approx(plain, abs=1e-3)  # recall is in effect
+    gen = SimpleNamespace(args=(text, {"until": ["\n\n"], "max_gen_toks": 4}))
+    assert isinstance(lm.generate_until([gen], disable_tqdm=True)[0], str)
+
+
 def test_backend_bad_args(tiny_dir):
     with pytest.raises(ValueError, match="mode must be one of"):
         _model(tiny_dir, "fast")
     with pytest.raises(ValueError, match=r"unknown model_args \['anchor'\]"):
         _model(tiny_dir, "cached", anchor="ep")
+    with pytest.raises(ValueError, match=r"recall_budget apply to mode=cached\+recall only"):
+        _model(tiny_dir, "cached", recall_budget=2)
+    with pytest.raises(ValueError, match="RecallConfig.every must be one of"):
+        _model(tiny_dir, "cached+recall", recall_every="chunk")
 
 
 def test_cli_on_smollm2():
