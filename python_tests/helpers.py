@@ -1,6 +1,7 @@
 """What the tests share: builders of random but realistic inputs (token streams, layouts, q/k/v), the one
 tiny-model builder (tiny_causal_lm) and what is built on it, the accuracy rule of the op tests, markers.
 Test modules import from here (and conftest.py's fixtures), never from each other."""
+import copy
 import importlib.util
 import os
 
@@ -214,6 +215,32 @@ def assert_close_by_error_rule(ours, computed_in_dtype, ref32, dtype, what="outp
 
 
 # ------------------------------------------------------------------------------------ training runs
+
+
+def assert_step_matches_eager(model, batch, anchor_ids, dense_mask):
+    """The training loss of the patched ``model`` on a collated ``batch`` and its gradients equal eager attention
+    of a copy of the unpatched model with the dense mask ``dense_mask(layout)`` (bool [B, 1, T, T]) written by the
+    test. Returns the patched model's loss."""
+    import anllm_ext
+    from anllm_ext.layout import token_layout
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    anllm_ext.patch(model, anchor_ids)
+    model.train(), eager.train()
+    lay = token_layout(batch["input_ids"], anchor_ids, batch["attention_mask"])
+    allowed = dense_mask(lay)
+    dense = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    loss_p = model(**batch).loss
+    loss_e = eager(input_ids=batch["input_ids"], attention_mask=dense, position_ids=lay.positions,
+                   labels=batch["labels"]).loss
+    loss_p.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_p, loss_e, atol=1e-5, rtol=1e-5)
+    grads = dict(eager.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    return loss_p
 
 
 def run_training(tmp_path, model_dir, data, **overrides):

@@ -2,17 +2,14 @@
 chosen sentences, and the loss and gradients of the patched model with ``anllm_recalled`` against eager attention
 with a dense mask written here: the AnSAN mask plus, for every real non-anchor query, the recalled tokens of
 earlier sentences."""
-import copy
-
 import pytest
 import torch
 
 import anllm_ext
 from anllm_ext.data import AnchorDataCollator, encode_document
-from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
 from anllm_ext.training.recall_spans import RecallSpanCollator, choose_recalled, sentence_spans
-from helpers import TEXT, make_anchor_config, needs_smollm2, run_training
+from helpers import TEXT, assert_step_matches_eager, make_anchor_config, needs_smollm2, run_training
 
 DOT = 9  # the anchor id of the hand-made rows
 
@@ -66,22 +63,8 @@ def test_loss_and_grads_with_recalled_spans_equal_eager_dense_mask(tiny_dir):
     rows[1] = rows[1][:30]  # padding in the batch
     batch = RecallSpanCollator(tok.pad_token_id, config.anchor_ids, spans=2)([{"input_ids": r} for r in rows])
     assert batch["anllm_recalled"].sum() > 10
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    anllm_ext.patch(model, config.anchor_ids)
-    model.train(), eager.train()
-    lay = token_layout(batch["input_ids"], config.anchor_ids, batch["attention_mask"])
-    allowed = dense_recall_span_mask(lay, batch["anllm_recalled"])
-    dense = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    loss_p = model(**batch).loss
-    loss_e = eager(input_ids=batch["input_ids"], attention_mask=dense, position_ids=lay.positions,
-                   labels=batch["labels"]).loss
-    loss_p.backward()
-    loss_e.backward()
-    torch.testing.assert_close(loss_p, loss_e, atol=1e-5, rtol=1e-5)
-    grads = dict(eager.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    loss_p = assert_step_matches_eager(model, batch, config.anchor_ids,
+                                       lambda lay: dense_recall_span_mask(lay, batch["anllm_recalled"]))
     plain = {k: v for k, v in batch.items() if k != "anllm_recalled"}
     with torch.no_grad():
         assert abs(float(model(**plain).loss) - float(loss_p)) > 1e-4  # the recalled spans changed the loss

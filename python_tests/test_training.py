@@ -3,7 +3,6 @@
 The pipeline tests use the bundled SmolLM2 tokenizer (the real vocabulary: EP periods merged with other
 characters, the added <AC> token) on a tiny random Llama so that training steps take a fraction of a second.
 """
-import copy
 import json
 import math
 import os
@@ -19,7 +18,8 @@ from anllm_ext.config import AnchorConfig
 from anllm_ext.data import AnchorDataCollator, encode_document, load_documents, split_blocks
 from anllm_ext.layout import token_layout
 from anllm_ext.reference import ansan_mask
-from helpers import needs_datasets, TEXT, make_anchor_config, needs_smollm2, run_training, tiny_causal_lm
+from helpers import (needs_datasets, TEXT, assert_step_matches_eager, make_anchor_config, needs_smollm2, run_training,
+                     tiny_causal_lm)
 
 
 def tok_and_model(path):
@@ -126,22 +126,7 @@ def test_training_loss_and_grads_equal_eager_dense_mask(tiny_dir):
     config = make_anchor_config("ep", tok)
     rows = encode_document(TEXT * 2, tok, config, block_size=48)[:3]
     batch = AnchorDataCollator(tok.pad_token_id)([{"input_ids": r} for r in rows])
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    anllm_ext.patch(model, config.anchor_ids)
-    model.train(), eager.train()
-    lay = token_layout(batch["input_ids"], config.anchor_ids, batch["attention_mask"])
-    allowed = ansan_mask(lay, lay)[:, None]
-    dense = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    loss_p = model(**batch).loss
-    loss_e = eager(input_ids=batch["input_ids"], attention_mask=dense, position_ids=lay.positions,
-                   labels=batch["labels"]).loss
-    loss_p.backward()
-    loss_e.backward()
-    torch.testing.assert_close(loss_p, loss_e, atol=1e-5, rtol=1e-5)
-    grads = dict(eager.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert_step_matches_eager(model, batch, config.anchor_ids, lambda lay: ansan_mask(lay, lay)[:, None])
 
 
 # ------------------------------------------------------------------------------------------ runs
