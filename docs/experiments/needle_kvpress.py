@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -35,17 +34,8 @@ def _load(name, path):
 
 needle = _load("needle", ROOT / "anllm_ext" / "evaluation" / "needle.py")
 sys.path.insert(0, str(HERE))
+from kvpress_common import add_press_args, load_original, make_press  # noqa: E402
 from needle_haystack import HAYSTACKS, haystack_paragraphs  # noqa: E402
-
-
-def make_press(name: str, ratio: float):
-    from kvpress import ExpectedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress
-
-    presses = {"snapkv": SnapKVPress, "streaming": StreamingLLMPress, "tova": TOVAPress,
-               "expected": ExpectedAttentionPress}
-    if name not in presses:
-        raise ValueError(f"unknown press {name!r}; choose from {sorted(presses)}")
-    return presses[name](compression_ratio=ratio)
 
 
 def main():
@@ -55,18 +45,12 @@ def main():
     ap.add_argument("--per-cell", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--haystack", choices=HAYSTACKS, default="handbook")
-    ap.add_argument("--presses", nargs="+", default=["snapkv", "streaming", "tova", "expected"])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.9])
-    ap.add_argument("--model", default=str(Path.home() / ".cache/anllm_ext/SmolLM2-135M-Instruct"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", required=True)
+    add_press_args(ap, ratio=0.9, threads=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    from transformers import pipeline
     import kvpress  # noqa: F401  (registers the pipeline)
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model, tok = load_original(args)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
     paragraphs = haystack_paragraphs(args.haystack)
     trials = needle.make_trials(args.lengths, args.depths, args.per_cell, len(paragraphs), args.seed)

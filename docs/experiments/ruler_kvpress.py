@@ -24,15 +24,10 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvpress_common import add_press_args, load_original, make_press  # noqa: E402
+
 QUESTION = re.compile(r"\n(What (are all|is) the special magic)")
-
-
-def make_press(name: str, ratio: float):
-    from kvpress import ExpectedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress
-
-    presses = {"snapkv": SnapKVPress, "streaming": StreamingLLMPress, "tova": TOVAPress,
-               "expected": ExpectedAttentionPress}
-    return presses[name](compression_ratio=ratio)
 
 
 @torch.no_grad()
@@ -66,17 +61,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", help="a ruler_niah.sh output folder (its samples_<task>_*.jsonl hold the prompts)")
     ap.add_argument("--task", default="niah_single_1")
-    ap.add_argument("--presses", nargs="+", default=["snapkv", "streaming", "tova", "expected"])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.75])
-    ap.add_argument("--model", default=os.path.expanduser("~/.cache/anllm_ext/SmolLM2-135M-Instruct"))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", required=True)
+    add_press_args(ap, ratio=0.75, threads=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model, tok = load_original(args)
     samples = [json.loads(line) for line in open(glob.glob(os.path.join(args.run_dir, "*", f"samples_{args.task}_*.jsonl"))[0])]
     out = {"setup": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "prompts": args.run_dir,
                      "task": args.task, "machine": f"2-core CPU ({platform.machine()}), torch threads {args.threads}, fp32",
