@@ -104,6 +104,9 @@ class AnchorCache(Cache):
                     f"model.config, or the model), got {type(config).__name__}"
                 )
             check_full_attention_layers(text, "AnchorCache")
+            if recall is not None and recall.layers and max(recall.layers) >= text.num_hidden_layers:
+                raise ValueError(f"RecallConfig.layers {list(recall.layers)} name a layer the model does not have "
+                                 f"(it has {text.num_hidden_layers}: 0..{text.num_hidden_layers - 1})")
         self.state = SlotState()  # shared with every layer: capacity, lengths, plan, deferred write
         if config is not None:
             super().__init__(layers=[AnchorLayer(self.state, i) for i in range(text.num_hidden_layers)])

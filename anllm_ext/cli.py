@@ -7,6 +7,9 @@ other and labelled, and, side by side, KV bytes, peak KV bytes, tokens/s and the
 
 ``anllm eval``: perplexity and multiple-choice accuracy in the evaluation modes (:mod:`anllm_ext.evaluation`).
 
+``anllm recall-layers``: the layers whose recall choice finds what a later question asks for
+(:mod:`anllm_ext.evaluation.recall_layers`), for ``anllm eval --recall-pool layers``.
+
 ``anllm train``: AnSAN training with the Hugging Face ``Trainer`` (:mod:`anllm_ext.training`); every field
 of :class:`~anllm_ext.training.AnLLMArguments` and of transformers' ``TrainingArguments`` is an option.
 
@@ -191,7 +194,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``eval`` to ``anllm``'s subcommands."""
     from .evaluation import ALL_MODES, DEMO_ENDS, MODES, RECALL_MODE
-    from .recall import EVERY, POOLS, SCORES, RecallConfig
+    from .recall import EVERY, INDEXES, POOLS, SCORES, RecallConfig
 
     e = subparsers.add_parser("eval", help="perplexity and multiple-choice accuracy: full attention vs anchor inference",
                               description="Quality of a model under anchor inference (see docs/method.md): perplexity "
@@ -213,7 +216,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--recall-every", choices=EVERY, default=RecallConfig.every, help="when a forward chooses anew")
     r.add_argument("--recall-score", choices=SCORES, default=RecallConfig.score,
                    help="how an anchor's attention ranks its sentence")
-    r.add_argument("--recall-pool", choices=POOLS, default=RecallConfig.pool, help="per layer, or pooled over layers")
+    r.add_argument("--recall-index", choices=INDEXES, default=RecallConfig.index,
+                   help="what finds a sentence: its anchor (hot) or its evicted tokens' keys (cold)")
+    r.add_argument("--recall-pool", choices=POOLS, default=RecallConfig.pool,
+                   help="per layer, pooled over layers, or pooled over --recall-layers")
+    r.add_argument("--recall-layers", type=arg_int(0), nargs="+", default=None, metavar="L",
+                   help="the layers --recall-pool layers sums (see `anllm recall-layers`)")
     e.add_argument("--shots", type=arg_int(0), nargs="+", default=[0], help="demonstrations per question (several: one run each)")
     e.add_argument("--limit", type=arg_int(1), default=None, help="score the first N questions")
     e.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draw")
@@ -251,7 +259,8 @@ def cmd_eval(args) -> int:
                     prefill_chunk=args.prefill_chunk, block_size=args.block_size, max_blocks=args.max_blocks,
                     progress=args.progress, text_source=[str(f) for f in args.text or []], mc_source=args.mc,
                     recall=RecallConfig(budget=args.recall_budget, every=args.recall_every, score=args.recall_score,
-                                        pool=args.recall_pool))
+                                        index=args.recall_index, pool=args.recall_pool,
+                                        layers=None if args.recall_layers is None else tuple(args.recall_layers)))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
@@ -282,6 +291,68 @@ def cmd_eval(args) -> int:
     if args.plot:
         plot_results(records, args.plot, title=f"{name}, anchors {label}")
         print(f"wrote {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# anllm recall-layers
+# --------------------------------------------------------------------------------------------------
+
+
+def add_recall_layers_parser(subparsers) -> argparse.ArgumentParser:
+    from .recall import INDEXES, SCORES, RecallConfig
+
+    p = subparsers.add_parser(
+        "recall-layers", help="find the layers whose recall choice finds what a later question asks for",
+        description="Hide synthetic facts in haystacks cut from --text (your own text, not what you will "
+                    "evaluate), ask for them in chat, and measure in which layers anchor-indexed recall chooses "
+                    "the fact's sentence; prints the layers for `anllm eval --recall-pool layers --recall-layers`.")
+    p.add_argument("--model", default=None, help="local model directory or bundled name (default: the bundled AnLLM)")
+    p.add_argument("--text", nargs="+", required=True, metavar="PATH",
+                   help="haystack text: files or folders, with the file rules of `anllm eval --text`")
+    p.add_argument("--lengths", type=arg_int(32), nargs="+", default=[1024, 2048, 4096], help="haystack tokens")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="fact depths in [0, 1]")
+    p.add_argument("--per-cell", type=arg_int(1), default=1, help="trials per (length, depth)")
+    p.add_argument("--budget", type=arg_int(1), default=RecallConfig.budget, help="sentences a layer recalls")
+    p.add_argument("--index", choices=INDEXES, default="tokens", help="what finds a sentence (RecallConfig.index)")
+    p.add_argument("--score", choices=SCORES, default="peak", help="how a sentence is scored (RecallConfig.score)")
+    p.add_argument("--min-hit", type=arg_float(0.0, 1.0), default=0.8, help="share of trials a recall layer must hit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the hit rates and layers as JSON")
+    _add_common(p)
+    p.set_defaults(func=cmd_recall_layers)
+    return p
+
+
+def cmd_recall_layers(args) -> int:
+    from .checks import check_device, check_output_path
+    from .data import load_documents
+    from .evaluation.recall_layers import find_recall_layers
+    from .hf import patch
+    from .models import load_model
+
+    check_output_path("--json", args.json)
+    check_device(args.device)
+    paragraphs = [" ".join(p.split()) for doc in load_documents(args.text)["text"] for p in doc.split("\n\n")]
+    paragraphs = [p for p in paragraphs if len(p) > 200]
+    if not paragraphs:
+        raise ValueError("--text has no paragraph of over 200 characters to cut haystacks from")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model or "smollm2-anllm", dtype=args.dtype, device=args.device, verbose=True)
+    patch(model)
+    found = find_recall_layers(model, tok, paragraphs, args.lengths, args.depths, args.per_cell, args.budget,
+                               args.index, args.score, args.min_hit, args.seed,
+                               log=print if args.progress else None)
+    print("hit rate per layer: " + " ".join(f"{l}:{r:.2f}" for l, r in enumerate(found.hit_rate)))
+    print(f"recall layers: {' '.join(map(str, found.layers))}\n  anllm eval ... --recall-index {args.index} "
+          f"--recall-score {args.score} --recall-pool layers --recall-layers {' '.join(map(str, found.layers))}")
+    if args.json:
+        from .evaluation import dump_json
+
+        dump_json({"model": args.model or "smollm2-anllm", "text": args.text, "lengths": args.lengths,
+                   "depths": args.depths, **found.as_dict()}, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -331,11 +402,12 @@ def cmd_train(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``anllm`` parser: the subcommands ``generate``, ``eval`` and ``train``."""
+    """The ``anllm`` parser: the subcommands ``generate``, ``eval``, ``recall-layers`` and ``train``."""
     p = argparse.ArgumentParser(prog="anllm", description="Anchor-based LLM inference (AnLLM) for transformers models")
     sub = p.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_eval_parser(sub)
+    add_recall_layers_parser(sub)
     add_train_parser(sub)
     return p
 

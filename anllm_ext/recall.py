@@ -5,9 +5,12 @@ Per layer and per forward (see :meth:`RecallState.attend`):
 
 1. the queries attend over the hot cache (anchors + open segment + the new tokens) as without recall, which
    also gives each query's log-sum-exp ``lse``;
-2. every closed segment with evicted tokens is scored by the attention its anchor receives from the forward's
-   non-anchor queries: ``exp(q . k_anchor * scale - lse)`` summed over queries, then over heads (``score="mass"``)
-   or the largest over heads (``score="max"``); the ``budget`` best segments with a positive score are recalled;
+2. every closed segment with evicted tokens is scored by the attention the forward's non-anchor queries would
+   give it: with ``index="anchor"``, the probability its anchor (hot) receives, ``exp(q . k_anchor * scale - lse)``;
+   with ``index="tokens"``, the probabilities its evicted tokens' own keys (cold) would receive, summed over the
+   segment (or the largest, for ``score="peak"``). Either is summed over queries, then over heads
+   (``score="mass"``) or the largest head's (``score="max"``), or the largest of any query and head
+   (``score="peak"``); the ``budget`` best segments with a positive score are recalled;
 3. the queries attend over the recalled segments' evicted tokens at their true positions (the op takes any key
    layout: the recalled keys are flagged as anchors, so exactly the non-anchor queries see them, as they see
    anchors), and the two partial attentions are merged by their log-sum-exp.
@@ -19,7 +22,7 @@ an anchor query sees what it sees without recall (it summarises its own segment 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,7 +32,9 @@ from .ops import anchor_attention_with_lse
 EVERY = ("token", "sentence", "prompt")
 _UNCHOSEN = object()  # no choice made since the last compaction
 SCORES = ("mass", "max", "peak")
-POOLS = ("layer", "running")
+POOLS = ("layer", "running", "layers")
+INDEXES = ("anchor", "tokens")
+_QUERY_BLOCK = 256  # queries scored against the cold keys at a time (bounds the probabilities' memory)
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,17 @@ class RecallConfig:
             queries give it: ``"mass"`` (summed over queries and heads), ``"max"`` (summed over queries, the
             largest head's) or ``"peak"`` (the largest of any query and head: one query that looks at it is
             enough, e.g. a name in the question).
+        index: what a segment is found by: ``"anchor"``, the attention its anchor gets (one hot key per
+            segment, the anchor the model trained to summarise it); ``"tokens"``, the attention its evicted tokens'
+            own keys would get (every cold key is read at each choice: a scan of the cold store, as costly as
+            attending it, so pair it with ``every="prompt"`` or ``"sentence"``).
         pool: ``"layer"``: each layer chooses by its own scores; ``"running"``: layer l chooses by the sum over
             layers 0..l of this forward of each layer's scores normalised to sum 1 over the candidates (later
-            layers use the evidence of earlier ones; still one pass, causal over layers).
+            layers use the evidence of earlier ones; still one pass, causal over layers); ``"layers"``: the same
+            sum over the listed ``layers`` only (those whose choice finds what later text asks for, e.g. the
+            model's retrieval layers, found by ``anllm recall-layers``); a layer before the first listed one
+            chooses by its own scores.
+        layers: the layer indices ``pool="layers"`` sums (and only it takes them).
         cold_device: where the evicted K/V live (e.g. ``"cpu"`` for host memory beside a GPU); None: beside the
             hot cache.
     """
@@ -57,7 +70,9 @@ class RecallConfig:
     budget: int = 4
     every: str = "token"
     score: str = "mass"
+    index: str = "anchor"
     pool: str = "layer"
+    layers: Optional[Tuple[int, ...]] = None
     cold_device: Optional[str] = None
 
     def __post_init__(self):
@@ -67,8 +82,18 @@ class RecallConfig:
             raise ValueError(f"RecallConfig.every must be one of {EVERY}, got {self.every!r}")
         if self.score not in SCORES:
             raise ValueError(f"RecallConfig.score must be one of {SCORES}, got {self.score!r}")
+        if self.index not in INDEXES:
+            raise ValueError(f"RecallConfig.index must be one of {INDEXES}, got {self.index!r}")
         if self.pool not in POOLS:
             raise ValueError(f"RecallConfig.pool must be one of {POOLS}, got {self.pool!r}")
+        if (self.pool == "layers") != (self.layers is not None):
+            raise ValueError("RecallConfig.layers goes with pool='layers' (and it needs them): got "
+                             f"pool={self.pool!r}, layers={self.layers!r}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(not isinstance(l, int) or isinstance(l, bool) or l < 0 for l in layers):
+                raise ValueError(f"RecallConfig.layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
         if self.cold_device is not None:
             torch.device(self.cold_device)  # raises on a bad name
 
@@ -208,6 +233,37 @@ def anchor_scores(query, keys, lse, q_layout: Layout, candidates: torch.Tensor, 
     return pooled.masked_fill(~candidates, float("-inf"))
 
 
+def token_scores(query, keys, key_segments, key_valid, lse, q_layout: Layout, scale: float, score: str,
+                 n_segments: int) -> torch.Tensor:
+    """Score [B, n_segments] of every segment from its keys (``keys`` [B, Hkv, N, D] with their segments and
+    validity [B, N]): the probabilities ``exp(q . k * scale - lse)`` the non-anchor queries would give them,
+    summed over each segment's keys and the queries, then over heads (``"mass"``) or the largest head's
+    (``"max"``); or the largest of any key, query and head (``"peak"``). Zero for a segment with no valid key."""
+    B, Hq, T, D = query.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    group = Hq // Hkv
+    k = keys.float()
+    voters = (q_layout.valid & ~q_layout.is_anchor)
+    per_key = torch.zeros((B, N) if score == "peak" else (B, Hq, N), device=query.device)
+    for a in range(0, T, _QUERY_BLOCK):
+        e = min(T, a + _QUERY_BLOCK)
+        q = query[:, :, a:e].float().reshape(B, Hkv, group, e - a, D)
+        logits = torch.einsum("bhgtd,bhkd->bhgtk", q, k) * scale
+        probs = torch.exp(logits - lse[:, :, a:e].reshape(B, Hkv, group, e - a)[..., None]).reshape(B, Hq, e - a, N)
+        probs = torch.where(voters[:, None, a:e, None], probs, torch.zeros((), device=probs.device))
+        if score == "peak":
+            per_key = torch.maximum(per_key, probs.amax(2).amax(1))
+        else:
+            per_key += probs.sum(2)
+    bins = key_segments.to(query.device, torch.int64).masked_fill(~key_valid.to(query.device), n_segments)
+    if score == "peak":
+        out = per_key.new_zeros(B, n_segments + 1).scatter_reduce(1, bins, per_key, "amax")
+    else:
+        out = per_key.new_zeros(B, Hq, n_segments + 1).scatter_add(2, bins[:, None].expand(B, Hq, N), per_key)
+        out = out.sum(1) if score == "mass" else out.amax(1)
+    return out[:, :n_segments]
+
+
 def choose_segments(scores: torch.Tensor, segments: torch.Tensor, budget: int) -> List[torch.Tensor]:
     """Per row: the segments of the ``budget`` best-scored slots whose score is positive (int64 [<= budget])."""
     k = min(budget, scores.shape[1])
@@ -282,15 +338,33 @@ class RecallState:
         Tk = k_layout.positions.shape[1]
         keys = layer.keys[:, :, :Tk]
         candidates = k_layout.is_anchor & k_layout.valid & self.cold.has_segment(k_layout.segments)
-        scores = anchor_scores(query, keys, lse_hot, q_layout, candidates, scale, self.config.score)
-        if self.config.pool == "running":
-            scores = self._pooled(scores, candidates)
+        if self.config.index == "tokens":
+            scores = self._token_scores(layer.index, query, lse_hot, q_layout, k_layout, candidates, scale)
+        else:
+            scores = anchor_scores(query, keys, lse_hot, q_layout, candidates, scale, self.config.score)
+        if self.config.pool != "layer":
+            scores = self._pooled(layer.index, scores, candidates)
         chosen = choose_segments(scores, k_layout.segments, self.config.budget)
         self.chosen[layer.index] = chosen
         return self.cold.gather(layer.index, chosen, query.device)
 
-    def _pooled(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Add this layer's scores, normalised over the candidates, to the forward's running sum; return it."""
+    def _token_scores(self, layer_index, query, lse_hot, q_layout, k_layout, candidates, scale):
+        """index="tokens": each cold segment's score from its evicted keys, put on its anchor's hot slot (the
+        slots ``choose_segments`` and the pool rank), -inf off the candidates."""
+        n = max(self.cold.lengths)
+        segments = self.cold.segments[:, :n]
+        valid = torch.arange(n, device=segments.device)[None, :] < torch.tensor(self.cold.lengths, device=segments.device)[:, None]
+        n_segments = int(segments[valid].max()) + 1
+        per_segment = token_scores(query, self.cold.keys[layer_index][:, :, :n].to(query.device), segments, valid,
+                                   lse_hot, q_layout, scale, self.config.score, n_segments)
+        where = k_layout.segments.to(torch.int64).clamp(0, n_segments - 1)
+        return per_segment.gather(1, where).masked_fill(~candidates, float("-inf"))
+
+    def _pooled(self, layer_index: int, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Add this layer's scores, normalised over the candidates, to the forward's running sum (pool="layers":
+        a listed layer's only); return the sum (this layer's scores while it is empty)."""
+        if self.config.pool == "layers" and layer_index not in self.config.layers:
+            return scores if self.running is None else self.running.masked_fill(~candidates, float("-inf"))
         finite = torch.where(candidates, scores, torch.zeros((), device=scores.device))
         total = finite.sum(1, keepdim=True)
         share = torch.where(total > 0, finite / total.clamp_min(1e-30), torch.zeros((), device=scores.device))

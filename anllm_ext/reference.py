@@ -123,6 +123,9 @@ def recall_attention_ref(
     scale: Optional[float] = None,
     pool: str = "layer",
     carry: Optional[dict] = None,
+    index: str = "anchor",
+    layer: Optional[int] = None,
+    layers: Sequence[int] = (),
 ) -> torch.Tensor:
     """Dense oracle of one layer of anchor-indexed recall (anllm_ext/recall.py), written independently of it.
 
@@ -132,15 +135,22 @@ def recall_attention_ref(
     some row (the cache compacted), with ``every == "prompt"`` when it spans more than one column; else it
     reuses the last choice. A choice of row b scores every closed segment (segment below
     the segment of the forward's first column) that has a real non-anchor token by the AnSAN attention
-    probability its anchor gets from the forward's real non-anchor queries, summed over those queries, then
+    probability its anchor gets from the forward's real non-anchor queries (``index="anchor"``; with
+    ``index="tokens"``: ``exp(q . k * scale - lse)`` of its real non-anchor tokens, ``lse`` over the AnSAN keys,
+    summed over those tokens, or the largest for ``"peak"``), summed over those queries, then
     summed (``"mass"``) or maximised (``"max"``) over heads, or the largest over queries and heads
     (``"peak"``), and takes the ``budget`` best with a positive
     score. With ``pool="running"`` each layer's scores of a choice are first divided by their sum over the
     candidates and added to those of the earlier layers of the stack for the same forward and row: ``carry``, a
-    dict the caller passes to every layer of one pass, layer 0 first, holds these sums. A real non-anchor query
+    dict the caller passes to every layer of one pass, layer 0 first, holds these sums. With ``pool="layers"``
+    only the layers in ``layers`` add theirs (this call is layer ``layer``); a layer before the first of them
+    ranks by its own scores. A real non-anchor query
     then also sees every real non-anchor token of the segments its forward's choice took."""
-    if pool == "running" and carry is None:
-        raise ValueError("pool='running' needs carry={} shared by the layers of one pass")
+    if pool in ("running", "layers") and carry is None:
+        raise ValueError(f"pool={pool!r} needs carry={{}} shared by the layers of one pass")
+    if pool == "layers" and layer is None:
+        raise ValueError("pool='layers' needs the layer index")
+    adds = pool == "running" or (pool == "layers" and layer in layers)
     B, Hq, T, D = q.shape
     group = Hq // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
@@ -148,7 +158,10 @@ def recall_attention_ref(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     hot = ansan_mask(layout, layout)  # [B,T,T]
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
-    probs = torch.nan_to_num(torch.softmax(scores.masked_fill(~hot[:, None], float("-inf")), dim=-1), nan=0.0)
+    hot_scores = scores.masked_fill(~hot[:, None], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(hot_scores, dim=-1), nan=0.0)
+    if index == "tokens":  # what each key would get beside the hot ones: exp(logit - lse over the AnSAN keys)
+        probs = torch.nan_to_num(torch.exp(scores - torch.logsumexp(hot_scores, dim=-1, keepdim=True)), nan=0.0)
 
     bounds = list(chunk_starts) + [T]
     real_word = layout.valid & ~layout.is_anchor  # [B,T]: real non-anchor tokens (the ones a cache evicts)
@@ -160,7 +173,7 @@ def recall_attention_ref(
         several = e - a > 1
         if every == "token" or chosen is None or (boundary_before if every == "sentence" else several):
             chosen = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b],
-                                  carry if pool == "running" else None, (s, b))
+                                  carry if pool != "layer" else None, (s, b), index, adds)
                       for b in range(B)]
         for b in range(B):
             recalled = real_word[b] & torch.isin(layout.segments[b].long(), chosen[b])  # [T] keys
@@ -173,7 +186,7 @@ def recall_attention_ref(
 
 
 def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, score: str, real_word_b,
-                carry=None, key=None):
+                carry=None, key=None, index="anchor", adds=True):
     """Segments row b's forward over columns [a, e) recalls (see :func:`recall_attention_ref`)."""
     seg = layout.segments[b].long()
     first_open = int(seg[a])
@@ -181,14 +194,16 @@ def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, sc
     has_words[seg[real_word_b].cpu()] = True
     voters = real_word_b[a:e]
     seen = probs_b[:, a:e][:, voters]  # [Hq, voters, T]
-    if score == "peak":
-        pooled = seen.amax(dim=1).amax(0) if seen.shape[1] else torch.zeros(seen.shape[2])
-    else:
-        mass = seen.sum(dim=1)  # [Hq, T]: per head, summed over the voters
-        pooled = mass.sum(0) if score == "mass" else mass.amax(0)
+    pooled = torch.stack([_ref_pool(seen[:, :, j : j + 1], score) for j in range(seen.shape[2])])
+    if index == "tokens":  # an anchor stands for its segment's words: pool over those keys instead
+        for j in range(seen.shape[2]):
+            words = (seg == seg[j]) & real_word_b
+            pooled[j] = _ref_pool(seen[:, :, words], score) if words.any() else 0.0
     is_candidate = [bool(layout.is_anchor[b, j]) and bool(layout.valid[b, j]) and int(seg[j]) < first_open
                     and bool(has_words[int(seg[j])]) for j in range(layout.positions.shape[1])]
-    if carry is not None:  # pool="running": this layer's share over the candidates, added to earlier layers'
+    if carry is not None and not adds and key in carry:  # pool="layers", an unlisted layer: the listed ones' sum
+        pooled = torch.tensor(carry[key])
+    elif carry is not None and adds:  # this layer's share over the candidates, added to earlier layers'
         total = sum(float(pooled[j]) for j, c in enumerate(is_candidate) if c)
         share = [float(pooled[j]) / total if c and total > 0 else 0.0 for j, c in enumerate(is_candidate)]
         before = carry.get(key, [0.0] * len(share))
@@ -197,3 +212,13 @@ def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, sc
     candidates = [(float(pooled[j]), int(seg[j])) for j, c in enumerate(is_candidate) if c and float(pooled[j]) > 0]
     candidates.sort(reverse=True)
     return torch.tensor([s for _, s in candidates[:budget]], dtype=torch.int64, device=seg.device)
+
+
+def _ref_pool(seen, score: str) -> torch.Tensor:
+    """One score from the probabilities ``seen`` [Hq, voters, keys] (see :func:`recall_attention_ref`)."""
+    if seen.numel() == 0:
+        return torch.zeros(())
+    if score == "peak":
+        return seen.max()
+    per_head = seen.sum(dim=(1, 2))
+    return per_head.sum() if score == "mass" else per_head.max()

@@ -138,6 +138,16 @@ def test_backend_bad_args(tiny_dir):
         _model(tiny_dir, "cached", recall_budget=2)
     with pytest.raises(ValueError, match="RecallConfig.every must be one of"):
         _model(tiny_dir, "cached+recall", recall_every="chunk")
+    with pytest.raises(ValueError, match="recall_layers takes layer indices joined by ';'"):
+        _model(tiny_dir, "cached+recall", recall_pool="layers", recall_layers="0,1")
+
+
+def test_backend_recall_layers_arg(tiny_dir):
+    """recall_index / recall_pool / recall_layers reach the RecallConfig (lm-eval passes strings)."""
+    from anllm_ext import RecallConfig
+
+    lm = _model(tiny_dir, "cached+recall", recall_index="tokens", recall_pool="layers", recall_layers="1;0")
+    assert lm.recall == RecallConfig(index="tokens", pool="layers", layers=(0, 1))
 
 
 def test_cli_on_smollm2():

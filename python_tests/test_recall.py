@@ -35,7 +35,8 @@ class RecallStack(ToyStack):
                 attn = anchor_attention_ref(q, k, v, layout, layout)
             else:
                 attn = recall_attention_ref(q, k, v, layout, chunk_starts, recall.budget, recall.every, recall.score,
-                                            pool=recall.pool, carry=carry)
+                                            pool=recall.pool, carry=carry, index=recall.index, layer=i,
+                                            layers=recall.layers or ())
             x = self.merge(i, x, attn)
         return x
 
@@ -57,10 +58,19 @@ CONFIGS = [RecallConfig(budget=2), RecallConfig(budget=1, score="max"), RecallCo
            RecallConfig(budget=2, every="sentence", score="max"), RecallConfig(budget=2, score="peak"),
            RecallConfig(budget=2, score="peak", pool="running"),
            RecallConfig(budget=1, every="sentence", pool="running"), RecallConfig(budget=2, every="prompt", score="peak"),
-           RecallConfig(budget=1, every="prompt", pool="running")]
+           RecallConfig(budget=1, every="prompt", pool="running"), RecallConfig(budget=2, index="tokens"),
+           RecallConfig(budget=1, score="max", index="tokens"),
+           RecallConfig(budget=2, every="prompt", score="peak", index="tokens"),
+           RecallConfig(budget=2, every="sentence", score="peak", pool="running", index="tokens"),
+           RecallConfig(budget=1, every="prompt", score="peak", index="tokens", pool="layers", layers=(1,)),
+           RecallConfig(budget=2, pool="layers", layers=(0, 2))]
 
 
-@pytest.mark.parametrize("recall", CONFIGS, ids=lambda r: f"{r.budget}-{r.every}-{r.score}-{r.pool}")
+def _recall_id(r):
+    return f"{r.budget}-{r.every}-{r.score}-{r.pool}{r.layers or ''}-{r.index}"
+
+
+@pytest.mark.parametrize("recall", CONFIGS, ids=_recall_id)
 @pytest.mark.parametrize("chunk", [1, 6, 32])
 def test_recall_cache_matches_the_dense_oracle(recall, chunk):
     B, T, prefill = 3, 72, 48
@@ -112,10 +122,21 @@ def test_without_recall_the_cache_keeps_no_cold_figures():
     (dict(every="chunk"), "every must be one of"),
     (dict(score="sum"), "score must be one of"),
     (dict(pool="all"), "pool must be one of"),
+    (dict(index="keys"), "index must be one of"),
+    (dict(pool="layers"), "layers goes with pool='layers'"),
+    (dict(layers=(1,)), "layers goes with pool='layers'"),
+    (dict(pool="layers", layers=()), "non-empty list of layer indices"),
+    (dict(pool="layers", layers=(-1,)), "non-empty list of layer indices"),
 ])
 def test_recall_config_rejects_bad_settings(bad, message):
     with pytest.raises(ValueError, match=message):
         RecallConfig(**bad)
+
+
+def test_recall_layers_must_exist_in_the_model():
+    with pytest.raises(ValueError, match=r"name a layer the model does not have \(it has 2"):
+        AnchorCache(tiny_model("llama").config, recall=RecallConfig(pool="layers", layers=(1, 2)))
+    AnchorCache(tiny_model("llama").config, recall=RecallConfig(pool="layers", layers=(1,)))
 
 
 def test_recall_needs_a_compacting_cache_and_a_recall_config():
@@ -135,7 +156,8 @@ def _recall_ref_attention(module, query, key, value, attention_mask, scaling=Non
     if module.layer_idx == 0:
         _REF["carry"] = {}
     out = recall_attention_ref(query, key, value, _REF["layout"], _REF["starts"], r.budget, r.every, r.score,
-                               scale=scaling, pool=r.pool, carry=_REF["carry"])
+                               scale=scaling, pool=r.pool, carry=_REF["carry"], index=r.index,
+                               layer=module.layer_idx, layers=r.layers or ())
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -167,8 +189,11 @@ def cached_recall_logits(model, ids, mask, starts, recall):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("recall", [RecallConfig(budget=2), RecallConfig(budget=2, every="sentence", score="peak"),
                                     RecallConfig(budget=2, score="peak", pool="running"),
-                                    RecallConfig(budget=2, every="prompt", score="peak")],
-                         ids=lambda r: f"{r.every}-{r.score}-{r.pool}")
+                                    RecallConfig(budget=2, every="prompt", score="peak"),
+                                    RecallConfig(budget=2, every="prompt", score="peak", index="tokens"),
+                                    RecallConfig(budget=2, every="prompt", score="peak", index="tokens",
+                                                 pool="layers", layers=(1,))],
+                         ids=_recall_id)
 def test_patched_model_with_recall_matches_the_dense_oracle(family, recall):
     base = tiny_model(family)
     reference = copy.deepcopy(base)

@@ -8,7 +8,8 @@
 # One epoch (constant lr after 8 warm-up steps: a run cut by MIN is as trained), batch 1 x 4 accumulation (conversations are not padded to each other),
 # 2,048-token rows (a conversation is one row), lr 2e-4; MODEL (default smollm2-anllm; "original": the bundled
 # SmolLM2-135M-Instruct itself, i.e. a conversion from the original weights), TUNE (default LoRA r=16; "full": full
-# fine-tuning, the teacher a frozen copy), RECALL_SPANS (default 0: --recall-spans), LR, SCHED, EPOCHS, MIN, THREADS.
+# fine-tuning, the teacher a frozen copy), RECALL_SPANS (default 0: --recall-spans), LR, SCHED, EPOCHS, MIN, THREADS,
+# RESUME (a checkpoint directory: go on from it, e.g. for more epochs).
 #   RUN=distill-full MODEL=original TUNE=full LR=5e-5 docs/experiments/chat_distill.sh
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DATA=${DATA:-$REPO/data}; RUNS=${RUNS:-$REPO/runs}
@@ -21,4 +22,4 @@ mkdir -p $RUNS && cd $RUNS && ${ANLLM_PY:-$REPO/.venv/bin/python} -m anllm_ext.c
   --learning-rate ${LR:-2e-4} --lr-scheduler-type ${SCHED:-constant_with_warmup} --warmup-steps 8 --num-train-epochs ${EPOCHS:-1} \
   --max-minutes ${MIN:-80} --eval-blocks 4 --no-eval-before --prefill-chunk 256 \
   --recall-spans ${RECALL_SPANS:-0} --logging-steps 5 --save-steps ${SAVE_STEPS:-20} --seed ${SEED:-0} --threads ${THREADS:-2} \
-  --disable-tqdm true
+  --disable-tqdm true ${RESUME:+--resume-from-checkpoint $RESUME}

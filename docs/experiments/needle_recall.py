@@ -11,7 +11,8 @@ Handbook pages of heldout_text.py (default) or the GPL-3.
 A run is ``MODEL-POLICY`` with MODEL ``original`` or ``anllm`` (``--anllm``: the bundled smollm2-anllm unless
 another adapter or model directory is named) and POLICY ``full``,
 ``cached``, ``oracle`` (the needle sentence recalled in every layer) or ``recall:BUDGET:EVERY:SCORE[:POOL]``
-(RecallConfig's fields).
+(RecallConfig's fields), then optionally ``:POOL`` or ``:FIELD=VALUE`` items, e.g.
+``recall:4:prompt:peak:index=tokens:pool=layers:layers=7/8/15``.
 """
 import argparse
 import json
@@ -35,8 +36,11 @@ def parse_run(run: str):
     if model not in ("original", "anllm") or not policy:
         raise ValueError(f"a run is MODEL-POLICY with MODEL original|anllm, got {run!r}")
     if policy.startswith("recall:"):
-        _, budget, every, score, *pool = policy.split(":")
-        return model, "recall", RecallConfig(budget=int(budget), every=every, score=score, pool=(pool or ["layer"])[0])
+        _, budget, every, score, *rest = policy.split(":")
+        extra = dict(kv.split("=", 1) if "=" in kv else ("pool", kv) for kv in rest)
+        if "layers" in extra:
+            extra["layers"] = tuple(int(l) for l in extra["layers"].split("/"))
+        return model, "recall", RecallConfig(budget=int(budget), every=every, score=score, **extra)
     return model, policy, None
 
 
