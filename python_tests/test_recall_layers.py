@@ -59,6 +59,8 @@ def test_recall_layers_of_the_bundled_anllm():
     segment = fact_segment(tok, model, ids, trial)
     held = [float((cache.recall.chosen[l][0] == segment).any()) for l in range(len(model.model.layers))]
     assert held == found.hit_rate
+    with pytest.raises(ValueError, match="is not in the prompt"):
+        fact_segment(tok, model, chat(trial.question), trial)
 
 
 @needs_smollm2

@@ -172,15 +172,21 @@ def run_needle(model, tokenizer, paragraphs: Sequence[str], trials: Sequence[Nee
 
 def needle_segment(tokenizer, model, ids: torch.Tensor, trial: NeedleTrial) -> int:
     """The segment id of the needle sentence in the prompt ``ids`` [1, T] under the patched model's anchors."""
+    return marker_segment(tokenizer, model, ids, f" {trial.name} archive is")
+
+
+def marker_segment(tokenizer, model, ids: torch.Tensor, marker_text: str) -> int:
+    """The segment id, under the patched model's anchors, of the first place ``ids`` [1, T] holds the tokens of
+    ``marker_text`` (a phrase inside a sentence: its first token's context does not change its tokens)."""
     from ..hf import patched_anchor_ids
     from ..layout import token_layout
 
-    marker = tokenizer(f" {trial.name} archive is", add_special_tokens=False)["input_ids"]
+    marker = tokenizer(marker_text, add_special_tokens=False)["input_ids"]
     row = ids[0].tolist()
     for i in range(len(row) - len(marker) + 1):
         if row[i : i + len(marker)] == marker:
             return int(token_layout(ids, patched_anchor_ids(model)).segments[0, i])
-    raise ValueError(f"the needle of {trial.name!r} is not in the prompt")
+    raise ValueError(f"{marker_text.strip()!r} is not in the prompt")
 
 
 def _track_hot_fraction(cache, prompt_len: int) -> List[float]:

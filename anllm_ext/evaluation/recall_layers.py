@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .needle import NeedleTrial, haystack_text
+from .needle import NeedleTrial, haystack_text, marker_segment
 
 ATTRIBUTES = ("room number", "access number", "badge number", "postal code")
 PLACES = ("Willow", "Granite", "Harbor", "Copper", "Juniper", "Summit", "Lantern", "Orchid")
@@ -54,15 +54,7 @@ def fact_trials(lengths: Sequence[int], depths: Sequence[float], per_cell: int, 
 
 def fact_segment(tokenizer, model, ids: torch.Tensor, trial: FactTrial) -> int:
     """The segment id of the fact sentence in ``ids`` [1, T] under the patched model's anchors."""
-    from ..hf import patched_anchor_ids
-    from ..layout import token_layout
-
-    marker = tokenizer(f" of the {trial.name} office is", add_special_tokens=False)["input_ids"]
-    row = ids[0].tolist()
-    for i in range(len(row) - len(marker) + 1):
-        if row[i : i + len(marker)] == marker:
-            return int(token_layout(ids, patched_anchor_ids(model)).segments[0, i])
-    raise ValueError(f"the fact about {trial.name!r} is not in the prompt")
+    return marker_segment(tokenizer, model, ids, f" of the {trial.name} office is")
 
 
 def _chat_ids(tokenizer, content: str) -> torch.Tensor:
