@@ -72,6 +72,13 @@ def pad_token_id(model, eos_token_id=_MODEL) -> Optional[int]:
 
 
 @torch.no_grad()
+def chunk_bounds(T: int, chunk: int, last_chunk_full: bool = False):
+    """(start, end) of each chunk of ``T`` columns: ``chunk`` each, the short one last, or first when
+    ``last_chunk_full``."""
+    cuts = list(range(T % chunk if last_chunk_full and T % chunk else chunk, T, chunk))
+    return list(zip([0] + cuts, cuts + [T]))
+
+
 def prefill(
     model,
     input_ids: torch.Tensor,
@@ -81,12 +88,15 @@ def prefill(
     return_logits: bool = False,
     anchor_ids=None,
     progress: bool = False,
+    last_chunk_full: bool = False,
 ) -> Tuple[AnchorCache, torch.Tensor]:
     """Feed ``input_ids`` [B, T] through a patched model in chunks of ``prefill_chunk`` tokens.
 
     ``attention_mask`` covers the columns already in ``cache`` plus ``input_ids`` (as in transformers),
     or ``input_ids`` only. Returns (cache, logits): logits of every token [B, T, V] when
-    ``return_logits``, else of the last token [B, 1, V].
+    ``return_logits``, else of the last token [B, 1, V]. ``last_chunk_full``: cut the chunks from the end, so
+    the first one is short and the last one holds the prompt's last ``prefill_chunk`` tokens (recall with
+    ``every="prompt"`` chooses by the last chunk: the question, not a few tokens of it).
     """
     check_int("prefill_chunk", prefill_chunk, 1)
     _check_inputs(input_ids, attention_mask, cache)
@@ -100,8 +110,7 @@ def prefill(
         bar = progress_bar(T, "prefill", progress)
         logits = []
         try:
-            for s in range(0, T, prefill_chunk):
-                e = min(T, s + prefill_chunk)
+            for s, e in chunk_bounds(T, prefill_chunk, last_chunk_full):
                 out = model(
                     input_ids=input_ids[:, s:e],
                     attention_mask=None if attention_mask is None else attention_mask[:, : past + e],
@@ -157,12 +166,14 @@ def generate(
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         past = cache.get_seq_length()
-        if past and prefill_chunk is not None:
+        if (past or cache.recall is not None) and prefill_chunk is not None:
             # Going on from a cache that holds the first `past` columns: transformers' chunked prefill starts at
             # column 0 whatever the cache holds (5.17), so the new prompt tokens but the last are prefilled here
-            # and generate() goes on from the last one, unchunked.
+            # and generate() goes on from the last one, unchunked. With recall the chunks are cut from the end,
+            # so the forward that chooses for the answer holds the whole end of the prompt (the question).
             if input_ids.shape[1] - past > 1:
-                prefill(model, input_ids[:, past:-1], attention_mask[:, :-1], cache=cache, prefill_chunk=prefill_chunk)
+                prefill(model, input_ids[:, past:-1], attention_mask[:, :-1], cache=cache, prefill_chunk=prefill_chunk,
+                        last_chunk_full=cache.recall is not None)
             prefill_chunk = None
         if generate_kwargs.get("pad_token_id") is None and getattr(model.generation_config, "pad_token_id", None) is None:
             pad = pad_token_id(model, generate_kwargs.get("eos_token_id", _MODEL))

@@ -232,3 +232,19 @@ def test_bundled_anllm_with_recall_matches_the_dense_oracle():
     plain, _ = cached_recall_logits(model, ids, mask, starts, None)
     assert (got - plain).abs().max() > 1e-2
     assert cache.stats()["hot_fraction"] < 0.6
+
+
+def test_generate_with_recall_cuts_the_prompt_from_the_end():
+    """With recall, anllm_ext.generate cuts the prompt's chunks from the end: the forward that chooses for the
+    answer (every="prompt") holds the prompt's last prefill_chunk tokens, not the remainder of a division."""
+    model = patch(tiny_model("llama"), MODEL_ANCHOR)
+    ids, mask = model_stream(1, 23, seed=1)
+    sizes = []
+    for recall in (RecallConfig(every="prompt"), None):
+        cache = AnchorCache(model.config, recall=recall)
+        cache.callbacks.append(lambda c, n: sizes.append(n))
+        anllm_ext.generate(model, ids, mask, prefill_chunk=5, max_new_tokens=3, cache=cache)
+        sizes.append("|")
+    # 22 prompt columns in chunks of 5, then the last prompt column and two decode steps; without recall
+    # transformers' own chunked prefill of the 23 (short chunk last), then two decode steps
+    assert sizes == [2, 5, 5, 5, 5, 1, 1, 1, "|", 5, 5, 5, 5, 3, 1, 1, "|"]
