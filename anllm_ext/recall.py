@@ -46,8 +46,9 @@ class RecallConfig:
         every: ``"token"``: every forward (each decode step, each prefill chunk) chooses anew;
             ``"sentence"``: a forward chooses only when the cache compacted since the last choice (a sentence
             closed), later forwards reuse the recalled keys; ``"prompt"``: a forward of several tokens (the
-            prompt, or each chunk of it: the last one holds the question) chooses, one-token forwards (decoding)
-            keep the last choice, so the answer reads what the question's tokens recalled.
+            prompt, or each chunk of it: ``anllm_ext.generate`` cuts the chunks from the end, so the last one
+            holds the prompt's last ``prefill_chunk`` tokens, the question) chooses, one-token forwards
+            (decoding) keep the last choice, so the answer reads what the question's tokens recalled.
         score: how a segment's anchor is scored from the attention probabilities the forward's non-anchor
             queries give it: ``"mass"`` (summed over queries and heads), ``"max"`` (summed over queries, the
             largest head's) or ``"peak"`` (the largest of any query and head: one query that looks at it is
