@@ -71,7 +71,6 @@ def pad_token_id(model, eos_token_id=_MODEL) -> Optional[int]:
     return None
 
 
-@torch.no_grad()
 def chunk_bounds(T: int, chunk: int, last_chunk_full: bool = False):
     """(start, end) of each chunk of ``T`` columns: ``chunk`` each, the short one last, or first when
     ``last_chunk_full``."""
@@ -79,6 +78,7 @@ def chunk_bounds(T: int, chunk: int, last_chunk_full: bool = False):
     return list(zip([0] + cuts, cuts + [T]))
 
 
+@torch.no_grad()
 def prefill(
     model,
     input_ids: torch.Tensor,
