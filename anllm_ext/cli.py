@@ -8,7 +8,7 @@ other and labelled, and, side by side, KV bytes, peak KV bytes, tokens/s and the
 ``anllm eval``: perplexity and multiple-choice accuracy in the evaluation modes (:mod:`anllm_ext.evaluation`).
 
 ``anllm recall-layers``: the layers whose recall choice finds what a later question asks for
-(:mod:`anllm_ext.evaluation.recall_layers`), for ``anllm eval --recall-pool layers``.
+(``anllm_ext.evaluation.recall_layers``), for ``anllm eval --recall-pool layers``.
 
 ``anllm train``: AnSAN training with the Hugging Face ``Trainer`` (:mod:`anllm_ext.training`); every field
 of :class:`~anllm_ext.training.AnLLMArguments` and of transformers' ``TrainingArguments`` is an option.
