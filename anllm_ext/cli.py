@@ -327,14 +327,13 @@ def add_recall_layers_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_recall_layers(args) -> int:
     from .checks import check_device, check_output_path
     from .data import load_documents
-    from .evaluation.recall_layers import find_recall_layers
+    from .evaluation.recall_layers import find_recall_layers, text_paragraphs
     from .hf import patch
     from .models import load_model
 
     check_output_path("--json", args.json)
     check_device(args.device)
-    paragraphs = [" ".join(p.split()) for doc in load_documents(args.text)["text"] for p in doc.split("\n\n")]
-    paragraphs = [p for p in paragraphs if len(p) > 200]
+    paragraphs = text_paragraphs(load_documents(args.text)["text"])
     if not paragraphs:
         raise ValueError("--text has no paragraph of over 200 characters to cut haystacks from")
     if args.threads:

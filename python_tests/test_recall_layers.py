@@ -7,12 +7,12 @@ import torch
 
 import anllm_ext
 from anllm_ext import AnchorCache, RecallConfig
-from anllm_ext.evaluation.recall_layers import fact_segment, fact_trials, find_recall_layers
+from anllm_ext.evaluation.recall_layers import fact_segment, fact_trials, find_recall_layers, text_paragraphs
 from anllm_ext.sample_text import sample_text
 
 from helpers import needs_datasets, needs_smollm2, tiny_model
 
-PARAGRAPHS = [" ".join(p.split()) for p in sample_text(30000).split("\n\n") if len(" ".join(p.split())) > 200]
+PARAGRAPHS = text_paragraphs([sample_text(30000)])
 
 
 def test_fact_trials_are_seeded_and_checked():
@@ -38,7 +38,7 @@ def test_recall_layers_of_the_bundled_anllm():
     """Each layer's hit rate is whether its own choice (pool="layer") held the fact's sentence, checked here
     against an independent run of the same prompt through anllm_ext.generate's chunked prefill; the layers
     returned are exactly those at or over min_hit."""
-    from anllm_ext.evaluation.needle import haystack_text
+    from anllm_ext.evaluation.needle import chat_ids, haystack_text
     from anllm_ext.models import load_model
 
     model, tok = load_model("smollm2-anllm")
@@ -48,9 +48,7 @@ def test_recall_layers_of_the_bundled_anllm():
     assert found.layers == [l for l, r in enumerate(found.hit_rate) if r == 1.0] and found.layers
     (trial,) = fact_trials((320,), (0.4,), 1, len(PARAGRAPHS), seed=5)
     haystack = haystack_text(tok, PARAGRAPHS, trial)
-    chat = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
-    ids, head = chat(haystack + trial.question), chat(haystack)
+    ids, head = chat_ids(tok, haystack + trial.question), chat_ids(tok, haystack)
     split = next(i for i in range(ids.shape[1]) if ids[0, i] != head[0, i])
     cache = AnchorCache(model.config, recall=RecallConfig(every="prompt", index="tokens", score="peak"))
     with torch.no_grad():
@@ -60,7 +58,7 @@ def test_recall_layers_of_the_bundled_anllm():
     held = [float((cache.recall.chosen[l][0] == segment).any()) for l in range(len(model.model.layers))]
     assert held == found.hit_rate
     with pytest.raises(ValueError, match="is not in the prompt"):
-        fact_segment(tok, model, chat(trial.question), trial)
+        fact_segment(tok, model, chat_ids(tok, trial.question), trial)
 
 
 @needs_smollm2

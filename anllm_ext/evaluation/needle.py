@@ -63,7 +63,11 @@ def make_trials(lengths: Sequence[int], depths: Sequence[float], per_cell: int, 
 def build_prompt(tokenizer, paragraphs: Sequence[str], trial: NeedleTrial) -> torch.Tensor:
     """Token ids [1, T] of the chat prompt: the user turn holds :func:`haystack_text` then
     :func:`question_text`."""
-    content = haystack_text(tokenizer, paragraphs, trial) + question_text(trial)
+    return chat_ids(tokenizer, haystack_text(tokenizer, paragraphs, trial) + question_text(trial))
+
+
+def chat_ids(tokenizer, content: str) -> torch.Tensor:
+    """Token ids [1, T] of one user turn holding ``content`` in the model's chat template, ready for the answer."""
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True)["input_ids"]
 

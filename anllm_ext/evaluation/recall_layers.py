@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .needle import NeedleTrial, haystack_text, marker_segment
+from .needle import NeedleTrial, chat_ids, haystack_text, marker_segment
 
 ATTRIBUTES = ("room number", "access number", "badge number", "postal code")
 PLACES = ("Willow", "Granite", "Harbor", "Copper", "Juniper", "Summit", "Lantern", "Orchid")
@@ -57,9 +57,11 @@ def fact_segment(tokenizer, model, ids: torch.Tensor, trial: FactTrial) -> int:
     return marker_segment(tokenizer, model, ids, f" of the {trial.name} office is")
 
 
-def _chat_ids(tokenizer, content: str) -> torch.Tensor:
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
+def text_paragraphs(texts: Sequence[str]) -> List[str]:
+    """The paragraphs (blank-line separated, whitespace collapsed) of over 200 characters of ``texts``: what
+    haystacks are cut from."""
+    paragraphs = [" ".join(p.split()) for text in texts for p in text.split("\n\n")]
+    return [p for p in paragraphs if len(p) > 200]
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -104,8 +106,8 @@ def find_recall_layers(model, tokenizer, paragraphs: Sequence[str], lengths: Seq
     hits = None
     for trial in trials:
         haystack = haystack_text(tokenizer, paragraphs, trial)
-        context = _chat_ids(tokenizer, haystack + trial.question)
-        question = context.shape[1] - _common_prefix(context[0], _chat_ids(tokenizer, haystack)[0])
+        context = chat_ids(tokenizer, haystack + trial.question)
+        question = context.shape[1] - _common_prefix(context[0], chat_ids(tokenizer, haystack)[0])
         segment = fact_segment(tokenizer, model, context, trial)
         cache = AnchorCache(model.config, recall=config)
         with torch.no_grad():
