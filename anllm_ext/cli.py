@@ -72,6 +72,36 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+def add_recall_arguments(group) -> None:
+    """The ``--recall-*`` options of ``anllm eval`` and ``anllm generate`` (read back by :func:`recall_config`)."""
+    from .recall import EVERY, INDEXES, POOLS, SCORES, RecallConfig
+
+    group.add_argument("--recall-budget", type=arg_int(1), default=RecallConfig.budget,
+                       help="sentences recalled per row, layer and forward")
+    group.add_argument("--recall-every", choices=EVERY, default=RecallConfig.every, help="when a forward chooses anew")
+    group.add_argument("--recall-score", choices=SCORES, default=RecallConfig.score,
+                       help="how an anchor's attention ranks its sentence")
+    group.add_argument("--recall-index", choices=INDEXES, default=RecallConfig.index,
+                       help="what finds a sentence: its anchor (hot) or its evicted tokens' keys (cold)")
+    group.add_argument("--recall-pool", choices=POOLS, default=RecallConfig.pool,
+                       help="per layer, pooled over layers, or pooled over --recall-layers")
+    group.add_argument("--recall-layers", type=arg_int(0), nargs="+", default=None, metavar="L",
+                       help="the layers --recall-pool layers sums (see `anllm recall-layers`)")
+    group.add_argument("--recall-question", action="store_true",
+                       help="with --recall-every prompt: decoding also recalls the sentences of the prompt's last "
+                            "chunk (the question)")
+
+
+def recall_config(args):
+    """The :class:`~anllm_ext.RecallConfig` of the ``--recall-*`` options."""
+    from .recall import RecallConfig
+
+    return RecallConfig(budget=args.recall_budget, every=args.recall_every, score=args.recall_score,
+                        index=args.recall_index, pool=args.recall_pool,
+                        layers=None if args.recall_layers is None else tuple(args.recall_layers),
+                        question=args.recall_question)
+
+
 # --------------------------------------------------------------------------------------------------
 # anllm generate
 # --------------------------------------------------------------------------------------------------
@@ -136,6 +166,7 @@ def cmd_generate(args) -> int:
     if args.prompt_file is not None:
         read_utf8(args.prompt_file, "--prompt-file")  # a bad file fails before the model loads
     original_dir = original_model_dir(args.model) if args.original else None
+    recall = recall_config(args) if args.recall else None  # bad settings fail before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
@@ -148,7 +179,7 @@ def cmd_generate(args) -> int:
           f"ids, {int(torch.isin(ids, torch.tensor(anchors.anchor_ids, device=ids.device)).sum())} in the prompt), "
           f"prefill chunk {args.prefill_chunk}")
     original = load_model(original_dir, dtype=args.dtype, device=args.device)[0] if original_dir else None
-    runs = compare_caches(model, ids, anchors, full=not args.anchor_only, original=original,
+    runs = compare_caches(model, ids, anchors, full=not args.anchor_only, original=original, recall=recall,
                           max_new_tokens=args.max_new_tokens,
                           do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                           ignore_eos=args.ignore_eos, seed=args.seed, prefill_chunk=args.prefill_chunk,
@@ -181,6 +212,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--original", action="store_true",
                    help="also run the original model with the full cache (the base model of a LoRA AnLLM)")
     g.add_argument("--expect", default=None, help="a text the right answer contains: each run says whether it does")
+    r = g.add_argument_group("anchor-indexed recall")
+    r.add_argument("--recall", action="store_true",
+                   help="also generate with the anchor cache and recall (the --recall-* settings)")
+    add_recall_arguments(r)
     _add_common(g)
     g.set_defaults(func=cmd_generate)
     return g
@@ -194,7 +229,6 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``eval`` to ``anllm``'s subcommands."""
     from .evaluation import ALL_MODES, DEMO_ENDS, MODES, RECALL_MODE
-    from .recall import EVERY, INDEXES, POOLS, SCORES, RecallConfig
 
     e = subparsers.add_parser("eval", help="perplexity and multiple-choice accuracy: full attention vs anchor inference",
                               description="Quality of a model under anchor inference (see docs/method.md): perplexity "
@@ -210,18 +244,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         "AnLLM carries, else ep)")
     e.add_argument("--mode", default=",".join(MODES),
                    help=f"comma-separated modes from {ALL_MODES} (default: {','.join(MODES)})")
-    r = e.add_argument_group(f"anchor-indexed recall (the {RECALL_MODE} mode)")
-    r.add_argument("--recall-budget", type=arg_int(1), default=RecallConfig.budget,
-                   help="sentences recalled per row, layer and forward")
-    r.add_argument("--recall-every", choices=EVERY, default=RecallConfig.every, help="when a forward chooses anew")
-    r.add_argument("--recall-score", choices=SCORES, default=RecallConfig.score,
-                   help="how an anchor's attention ranks its sentence")
-    r.add_argument("--recall-index", choices=INDEXES, default=RecallConfig.index,
-                   help="what finds a sentence: its anchor (hot) or its evicted tokens' keys (cold)")
-    r.add_argument("--recall-pool", choices=POOLS, default=RecallConfig.pool,
-                   help="per layer, pooled over layers, or pooled over --recall-layers")
-    r.add_argument("--recall-layers", type=arg_int(0), nargs="+", default=None, metavar="L",
-                   help="the layers --recall-pool layers sums (see `anllm recall-layers`)")
+    add_recall_arguments(e.add_argument_group(f"anchor-indexed recall (the {RECALL_MODE} mode)"))
     e.add_argument("--shots", type=arg_int(0), nargs="+", default=[0], help="demonstrations per question (several: one run each)")
     e.add_argument("--limit", type=arg_int(1), default=None, help="score the first N questions")
     e.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draw")
@@ -244,7 +267,6 @@ def cmd_eval(args) -> int:
     from .data import list_data_files, load_documents
     from .evaluation import EvalPlan, PerplexityResult, dump_json, load_multiple_choice, plot_results, run_eval
     from .models import load_model
-    from .recall import RecallConfig
 
     if args.text is None and args.mc is None:
         raise ValueError("nothing to evaluate: give --text PATH... and/or --mc FILE.jsonl")
@@ -258,9 +280,7 @@ def cmd_eval(args) -> int:
                     limit=args.limit, seed=args.seed, demo_end=args.demo_end, batch_size=args.batch_size,
                     prefill_chunk=args.prefill_chunk, block_size=args.block_size, max_blocks=args.max_blocks,
                     progress=args.progress, text_source=[str(f) for f in args.text or []], mc_source=args.mc,
-                    recall=RecallConfig(budget=args.recall_budget, every=args.recall_every, score=args.recall_score,
-                                        index=args.recall_index, pool=args.recall_pool,
-                                        layers=None if args.recall_layers is None else tuple(args.recall_layers)))
+                    recall=recall_config(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)

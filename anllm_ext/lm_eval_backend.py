@@ -15,7 +15,8 @@ model_args:
     ``mode``: ``full`` (plain model), ``ansan`` (one masked pass per sequence), ``cached`` (default:
     AnchorCache with chunked prefill and compaction; requests sharing a context prefill it once) or
     ``cached+recall`` (the same with anchor-indexed recall: ``recall_budget``, ``recall_every``, ``recall_score``,
-    ``recall_index``, ``recall_pool``, ``recall_layers`` (``7;8;15``), the :class:`~anllm_ext.RecallConfig` fields,
+    ``recall_index``, ``recall_pool``, ``recall_layers`` (``7;8;15``), ``recall_question`` (``true``/``false``),
+    the :class:`~anllm_ext.RecallConfig` fields,
     its defaults where not given);
     ``prefill_chunk``, ``batch_size``, ``max_length`` (the model's), ``max_gen_toks`` (256),
     ``dtype`` (``float32``/``bfloat16``/``float16``, or ``auto``: the checkpoint's, as ``load_model`` takes it),
@@ -59,7 +60,7 @@ class AnLLMEvalModel(TemplateLM):
                  prefill_chunk: int = PREFILL_CHUNK, batch_size=BATCH_SIZE, max_length: Optional[int] = None, max_gen_toks: int = 256,
                  dtype: str = "float32", device: Optional[str] = None, threads: int = 0, recall_budget=None,
                  recall_every=None, recall_score=None, recall_pool=None, recall_index=None,
-                 recall_layers=None, **kwargs):
+                 recall_layers=None, recall_question=None, **kwargs):
         super().__init__()
         from .models import load_model
 
@@ -69,7 +70,8 @@ class AnLLMEvalModel(TemplateLM):
         if mode not in ALL_MODES:
             raise ValueError(f"anllm: mode must be one of {ALL_MODES}, got {mode!r}")
         self.recall = _recall_config(mode, budget=recall_budget, every=recall_every, score=recall_score,
-                                     pool=recall_pool, index=recall_index, layers=recall_layers)
+                                     pool=recall_pool, index=recall_index, layers=recall_layers,
+                                     question=recall_question)
         dtype = check_dtype(str(dtype))
         if threads:
             torch.set_num_threads(int(threads))
@@ -198,6 +200,11 @@ def _recall_config(mode: str, **given):
         except ValueError:
             raise ValueError(f"anllm: recall_layers takes layer indices joined by ';' (e.g. 7;8;15), "
                              f"got {given['layers']!r}") from None
+    if "question" in given and not isinstance(given["question"], bool):  # lm-eval passes "true"/"false"
+        flag = str(given["question"]).strip().lower()
+        if flag not in ("true", "false", "1", "0"):
+            raise ValueError(f"anllm: recall_question takes true or false, got {given['question']!r}")
+        given["question"] = flag in ("true", "1")
     return RecallConfig(**given)
 
 

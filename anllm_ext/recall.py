@@ -64,6 +64,10 @@ class RecallConfig:
             model's retrieval layers, found by ``anllm recall-layers``); a layer before the first listed one
             chooses by its own scores.
         layers: the layer indices ``pool="layers"`` sums (and only it takes them).
+        question: with ``every="prompt"``: decoding also recalls every sentence the prompt's last forward closed
+            (the question and what precedes it in that chunk: without it the answer would read them through
+            their anchors only, their tokens being evicted when the prompt ends). That forward itself sees what
+            it chose, as without it.
         cold_device: where the evicted K/V live (e.g. ``"cpu"`` for host memory beside a GPU); None: beside the
             hot cache.
     """
@@ -74,6 +78,7 @@ class RecallConfig:
     index: str = "anchor"
     pool: str = "layer"
     layers: Optional[Tuple[int, ...]] = None
+    question: bool = False
     cold_device: Optional[str] = None
 
     def __post_init__(self):
@@ -95,6 +100,11 @@ class RecallConfig:
             if not layers or any(not isinstance(l, int) or isinstance(l, bool) or l < 0 for l in layers):
                 raise ValueError(f"RecallConfig.layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        if not isinstance(self.question, bool):
+            raise ValueError(f"RecallConfig.question must be True or False, got {self.question!r}")
+        if self.question and self.every != "prompt":
+            raise ValueError(f"RecallConfig.question=True goes with every='prompt' (what decoding keeps), got "
+                             f"every={self.every!r}")
         if self.cold_device is not None:
             torch.device(self.cold_device)  # raises on a bad name
 
@@ -275,6 +285,19 @@ def choose_segments(scores: torch.Tensor, segments: torch.Tensor, budget: int) -
     return [chosen[b][best[b] > 0] for b in range(scores.shape[0])]
 
 
+def closing_segments(k_layout: Layout) -> List[torch.Tensor]:
+    """Per row, the segments (int64) whose anchor and some real non-anchor tokens are hot: those the forward
+    of ``k_layout`` closed, whose tokens its compaction evicts."""
+    words = k_layout.valid & ~k_layout.is_anchor
+    anchors = k_layout.valid & k_layout.is_anchor
+    out = []
+    for b in range(k_layout.segments.shape[0]):
+        with_words = k_layout.segments[b][words[b]].to(torch.int64).unique()
+        closed = k_layout.segments[b][anchors[b]].to(torch.int64)
+        out.append(with_words[torch.isin(with_words, closed)])
+    return out
+
+
 def merge_partial_attentions(out_a, lse_a, out_b, lse_b):
     """Softmax attention over the union of two disjoint key sets from the partial results (out [B,H,T,D],
     lse [B,H,T]); a query that sees no key in either set gets zeros."""
@@ -299,6 +322,7 @@ class RecallState:
         self.recalled: Dict[int, List[int]] = {}  # layer index -> recalled tokens per row, last forward
         self.recalled_bytes: Dict[int, int] = {}
         self.chosen: Dict[int, List[torch.Tensor]] = {}  # layer index -> segments per row, last choice (inspection)
+        self.decode_choice: Dict[int, List[torch.Tensor]] = {}  # question=True: what decoding recalls, per row
         self.running: Optional[torch.Tensor] = None  # pool="running": this forward's summed scores [B, Tk]
 
     def begin_forward(self) -> None:
@@ -314,15 +338,28 @@ class RecallState:
     def select_rows(self, index: torch.Tensor) -> None:
         self.cold.select_rows(index)
         self.reusable = {}
+        rows = index.tolist()
+        self.decode_choice = {l: [c[i] for i in rows] for l, c in self.decode_choice.items()}
 
     def attend(self, layer, query, out_hot, lse_hot, q_layout: Layout, k_layout: Layout, scale: float):
         """The output of ``layer``'s queries over the hot keys (``out_hot``/``lse_hot``, what the op gave)
         plus the recalled segments (module docstring). The layer's new keys are already in its buffers."""
         recall = self.reusable.get(layer.index, _UNCHOSEN)
-        every = self.config.every
-        if recall is _UNCHOSEN or every == "token" or (every == "prompt" and query.shape[2] > 1):
+        every, several = self.config.every, query.shape[2] > 1
+        if recall is _UNCHOSEN and not several and layer.index in self.decode_choice:
+            # question=True: the first one-token forward after the prompt gathers what the prompt's last forward
+            # chose plus the segments it closed (cold since that forward's compaction)
+            self.chosen[layer.index] = self.decode_choice[layer.index]
+            recall = self.cold.gather(layer.index, self.decode_choice[layer.index], query.device)
+            self.reusable[layer.index] = recall
+        elif recall is _UNCHOSEN or every == "token" or (every == "prompt" and several):
             recall = self._choose(layer, query, lse_hot, q_layout, k_layout, scale)
             self.reusable[layer.index] = recall  # None: chosen, nothing to recall
+            if self.config.question and several:
+                closing = closing_segments(k_layout)
+                self.decode_choice[layer.index] = [torch.cat([c.to(s.device), s]).unique()
+                                                   for c, s in zip(self.chosen[layer.index], closing)]
+                del self.reusable[layer.index]
         if recall is None:
             self.recalled[layer.index] = [0] * query.shape[0]
             self.recalled_bytes[layer.index] = 0
@@ -335,6 +372,7 @@ class RecallState:
 
     def _choose(self, layer, query, lse_hot, q_layout, k_layout, scale):
         if not any(self.cold.lengths):
+            self.chosen[layer.index] = [torch.zeros(0, dtype=torch.int64, device=query.device)] * query.shape[0]
             return None
         Tk = k_layout.positions.shape[1]
         keys = layer.keys[:, :, :Tk]

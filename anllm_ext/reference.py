@@ -126,6 +126,7 @@ def recall_attention_ref(
     index: str = "anchor",
     layer: Optional[int] = None,
     layers: Sequence[int] = (),
+    question: bool = False,
 ) -> torch.Tensor:
     """Dense oracle of one layer of anchor-indexed recall (anllm_ext/recall.py), written independently of it.
 
@@ -145,7 +146,9 @@ def recall_attention_ref(
     dict the caller passes to every layer of one pass, layer 0 first, holds these sums. With ``pool="layers"``
     only the layers in ``layers`` add theirs (this call is layer ``layer``); a layer before the first of them
     ranks by its own scores. A real non-anchor query
-    then also sees every real non-anchor token of the segments its forward's choice took."""
+    then also sees every real non-anchor token of the segments its forward's choice took. With ``question``
+    (``every == "prompt"``), a forward that reuses a choice made by a forward of several columns also sees the
+    segments with real non-anchor tokens whose anchor lies in that forward's columns."""
     if pool in ("running", "layers") and carry is None:
         raise ValueError(f"pool={pool!r} needs carry={{}} shared by the layers of one pass")
     if pool == "layers" and layer is None:
@@ -166,17 +169,22 @@ def recall_attention_ref(
     bounds = list(chunk_starts) + [T]
     real_word = layout.valid & ~layout.is_anchor  # [B,T]: real non-anchor tokens (the ones a cache evicts)
     extra = torch.zeros_like(hot)
-    chosen = None
+    chosen, closed = None, None
     for s in range(len(bounds) - 1):
         a, e = bounds[s], bounds[s + 1]
         boundary_before = s > 0 and bool((layout.is_anchor | ~layout.valid)[:, bounds[s - 1] : a].any())
         several = e - a > 1
+        now = chosen
         if every == "token" or chosen is None or (boundary_before if every == "sentence" else several):
-            chosen = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b],
-                                  carry if pool != "layer" else None, (s, b), index, adds)
-                      for b in range(B)]
+            chosen = now = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b],
+                                        carry if pool != "layer" else None, (s, b), index, adds)
+                            for b in range(B)]
+            closed = [layout.segments[b, a:e][(layout.is_anchor & layout.valid)[b, a:e]].long()
+                      for b in range(B)] if question and several else None
+        elif closed is not None:  # a forward reusing the choice of the prompt's last several-column forward
+            now = [torch.cat([c, d]) for c, d in zip(chosen, closed)]
         for b in range(B):
-            recalled = real_word[b] & torch.isin(layout.segments[b].long(), chosen[b])  # [T] keys
+            recalled = real_word[b] & torch.isin(layout.segments[b].long(), now[b])  # [T] keys
             queries = real_word[b, a:e]
             extra[b, a:e] |= queries[:, None] & recalled[None, :]
     mask = (hot | extra)[:, None]

@@ -1,5 +1,6 @@
-"""The full cache and the anchor cache side by side: one timed generation each, with their KV figures
-(:func:`compare_caches`), and the report ``anllm generate`` and ``make demo`` print (:func:`print_comparison`)."""
+"""The full cache and the anchor cache (with anchor-indexed recall too, if asked) side by side: one timed generation
+each, with their KV figures (:func:`compare_caches`), and the report ``anllm generate`` and ``make demo`` print
+(:func:`print_comparison`)."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ from typing import List, Optional
 import torch
 from transformers import DynamicCache
 
-from .cache import cache_kv_bytes
+from .cache import AnchorCache, cache_kv_bytes
 from .console import progress_bar, text_table
 from .defaults import PREFILL_CHUNK
 from .generation import generate
@@ -41,11 +42,13 @@ class _Timer:
 
 def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool, anchor_ids,
                    max_new_tokens: int, label: Optional[str] = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                   ignore_eos: bool = False, seed: int = 0, prefill_chunk: int = PREFILL_CHUNK, progress: bool = False) -> dict:
-    """One generation with the anchor cache (``anchor``: chunked prefill, :func:`anllm_ext.generate`) or with
-    transformers' full ``DynamicCache`` on the unpatched model; returns the output ids and the figures:
-    ``label, ids, new, prefill_s, prefill_tps, decode_tps, kv, peak, slots`` (KV bytes at the end and at
-    the peak, key/value slots kept over the batch)."""
+                   ignore_eos: bool = False, seed: int = 0, prefill_chunk: int = PREFILL_CHUNK, progress: bool = False,
+                   recall=None) -> dict:
+    """One generation with the anchor cache (``anchor``: chunked prefill, :func:`anllm_ext.generate`; ``recall``:
+    its :class:`~anllm_ext.RecallConfig`) or with transformers' full ``DynamicCache`` on the unpatched model;
+    returns the output ids and the figures: ``label, anchor, ids, new, prefill_s, prefill_tps, decode_tps, kv,
+    peak, slots, cold`` (hot KV bytes at the end, recalled ones included, and at the peak; hot key/value slots
+    over the batch; the bytes recall keeps cold, None without recall)."""
     n_prompt = ids.shape[1]
     label = label or ("anchor cache" if anchor else "full cache")
     # the anchor run's bar comes from anllm_ext.generate (prefill chunks + decoding)
@@ -59,7 +62,8 @@ def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool
     t0 = time.perf_counter()
     if anchor:
         out, cache = generate(model, ids, mask, prefill_chunk=prefill_chunk, anchor_ids=anchor_ids,
-                              return_cache=True, progress=progress, **gen_kwargs)
+                              cache=AnchorCache(model.config, recall=recall), return_cache=True, progress=progress,
+                              **gen_kwargs)
     else:
         cache = DynamicCache(config=model.config)  # the baseline: the plain (unpatched) model, its own cache
         with unpatched(model), torch.no_grad():
@@ -68,15 +72,20 @@ def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool
     timer.end()
     t_first = timer.t_first or t1
     n_new = out.shape[1] - n_prompt
+    cold = None
     if anchor:
         st = cache.stats()
         kv, peak = st["kv_bytes"], st["peak_kv_bytes"]
         kept = sum(st["kept_slots"])
+        if recall is not None:  # what the last forward recalled is hot too
+            kv, cold = st["hot_kv_bytes"], st["cold_kv_bytes"]
+            kept += sum(st["recalled_slots"])
     else:
         kv = peak = cache_kv_bytes(cache)  # a DynamicCache only grows
         kept = cache.get_seq_length() * ids.shape[0]
     return {
         "label": label,
+        "anchor": anchor,
         "ids": out,
         "new": n_new,
         "prefill_s": t_first - t0,
@@ -85,6 +94,7 @@ def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool
         "kv": kv,
         "peak": peak,
         "slots": kept,
+        "cold": cold,
     }
 
 
@@ -99,11 +109,13 @@ def first_difference(full, anc, n_prompt: int) -> str:
     return ""
 
 
-def compare_caches(model, ids: torch.Tensor, anchors, *, full: bool = True, original=None, **settings) -> List[dict]:
+def compare_caches(model, ids: torch.Tensor, anchors, *, full: bool = True, original=None, recall=None,
+                   **settings) -> List[dict]:
     """The same generation with ``original`` (the model before its conversion, if given) and with transformers'
     full cache (unless ``full`` is False), then with the anchor cache of ``anchors`` (an
-    :class:`~anllm_ext.config.AnchorConfig`); ``settings``: :func:`timed_generate`'s keywords. Returns the
-    runs' figures in that order, the anchor cache last."""
+    :class:`~anllm_ext.config.AnchorConfig`), then (``recall``: a :class:`~anllm_ext.RecallConfig`) with the
+    anchor cache and recall; ``settings``: :func:`timed_generate`'s keywords. Returns the runs' figures in that
+    order."""
     mask = torch.ones_like(ids)
     runs = []
     if original is not None:
@@ -111,7 +123,11 @@ def compare_caches(model, ids: torch.Tensor, anchors, *, full: bool = True, orig
                                    label="original, full cache", **settings))
     if full:
         runs.append(timed_generate(model, ids, mask, anchor=False, anchor_ids=anchors, **settings))
-    return runs + [timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, **settings)]
+    runs.append(timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, **settings))
+    if recall is not None:
+        runs.append(timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, recall=recall,
+                                   label="anchor cache + recall", **settings))
+    return runs
 
 
 def _human(n: float) -> str:
@@ -125,9 +141,9 @@ def _human(n: float) -> str:
 def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, trained: bool,
                      expect: Optional[str] = None) -> None:
     """Every run's generated text (as generated, blank lines included), then their figures side by side and the
-    anchor cache (the last run) against the full cache before it: the KV reduction, the decode speed-up and
-    whether the tokens agree. ``trained``: the model carries an anchor configuration (else a note says that an
-    untrained model loses quality under anchor inference). ``expect``: a text the right answer contains; each
+    anchor-cache runs (with and without recall) each against the last full-cache run: the KV reduction, the decode
+    speed-up and whether the tokens agree. ``trained``: the model carries an anchor configuration (else a note
+    says that an untrained model loses quality under anchor inference). ``expect``: a text the right answer contains; each
     run says whether its answer does."""
     from .anchors import decode
 
@@ -143,30 +159,43 @@ def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, tr
     rows.append(("KV slots kept", *[str(r["slots"]) for r in runs]))
     rows.append(("KV bytes", *[_human(r["kv"]) for r in runs]))
     rows.append(("peak KV bytes", *[_human(r["peak"]) for r in runs]))
+    if any(r.get("cold") is not None for r in runs):
+        rows.append(("cold KV bytes (recall)", *["-" if r.get("cold") is None else _human(r["cold"]) for r in runs]))
     rows.append(("prefill tokens/s", *[f"{r['prefill_tps']:.1f}" for r in runs]))
     rows.append(("decode tokens/s", *[f"{r['decode_tps']:.2f}" for r in runs]))
     if expect is not None:
         rows.append((f"answer has {expect!r}", *["yes" if expect.lower() in t.lower() else "NO" for t in texts]))
     print(text_table(rows))
-    if len(runs) < 2:
+    full = next((r for r in reversed(runs) if not r["anchor"]), None)
+    if full is None:
         return
-    full, anc = runs[-2], runs[-1]
-    print(f"\nKV reduction (C-down) against the {full['label']}: {100 * (1 - anc['kv'] / max(full['kv'], 1)):.1f}% "
-          f"at the end, peak {100 * (1 - anc['peak'] / max(full['peak'], 1)):.1f}%")
-    print(f"decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
-    same = torch.equal(full["ids"], anc["ids"])
-    print(f"same tokens as the {full['label']}: {'yes' if same else 'no'}{first_difference(full, anc, n_prompt)}")
+    same_all = True
+    for anc in (r for r in runs if r["anchor"]):
+        who = "" if anc["label"] == "anchor cache" else f"{anc['label']}: "
+        print(f"\n{who}KV reduction (C-down) against the {full['label']}: "
+              f"{100 * (1 - anc['kv'] / max(full['kv'], 1)):.1f}% at the end, "
+              f"peak {100 * (1 - anc['peak'] / max(full['peak'], 1)):.1f}%")
+        print(f"{who}decode speed-up (T-up): {anc['decode_tps'] / full['decode_tps']:.2f}x")
+        same = torch.equal(full["ids"], anc["ids"])
+        same_all &= same
+        parted = first_difference(full, anc, n_prompt)
+        print(f"{who}same tokens as the {full['label']}: {'yes' if same else 'no'}{parted}")
     if expect is not None:
         print(_expect_verdict(expect, runs, texts))
-    if not same and not trained:
+    if not same_all and not trained:
         print("note: a model not trained with AnSAN (anchor attention) loses quality under anchor inference; "
               "the memory and speed mechanics are the same")
 
 
 def _expect_verdict(expect: str, runs: List[dict], texts: List[str]) -> str:
     """One line naming where the expected fact was lost: by the conversion (the AnLLM's own full attention misses
-    it), by the anchor cache (only the compressed run misses it), or nowhere."""
+    it), by the anchor cache (only the compressed run misses it), or nowhere; then, with a recall run (last), a
+    line saying whether recall's answer holds it."""
     has = {r["label"]: expect.lower() in t.lower() for r, t in zip(runs, texts)}
+    if "anchor cache + recall" in has:
+        rest = _expect_verdict(expect, runs[:-1], texts[:-1])
+        found = "holds" if has["anchor cache + recall"] else "misses"
+        return f"{rest}\nwith recall: the answer {found} {expect!r}"
     if has["anchor cache"]:
         return f"the anchor cache's answer holds {expect!r}"
     if has.get("full cache") is False:

@@ -143,11 +143,16 @@ def test_backend_bad_args(tiny_dir):
 
 
 def test_backend_recall_layers_arg(tiny_dir):
-    """recall_index / recall_pool / recall_layers reach the RecallConfig (lm-eval passes strings)."""
+    """recall_index / recall_pool / recall_layers / recall_question reach the RecallConfig (lm-eval passes
+    strings)."""
     from anllm_ext import RecallConfig
 
     lm = _model(tiny_dir, "cached+recall", recall_index="tokens", recall_pool="layers", recall_layers="1;0")
     assert lm.recall == RecallConfig(index="tokens", pool="layers", layers=(0, 1))
+    lm = _model(tiny_dir, "cached+recall", recall_every="prompt", recall_question="True")
+    assert lm.recall == RecallConfig(every="prompt", question=True)
+    with pytest.raises(ValueError, match="recall_question takes true or false"):
+        _model(tiny_dir, "cached+recall", recall_every="prompt", recall_question="yes")
 
 
 def test_cli_on_smollm2():

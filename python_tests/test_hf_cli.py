@@ -123,6 +123,39 @@ def test_cli_generate_prints_both_texts(tiny_model_dir, capsys):
     assert "same tokens as the full cache" not in out
 
 
+def test_cli_generate_with_recall(tiny_model_dir, capsys):
+    """--recall: a third run, the anchor cache with the --recall-* RecallConfig, whose tokens are what
+    anllm_ext.generate gives with that config; its hot figures count the recalled slots and a row shows what
+    stays cold. Bad recall settings fail before the model loads."""
+    from anllm_ext import AnchorCache, RecallConfig
+    from anllm_ext.anchors import decode
+    from anllm_ext.config import resolve_anchors
+    from anllm_ext.models import load_model
+
+    prompt = " ".join([PROMPT + "."] * 4)
+    argv = ["generate", "--model", tiny_model_dir, "--prompt", prompt, "--max-new-tokens", str(N_NEW),
+            "--prefill-chunk", "4", "--no-progress", "--ignore-eos", "--anchors", "ep", "--recall",
+            "--recall-every", "prompt", "--recall-question", "--recall-budget", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    model, tok = load_model(tiny_model_dir)
+    anchors = resolve_anchors("ep", tok, model)
+    ids = cli._load_prompt(cli.build_parser().parse_args(argv), tok)
+    cache = AnchorCache(model.config, recall=RecallConfig(budget=1, every="prompt", question=True))
+    want = anllm_ext.generate(model, ids, torch.ones_like(ids), prefill_chunk=4, anchor_ids=anchors, cache=cache,
+                              max_new_tokens=N_NEW, eos_token_id=None, do_sample=False)
+    assert generated_text(out, "anchor cache + recall") == decode(tok, want[0, ids.shape[1]:], anchor_ids=anchors,
+                                                                   skip_special_tokens=True)
+    st = cache.stats()
+    assert sum(st["recalled_slots"]) > 0
+    row = re.search(r"KV slots kept\s+(\d+)\s+(\d+)\s+(\d+)", out)
+    assert int(row.group(3)) == sum(st["kept_slots"]) + sum(st["recalled_slots"])
+    assert re.search(r"cold KV bytes \(recall\)\s+-\s+-\s+\d", out)
+    assert "anchor cache + recall: KV reduction (C-down) against the full cache" in out
+    assert cli.main(argv[:-5] + ["--recall-question"]) == 2  # question needs --recall-every prompt
+    assert "question=True goes with every='prompt'" in capsys.readouterr().err
+
+
 @needs_smollm2
 def test_cli_refuses_a_preset_of_another_vocabulary(tiny_model_dir, capsys):
     rc = cli.main(["generate", "--model", tiny_model_dir, "--prompt", PROMPT, "--no-progress", "--anchors", "anllm-ac"])
@@ -239,3 +272,8 @@ def test_expect_verdict_names_where_the_fact_was_lost(found, verdict):
     assert side_by_side._expect_verdict("x", runs, texts).startswith(verdict)
     assert side_by_side._expect_verdict("x", runs[2:], texts[2:]).startswith(
         "the anchor cache's answer holds" if found[2] else "failure: the anchor cache's answer misses")
+    for recalled in (True, False):  # a recall run (last) adds its own line
+        both = side_by_side._expect_verdict("x", runs + [{"label": "anchor cache + recall"}],
+                                            texts + ["x" if recalled else "-"])
+        assert both == side_by_side._expect_verdict("x", runs, texts) + (
+            f"\nwith recall: the answer {'holds' if recalled else 'misses'} 'x'")

@@ -36,7 +36,7 @@ class RecallStack(ToyStack):
             else:
                 attn = recall_attention_ref(q, k, v, layout, chunk_starts, recall.budget, recall.every, recall.score,
                                             pool=recall.pool, carry=carry, index=recall.index, layer=i,
-                                            layers=recall.layers or ())
+                                            layers=recall.layers or (), question=recall.question)
             x = self.merge(i, x, attn)
         return x
 
@@ -63,11 +63,14 @@ CONFIGS = [RecallConfig(budget=2), RecallConfig(budget=1, score="max"), RecallCo
            RecallConfig(budget=2, every="prompt", score="peak", index="tokens"),
            RecallConfig(budget=2, every="sentence", score="peak", pool="running", index="tokens"),
            RecallConfig(budget=1, every="prompt", score="peak", index="tokens", pool="layers", layers=(1,)),
-           RecallConfig(budget=2, pool="layers", layers=(0, 2))]
+           RecallConfig(budget=2, pool="layers", layers=(0, 2)),
+           RecallConfig(budget=1, every="prompt", score="peak", question=True),
+           RecallConfig(budget=2, every="prompt", score="peak", index="tokens", pool="layers", layers=(0, 2),
+                        question=True)]
 
 
 def _recall_id(r):
-    return f"{r.budget}-{r.every}-{r.score}-{r.pool}{r.layers or ''}-{r.index}"
+    return f"{r.budget}-{r.every}-{r.score}-{r.pool}{r.layers or ''}-{r.index}{'-question' if r.question else ''}"
 
 
 @pytest.mark.parametrize("recall", CONFIGS, ids=_recall_id)
@@ -111,6 +114,28 @@ def test_recall_of_a_decode_step_equals_recall_alone():
         torch.testing.assert_close(both[b][keep], alone[0][keep], atol=2e-5, rtol=1e-5)
 
 
+def test_question_recall_reaches_decoding_only():
+    """question=True: the prompt's forwards see what they see without it; the decode steps also see the segments
+    the prompt's last forward closed (row by row, left padding included)."""
+    B, T, prefill = 3, 60, 48
+    ids, mask = token_stream(B, T, "random", left_pad=(0, 4, 9), anchor_every=6, seed=5)
+    x = torch.randn(B, T, WIDTH, generator=torch.Generator().manual_seed(3))
+    starts = chunk_starts(T, prefill, 16)
+    plain = RecallConfig(budget=1, every="prompt", score="peak")
+    with_question = RecallConfig(budget=1, every="prompt", score="peak", question=True)
+    got, cache = run_cached(RecallStack(), x, ids, mask, starts, with_question)
+    before, _ = run_cached(RecallStack(), x, ids, mask, starts, plain)
+    valid = mask.bool()
+    torch.testing.assert_close(got[:, :prefill][valid[:, :prefill]], before[:, :prefill][valid[:, :prefill]])
+    assert (got[:, prefill:] - before[:, prefill:]).abs().max() > 1e-2
+    layout = anllm_ext.token_layout(ids, [ANCHOR], mask)
+    words = layout.valid & ~layout.is_anchor
+    for b in range(B):  # every layer's decode choice holds each segment with words the last prompt forward closed
+        last = {s for s in layout.segments[b, 32:prefill][layout.is_anchor[b, 32:prefill]].tolist()
+                if (words[b] & (layout.segments[b] == s)).any()}
+        assert last and all(last <= set(c[b].tolist()) for c in cache.recall.chosen.values())
+
+
 def test_without_recall_the_cache_keeps_no_cold_figures():
     cache = AnchorCache(initial_capacity=8)
     assert cache.recall is None and "cold_kv_bytes" not in cache.stats()
@@ -120,6 +145,8 @@ def test_without_recall_the_cache_keeps_no_cold_figures():
     (dict(budget=0), "budget must be an integer >= 1"),
     (dict(budget=2.0), "budget must be an integer >= 1"),
     (dict(every="chunk"), "every must be one of"),
+    (dict(question=True), "question=True goes with every='prompt'"),
+    (dict(every="prompt", question=1), "question must be True or False"),
     (dict(score="sum"), "score must be one of"),
     (dict(pool="all"), "pool must be one of"),
     (dict(index="keys"), "index must be one of"),
@@ -157,7 +184,7 @@ def _recall_ref_attention(module, query, key, value, attention_mask, scaling=Non
         _REF["carry"] = {}
     out = recall_attention_ref(query, key, value, _REF["layout"], _REF["starts"], r.budget, r.every, r.score,
                                scale=scaling, pool=r.pool, carry=_REF["carry"], index=r.index,
-                               layer=module.layer_idx, layers=r.layers or ())
+                               layer=module.layer_idx, layers=r.layers or (), question=r.question)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -192,7 +219,9 @@ def cached_recall_logits(model, ids, mask, starts, recall):
                                     RecallConfig(budget=2, every="prompt", score="peak"),
                                     RecallConfig(budget=2, every="prompt", score="peak", index="tokens"),
                                     RecallConfig(budget=2, every="prompt", score="peak", index="tokens",
-                                                 pool="layers", layers=(1,))],
+                                                 pool="layers", layers=(1,)),
+                                    RecallConfig(budget=1, every="prompt", score="peak", index="tokens",
+                                                 question=True)],
                          ids=_recall_id)
 def test_patched_model_with_recall_matches_the_dense_oracle(family, recall):
     base = tiny_model(family)
@@ -210,7 +239,10 @@ def test_patched_model_with_recall_matches_the_dense_oracle(family, recall):
 
 
 @needs_smollm2
-def test_bundled_anllm_with_recall_matches_the_dense_oracle():
+@pytest.mark.parametrize("recall", [RecallConfig(budget=2),
+                                    RecallConfig(budget=1, every="prompt", score="peak", index="tokens", question=True)],
+                         ids=_recall_id)
+def test_bundled_anllm_with_recall_matches_the_dense_oracle(recall):
     """The bundled AnLLM (smollm2-anllm): a held-out paragraph with a needle sentence, a question, chunked prefill
     and three decode steps through the cache with recall, against the dense oracle; batch of one (the tiny
     models cover batches and padding)."""
@@ -225,7 +257,6 @@ def test_bundled_anllm_with_recall_matches_the_dense_oracle():
     ids = tok(text, return_tensors="pt")["input_ids"][:, :150]
     mask = torch.ones_like(ids)
     starts = chunk_starts(ids.shape[1], ids.shape[1] - 3, 64)
-    recall = RecallConfig(budget=2)
     got, cache = cached_recall_logits(model, ids, mask, starts, recall)
     want = dense_recall_logits(reference, ids, mask, starts, recall, anchors=patched_anchor_ids(model))
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)  # logits are O(10)

@@ -12,7 +12,7 @@ A run is ``MODEL-POLICY`` with MODEL ``original`` or ``anllm`` (``--anllm``: the
 another adapter or model directory is named) and POLICY ``full``,
 ``cached``, ``oracle`` (the needle sentence recalled in every layer) or ``recall:BUDGET:EVERY:SCORE[:POOL]``
 (RecallConfig's fields), then optionally ``:POOL`` or ``:FIELD=VALUE`` items, e.g.
-``recall:4:prompt:peak:index=tokens:pool=layers:layers=7/8/15``.
+``recall:4:prompt:peak:index=tokens:pool=layers:layers=7/8/15`` (``question=1``: RecallConfig.question).
 """
 import argparse
 import json
@@ -40,6 +40,8 @@ def parse_run(run: str):
         extra = dict(kv.split("=", 1) if "=" in kv else ("pool", kv) for kv in rest)
         if "layers" in extra:
             extra["layers"] = tuple(int(l) for l in extra["layers"].split("/"))
+        if "question" in extra:
+            extra["question"] = extra["question"] in ("1", "true", "True")
         return model, "recall", RecallConfig(budget=int(budget), every=every, score=score, **extra)
     return model, policy, None
 
