@@ -9,14 +9,15 @@
 # 2,048-token rows (a conversation is one row), lr 2e-4; MODEL (default smollm2-anllm; "original": the bundled
 # SmolLM2-135M-Instruct itself, i.e. a conversion from the original weights), TUNE (default LoRA r=16; "full": full
 # fine-tuning, the teacher a frozen copy), RECALL_SPANS (default 0: --recall-spans), LR, SCHED, EPOCHS, MIN, THREADS,
-# RESUME (a checkpoint directory: go on from it, e.g. for more epochs).
+# RESUME (a checkpoint directory: go on from it, e.g. for more epochs), TRAIN_DATA (default $DATA/chat.jsonl; several
+# files separated by spaces, e.g. with the compositions: "$DATA/chat.jsonl $DATA/compose.jsonl").
 #   RUN=distill-full MODEL=original TUNE=full LR=5e-5 docs/experiments/chat_distill.sh
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DATA=${DATA:-$REPO/data}; RUNS=${RUNS:-$REPO/runs}
 MODEL_ARG="--model ${MODEL:-smollm2-anllm}"; [ "${MODEL:-}" = original ] && MODEL_ARG=""
 TUNE_ARGS="--lora --lora-r 16 --lora-alpha 32"; [ "${TUNE:-lora}" = full ] && TUNE_ARGS=""
 mkdir -p $RUNS && cd $RUNS && ${ANLLM_PY:-$REPO/.venv/bin/python} -m anllm_ext.cli train \
-  --data $DATA/chat.jsonl $MODEL_ARG $TUNE_ARGS \
+  --data ${TRAIN_DATA:-$DATA/chat.jsonl} $MODEL_ARG $TUNE_ARGS \
   --distill true --distill-alpha 1.0 --output-dir $RUNS/${RUN:-chat-distill} \
   --block-size 2048 --per-device-train-batch-size 1 --gradient-accumulation-steps 4 \
   --learning-rate ${LR:-2e-4} --lr-scheduler-type ${SCHED:-constant_with_warmup} --warmup-steps 8 --num-train-epochs ${EPOCHS:-1} \
