@@ -158,6 +158,7 @@ def cmd_generate(args) -> int:
     from .checks import check_device, read_utf8
     from .config import AnchorConfig, resolve_anchor_config
     from .models import load_model, original_model_dir
+    from .recall import RecallConfig
     from .side_by_side import compare_caches, print_comparison
 
     check_device(args.device)
@@ -166,7 +167,11 @@ def cmd_generate(args) -> int:
     if args.prompt_file is not None:
         read_utf8(args.prompt_file, "--prompt-file")  # a bad file fails before the model loads
     original_dir = original_model_dir(args.model) if args.original else None
-    recall = recall_config(args) if args.recall else None  # bad settings fail before the model loads
+    recall = recall_config(args)  # bad settings fail before the model loads
+    if not args.recall:
+        if recall != RecallConfig():
+            raise ValueError("the --recall-* options set the run that --recall adds: add --recall")
+        recall = None
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)

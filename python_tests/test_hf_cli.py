@@ -154,6 +154,8 @@ def test_cli_generate_with_recall(tiny_model_dir, capsys):
     assert "anchor cache + recall: KV reduction (C-down) against the full cache" in out
     assert cli.main(argv[:-5] + ["--recall-question"]) == 2  # question needs --recall-every prompt
     assert "question=True goes with every='prompt'" in capsys.readouterr().err
+    assert cli.main([a for a in argv if a != "--recall"]) == 2  # the options without the run they set
+    assert "add --recall" in capsys.readouterr().err
 
 
 @needs_smollm2
