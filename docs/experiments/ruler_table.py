@@ -1,8 +1,9 @@
 """The table of ruler_niah.sh's runs: per run, task and length, the score (lm-eval's, mean over the samples) and
 the KV an anchor cache keeps after the prompt, computed from the prompts' token ids (anchors + open sentence,
 over the prompt's tokens: what any cache of the bundled AnLLM's anchors keeps, whatever the model). For
-``cached+recall`` runs, the hot KV is at most that plus the recall budget's longest evicted sentences per layer
-(the bound is given; a layer may recall shorter ones).
+``cached+recall`` runs, the hot KV is at most that plus the recall budget's longest evicted sentences per layer,
+plus, with ``recall_question=true``, the sentences the prompt's last prefill chunk closed (the bound is given; a
+layer may recall shorter ones).
 
     python docs/experiments/ruler_table.py docs/results/ruler --json docs/results/ruler/summary.json
 """
@@ -21,25 +22,31 @@ from anllm_ext.vllm.compaction import num_kept
 
 
 def sentence_lengths(ids, anchors):
-    """Non-anchor tokens of each closed sentence."""
+    """(non-anchor tokens, anchor position) of each closed sentence."""
     out, n = [], 0
-    for t in ids:
+    for i, t in enumerate(ids):
         if t in anchors:
-            out.append(n)
+            out.append((n, i))
             n = 0
         else:
             n += 1
     return out
 
 
-def kv_figures(prompts, tok, anchors, budget):
+def kv_figures(prompts, tok, anchors, budget, question_chunk=0):
+    """Mean kept share and mean hot bound; ``question_chunk``: the prefill chunk of a ``recall_question`` run
+    (generate prefills all but the prompt's last token, chunks cut from the end; the last chunk's closed
+    sentences stay readable)."""
     kept, bound = [], []
     for text in prompts:
         ids = tok(text)["input_ids"]
         k = num_kept(ids, sorted(anchors))
-        longest = sorted(sentence_lengths(ids, anchors), reverse=True)[:budget]
+        sentences = sentence_lengths(ids, anchors)
+        longest = sorted((n for n, _ in sentences), reverse=True)[:budget]
+        last_chunk = range(len(ids) - 1 - question_chunk, len(ids) - 1) if question_chunk else range(0)
+        question = sum(n for n, at in sentences if at in last_chunk)
         kept.append(k / len(ids))
-        bound.append(min(1.0, (k + sum(longest)) / len(ids)))
+        bound.append(min(1.0, (k + sum(longest) + question) / len(ids)))
     return mean(kept), mean(bound)
 
 
@@ -58,11 +65,13 @@ def main():
         margs = res["config"]["model_args"]
         margs = margs if isinstance(margs, str) else ",".join(f"{k}={v}" for k, v in margs.items())
         budget = int(re.search(r"recall_budget=(\d+)", margs).group(1)) if "cached+recall" in margs else 0
+        question = re.search(r"recall_question=(true|True)", margs) is not None
+        chunk = int(re.search(r"prefill_chunk=(\d+)", margs).group(1)) if question else 0
         for task, metrics in sorted(res["results"].items()):
             samples = glob.glob(os.path.join(os.path.dirname(results), f"samples_{task}_*.jsonl"))
             docs = [json.loads(line) for line in open(samples[0])]
             prompts = [d["arguments"]["gen_args_0"]["arg_0"] for d in docs]
-            kept, bound = kv_figures(prompts, tok, anchors, budget)
+            kept, bound = kv_figures(prompts, tok, anchors, budget, chunk)
             rows.append(dict(run=name, length=int(length), task=task, n=len(docs),
                              score=metrics[f"{length},none"], cached="cached" in margs,
                              kv_kept=kept, hot_bound=bound if budget else None, model_args=margs))
