@@ -324,9 +324,11 @@ class RecallState:
         self.chosen: Dict[int, List[torch.Tensor]] = {}  # layer index -> segments per row, last choice (inspection)
         self.decode_choice: Dict[int, List[torch.Tensor]] = {}  # question=True: what decoding recalls, per row
         self.running: Optional[torch.Tensor] = None  # pool="running": this forward's summed scores [B, Tk]
+        self.closing: Optional[List[torch.Tensor]] = None  # question=True: this forward's closed segments
 
     def begin_forward(self) -> None:
         self.running = None
+        self.closing = None  # the same for every layer of a forward: found once
 
     def evict(self, drop: torch.Tensor, slots, layers) -> None:
         """Called before a compaction: keep the dropped slots; a later forward chooses anew (``"prompt"``: only
@@ -356,9 +358,10 @@ class RecallState:
             recall = self._choose(layer, query, lse_hot, q_layout, k_layout, scale)
             self.reusable[layer.index] = recall  # None: chosen, nothing to recall
             if self.config.question and several:
-                closing = closing_segments(k_layout)
+                if self.closing is None:
+                    self.closing = closing_segments(k_layout)
                 self.decode_choice[layer.index] = [torch.cat([c.to(s.device), s]).unique()
-                                                   for c, s in zip(self.chosen[layer.index], closing)]
+                                                   for c, s in zip(self.chosen[layer.index], self.closing)]
                 del self.reusable[layer.index]
         if recall is None:
             self.recalled[layer.index] = [0] * query.shape[0]

@@ -159,8 +159,8 @@ def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, tr
     rows.append(("KV slots kept", *[str(r["slots"]) for r in runs]))
     rows.append(("KV bytes", *[_human(r["kv"]) for r in runs]))
     rows.append(("peak KV bytes", *[_human(r["peak"]) for r in runs]))
-    if any(r.get("cold") is not None for r in runs):
-        rows.append(("cold KV bytes (recall)", *["-" if r.get("cold") is None else _human(r["cold"]) for r in runs]))
+    if any(r["cold"] is not None for r in runs):
+        rows.append(("cold KV bytes (recall)", *["-" if r["cold"] is None else _human(r["cold"]) for r in runs]))
     rows.append(("prefill tokens/s", *[f"{r['prefill_tps']:.1f}" for r in runs]))
     rows.append(("decode tokens/s", *[f"{r['decode_tps']:.2f}" for r in runs]))
     if expect is not None:
