@@ -9,6 +9,8 @@ under the ``"anllm"`` key (:class:`anllm_ext.config.AnchorConfig`), which is wha
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import List, Optional, Union
@@ -34,14 +36,35 @@ def export_merged(model: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
     return save_model_dir(mdl, tok, out)  # config.json carries the "anllm" key (config.attach in load_adapter)
 
 
+SOURCE_FILE = "anllm_export_source.json"  # what a cached export was merged from
+
+
+def source_fingerprint(model: Union[str, os.PathLike]) -> str:
+    """SHA-256 over the names and contents of the files of ``model``'s directory: a cached export is stale
+    once the adapter or model it was merged from changes (e.g. a new bundled adapter)."""
+    from ..models import resolve_model_dir
+
+    digest = hashlib.sha256()
+    root = resolve_model_dir(model)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def cached_export(model: str = "smollm2-anllm") -> Path:
     """The merged directory of ``model`` under anllm_ext's cache (``~/.cache/anllm_ext/vllm/<name>``),
-    exported on first use."""
+    exported on first use and again whenever ``model``'s files change."""
     from ..models import cache_dir
 
     target = cache_dir() / "vllm" / Path(str(model)).name
-    if not (target / "config.json").is_file() or AnchorConfig.find_pretrained(target) is None:
+    fingerprint = source_fingerprint(model)
+    stamp = target / SOURCE_FILE
+    if not stamp.is_file() or json.loads(stamp.read_text()).get("sha256") != fingerprint:
         export_merged(model, target)
+        stamp.write_text(json.dumps({"model": str(model), "sha256": fingerprint}))
     return target
 
 
