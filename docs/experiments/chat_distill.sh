@@ -6,7 +6,8 @@
 #       --man $DATA/man_prose.jsonl --legal $DATA/legal.jsonl --max-new-tokens 64
 #   RUN=chat-distill docs/experiments/chat_distill.sh
 # One epoch (constant lr after 8 warm-up steps: a run cut by MIN is as trained), batch 1 x 4 accumulation (conversations are not padded to each other),
-# 2,048-token rows (a conversation is one row), lr 2e-4; MODEL (default smollm2-anllm; "original": the bundled
+# 2,048-token rows (a conversation is one row), lr 2e-4; MODEL (default smollm2-anllm, the bundled adapter, which since
+# 2026-12-06 is this script's RECALL_SPANS=2 run from experiment 10's adapter: the training log; "original": the bundled
 # SmolLM2-135M-Instruct itself, i.e. a conversion from the original weights), TUNE (default LoRA r=16; "full": full
 # fine-tuning, the teacher a frozen copy), RECALL_SPANS (default 0: --recall-spans), LR, SCHED, EPOCHS, MIN, THREADS,
 # RESUME (a checkpoint directory: go on from it, e.g. for more epochs), TRAIN_DATA (default $DATA/chat.jsonl; several

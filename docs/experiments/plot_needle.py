@@ -2,7 +2,7 @@
 needle_recall.py and needle_kvpress.py; also prints the table docs/evaluation.md shows.
 
     python docs/experiments/plot_needle.py docs/results/recall/needle.json docs/results/recall/kvpress.json \
-        --out docs/results/recall/needle.png
+        --out docs/results/recall/needle.png [--prefix "" ""]
 """
 import argparse
 import json
@@ -13,12 +13,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("json", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--prefix", nargs="+", help="one per JSON file, put before its run names (\"\" for none): "
+                    "keeps apart runs of the same name from different files")
     args = ap.parse_args()
+    if args.prefix is not None and len(args.prefix) != len(args.json):
+        ap.error(f"--prefix takes one value per JSON file ({len(args.json)}), got {len(args.prefix)}")
     runs, haystack = {}, None
-    for path in args.json:
+    for path, prefix in zip(args.json, args.prefix or [""] * len(args.json)):
         if Path(path).exists():
             data = json.loads(Path(path).read_text())
-            runs.update(data["runs"])
+            runs.update({prefix + name: r for name, r in data["runs"].items()})
             haystack = haystack or Path(str(data.get("setup", {}).get("haystack", "?"))).name
     lengths = sorted({int(n) for r in runs.values() for n in r["by_length"]})
     print("| run | " + " | ".join(f"{n} tokens: found / hot KV / s / needle recalled" for n in lengths) + " |")
@@ -55,7 +59,11 @@ def main():
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{n}-token haystack ({haystack}), SmolLM2-135M")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    handles = {}  # every run once, also those absent from the last panel
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"-> {args.out}")
