@@ -297,7 +297,7 @@ def test_token_budget_stops_and_checkpoints_the_last_step(tmp_path, tiny_dir, co
 
 @needs_smollm2
 def test_bundled_anllm_beats_the_untrained_model_under_anchor_inference():
-    """The bundled adapter (docs/training.md, experiment 5) loads by name with its anchors, and on text it never saw (the
+    """The bundled adapter (docs/training.md, "The bundled AnLLM") loads by name with its anchors, and on text it never saw (the
     bundled paragraph) its anchor-cached perplexity is far below the untrained model's."""
     from anllm_ext.evaluation import perplexity
     from anllm_ext.models import load_model
