@@ -54,6 +54,7 @@ def main(out_path):
     if rank == 0:
         full["__sharded_tensors__"] = torch.tensor(sharded)
         torch.save(full, out_path)
+    dist.barrier()  # both ranks done before the group goes: a rank tearing gloo down alone can abort (torch 2.11)
     dist.destroy_process_group()
 
 
