@@ -37,17 +37,24 @@ def export_merged(model: Union[str, os.PathLike], out_dir: Union[str, os.PathLik
 
 
 SOURCE_FILE = "anllm_export_source.json"  # what a cached export was merged from
+_HASH_LIMIT = 64 << 20  # bytes
 
 
 def source_fingerprint(model: Union[str, os.PathLike]) -> str:
     """SHA-256 over the names and contents of the files of ``model``'s directory: a cached export is stale
-    once the adapter or model it was merged from changes (e.g. a new bundled adapter)."""
+    once the adapter or model it was merged from changes (e.g. a new bundled adapter). Files over
+    ``_HASH_LIMIT`` (a whole model's weights) count by size and modification time: hashing gigabytes on every
+    start would cost more than the merge it guards."""
     from ..models import resolve_model_dir
 
     digest = hashlib.sha256()
     root = resolve_model_dir(model)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
+        info = path.stat()
+        if info.st_size > _HASH_LIMIT:
+            digest.update(f"{info.st_size}:{info.st_mtime_ns}".encode())
+            continue
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
