@@ -197,7 +197,10 @@ def load_adapter(path: Path, dtype=torch.float32, device="cpu", attn_implementat
 
     mdl, tok, config = load_adapter_base(path, dtype, attn_implementation, verbose)
     mdl = PeftModel.from_pretrained(mdl, str(path)).merge_and_unload()
-    config.base_model = None  # the merged model is a whole model
+    # PEFT froze the base weights for an inference adapter; the merged model is a whole model, trainable as
+    # any from_pretrained model is (full fine-tuning of a converted model starts here)
+    mdl.requires_grad_(True)
+    config.base_model = None
     config.attach(mdl)
     mdl.to(device).eval()
     return mdl, tok

@@ -315,6 +315,24 @@ def test_bundled_anllm_beats_the_untrained_model_under_anchor_inference():
 
 
 @needs_smollm2
+def test_full_fine_tuning_of_the_bundled_anllm_trains_every_weight(tmp_path, corpus):
+    """`anllm train --model smollm2-anllm` without --lora fine-tunes the merged model: every weight trains
+    (PEFT loads an inference adapter's base frozen, and the merged model kept that), one step moves the model."""
+    from anllm_ext.models import load_model
+
+    bundled, tok = load_model("smollm2-anllm")
+    assert all(p.requires_grad for p in bundled.parameters())
+    res = run_training(tmp_path, "smollm2-anllm", corpus / "train", max_steps=1, block_size=64,
+                       per_device_train_batch_size=1, eval_blocks=0, learning_rate=1e-5)
+    assert res["train_steps"] == 1
+    trained, _ = load_model(tmp_path / "out")
+    ids = tok(TEXT, return_tensors="pt")["input_ids"][:, :32]
+    with torch.no_grad():
+        diff = (trained(input_ids=ids).logits - bundled(input_ids=ids).logits).abs().max().item()
+    assert 0 < diff < 1, diff
+
+
+@needs_smollm2
 def test_lora_run_goes_on_training_the_bundled_anllm(tmp_path, corpus):
     """`anllm train --model smollm2-anllm --lora`: the bundled adapter goes on training (one step on the real
     model); the saved adapter keeps its rank and names the bundled base model, so it loads by path anywhere."""

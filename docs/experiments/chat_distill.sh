@@ -11,14 +11,19 @@
 # SmolLM2-135M-Instruct itself, i.e. a conversion from the original weights), TUNE (default LoRA r=16; "full": full
 # fine-tuning, the teacher a frozen copy), RECALL_SPANS (default 0: --recall-spans), LR, SCHED, EPOCHS, MIN, THREADS,
 # RESUME (a checkpoint directory: go on from it, e.g. for more epochs), TRAIN_DATA (default $DATA/chat.jsonl; several
-# files separated by spaces, e.g. with the compositions: "$DATA/chat.jsonl $DATA/compose.jsonl").
+# files separated by spaces, e.g. with the compositions: "$DATA/chat.jsonl $DATA/compose.jsonl"), TEACHER (--teacher:
+# a model directory; "original": the bundled SmolLM2-135M-Instruct, which full fine-tuning of a converted model
+# needs, since its default teacher is a frozen copy of the student as loaded).
 #   RUN=distill-full MODEL=original TUNE=full LR=5e-5 docs/experiments/chat_distill.sh
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DATA=${DATA:-$REPO/data}; RUNS=${RUNS:-$REPO/runs}
 MODEL_ARG="--model ${MODEL:-smollm2-anllm}"; [ "${MODEL:-}" = original ] && MODEL_ARG=""
 TUNE_ARGS="--lora --lora-r 16 --lora-alpha 32"; [ "${TUNE:-lora}" = full ] && TUNE_ARGS=""
-mkdir -p $RUNS && cd $RUNS && ${ANLLM_PY:-$REPO/.venv/bin/python} -m anllm_ext.cli train \
-  --data ${TRAIN_DATA:-$DATA/chat.jsonl} $MODEL_ARG $TUNE_ARGS \
+PY=${ANLLM_PY:-$REPO/.venv/bin/python}
+TEACHER_ARG=""; [ -n "${TEACHER:-}" ] && TEACHER_ARG="--teacher $TEACHER"
+[ "${TEACHER:-}" = original ] && TEACHER_ARG="--teacher $($PY -c 'from anllm_ext.models import default_model_dir; print(default_model_dir())')"
+mkdir -p $RUNS && cd $RUNS && $PY -m anllm_ext.cli train \
+  --data ${TRAIN_DATA:-$DATA/chat.jsonl} $MODEL_ARG $TUNE_ARGS $TEACHER_ARG \
   --distill true --distill-alpha 1.0 --output-dir $RUNS/${RUN:-chat-distill} \
   --block-size 2048 --per-device-train-batch-size 1 --gradient-accumulation-steps 4 \
   --learning-rate ${LR:-2e-4} --lr-scheduler-type ${SCHED:-constant_with_warmup} --warmup-steps 8 --num-train-epochs ${EPOCHS:-1} \
