@@ -188,9 +188,10 @@ def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, tr
 
 
 def _expect_verdict(expect: str, runs: List[dict], texts: List[str]) -> str:
-    """One line naming where the expected fact was lost: by the conversion (the AnLLM's own full attention misses
-    it), by the anchor cache (only the compressed run misses it), or nowhere; then, with a recall run (last), a
-    line saying whether recall's answer holds it."""
+    """One line naming where the expected fact was lost: beyond the model (the original's full attention misses it
+    too), by the conversion (the AnLLM's own full attention misses it, the original's finds it), by the anchor
+    cache (only the compressed run misses it), or nowhere; then, with a recall run (last), a line saying whether
+    recall's answer holds it."""
     has = {r["label"]: expect.lower() in t.lower() for r, t in zip(runs, texts)}
     if "anchor cache + recall" in has:
         rest = _expect_verdict(expect, runs[:-1], texts[:-1])
@@ -199,8 +200,13 @@ def _expect_verdict(expect: str, runs: List[dict], texts: List[str]) -> str:
     if has["anchor cache"]:
         return f"the anchor cache's answer holds {expect!r}"
     if has.get("full cache") is False:
-        return (f"failure: the AnLLM misses {expect!r} with its full cache too, so the conversion lost it, not the "
-                "anchor cache" + (" (the original model finds it)" if has.get("original, full cache") else ""))
+        original = has.get("original, full cache")
+        if original is False:
+            return (f"failure: the original model misses {expect!r} too, with its full cache: neither the conversion "
+                    "nor the anchor cache lost it, the question is beyond the model")
+        return (f"failure: the AnLLM misses {expect!r} with its full cache too, so the anchor cache did not lose it; "
+                + ("the conversion did (the original model finds it)" if original
+                   else "whether the conversion did, --original shows"))
     if has.get("full cache"):
         return (f"failure: only the anchor cache misses {expect!r}: what the dropped tokens said did not reach "
                 "their anchors")

@@ -264,14 +264,20 @@ def test_original_needs_a_model_that_names_it(tiny_model_dir, capsys):
 @pytest.mark.parametrize("found, verdict", [
     ((True, True, True), "the anchor cache's answer holds 'x'"),
     ((True, True, False), "failure: only the anchor cache misses 'x'"),
-    ((True, False, False), "failure: the AnLLM misses 'x' with its full cache too, so the conversion lost it, not "
-                           "the anchor cache (the original model finds it)"),
-    ((False, False, False), "failure: the AnLLM misses 'x' with its full cache too"),
+    ((True, False, False), "failure: the AnLLM misses 'x' with its full cache too, so the anchor cache did not lose "
+                           "it; the conversion did (the original model finds it)"),
+    ((False, False, False), "failure: the original model misses 'x' too, with its full cache: neither the conversion "
+                            "nor the anchor cache lost it"),
+    ((False, True, False), "failure: only the anchor cache misses 'x'"),
 ])
 def test_expect_verdict_names_where_the_fact_was_lost(found, verdict):
     runs = [{"label": label} for label in ("original, full cache", "full cache", "anchor cache")]
     texts = ["... x ..." if f else "..." for f in found]
     assert side_by_side._expect_verdict("x", runs, texts).startswith(verdict)
+    assert side_by_side._expect_verdict("x", runs[1:], texts[1:]).startswith(  # no original run: no guess
+        "the anchor cache's answer holds" if found[2] else "failure: only the anchor cache misses" if found[1] else
+        "failure: the AnLLM misses 'x' with its full cache too, so the anchor cache did not lose it; whether the "
+        "conversion did, --original shows")
     assert side_by_side._expect_verdict("x", runs[2:], texts[2:]).startswith(
         "the anchor cache's answer holds" if found[2] else "failure: the anchor cache's answer misses")
     for recalled in (True, False):  # a recall run (last) adds its own line
