@@ -43,10 +43,13 @@ DEMO_DOCUMENT ?= docs/experiments/gpl2.txt
 DEMO_QUESTION ?= What license should a subroutine library use instead?
 DEMO_EXPECT ?= Lesser General Public License
 DEMO_RECALL ?= --recall --recall-every prompt --recall-index tokens --recall-score peak --recall-budget 2 --recall-question
+# another AnLLM (an adapter or model directory) and extra `anllm generate` flags, e.g. DEMO_ARGS="--threads 2"
+DEMO_MODEL ?= smollm2-anllm
+DEMO_ARGS ?=
 demo: install
-	$(VENV)/bin/anllm generate --model smollm2-anllm --original --chat --prompt-file $(DEMO_DOCUMENT) \
+	$(VENV)/bin/anllm generate --model $(DEMO_MODEL) --original --chat --prompt-file $(DEMO_DOCUMENT) \
 		--question "$(DEMO_QUESTION)" --expect "$(DEMO_EXPECT)" --max-prompt-tokens 0 --max-new-tokens 48 \
-		--prefill-chunk 64 $(DEMO_RECALL)
+		--prefill-chunk 64 $(DEMO_RECALL) $(DEMO_ARGS)
 
 ## All tests (CPU; CUDA cases too when a GPU is present) with the pinned transformers (DEPS), then the
 ## transformers-facing tests again with the oldest supported transformers.

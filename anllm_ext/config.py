@@ -183,8 +183,9 @@ def resolve_anchor_config(spec: Optional[str] = None, tokenizer=None, model=None
     as the authors' code does, ``"mean"`` the mean row as the paper says); a preset is checked against the
     tokenizer and sets its padding token (:meth:`~anllm_ext.anchors.AnchorPreset.apply`); ids are taken as
     given. ``keep_saved_mode``: a spec that names only the mode the model's saved configuration has
-    (``ac``, ``ep``, ``ep:<chars>``, ``ids``) keeps the saved configuration (what training a trained AnLLM
-    further needs). Without a tokenizer only presets and ids can be resolved (nothing is checked).
+    (``ac``, ``ep``, ``ids``), or its own punctuation (``ep:<chars>``), keeps the saved configuration (what
+    training a trained AnLLM further needs); other punctuation makes new anchors (training it to write into
+    them). Without a tokenizer only presets and ids can be resolved (nothing is checked).
     """
     from .anchors import AC_TOKEN, PRESETS, add_ac_token, ep_anchor_ids
 
@@ -198,7 +199,7 @@ def resolve_anchor_config(spec: Optional[str] = None, tokenizer=None, model=None
         spec = default
     spec = spec.strip()
     mode = spec_mode(spec)
-    only_mode = spec in ("ac", "ep", "ids") or spec.startswith("ep:")
+    only_mode = spec in ("ac", "ep", "ids") or (saved is not None and spec == f"ep:{saved.punctuation}")
     if keep_saved_mode and only_mode and saved is not None and saved.mode == mode:
         if tokenizer is not None:
             saved.check_tokenizer(tokenizer)

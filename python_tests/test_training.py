@@ -260,6 +260,21 @@ def test_lora_run_on_an_adapter_continues_that_adapter(tmp_path, tiny_dir, corpu
         run_training(tmp_path / "c", adapter, corpus / "train", lora=True, lora_r=8, max_steps=1)
 
 
+def test_continued_adapter_keeps_its_anchors_unless_other_punctuation_is_asked(tmp_path, tiny_dir, corpus):
+    """Training a trained AnLLM further keeps its saved anchors when only the mode (or its own punctuation) is
+    named; other punctuation (e.g. clause anchors ``.;:``) trains it on those, and the adapter saves them."""
+    run_training(tmp_path / "a", tiny_dir, corpus / "train", lora=True, lora_r=4, max_steps=1)
+    adapter = tmp_path / "a" / "out" / "adapter"
+    saved = AnchorConfig.from_pretrained(adapter)
+    for name, punctuation in (("same", "."), ("clauses", ".;:")):
+        res = run_training(tmp_path / name, adapter, corpus / "train", lora=True, max_steps=1, anchor_mode="ep",
+                           punctuation=punctuation)
+        after = AnchorConfig.from_pretrained(tmp_path / name / "out" / "adapter")
+        assert after.punctuation == punctuation and res["anchor_config"]["anchor_ids"] == after.anchor_ids
+    assert AnchorConfig.from_pretrained(tmp_path / "same" / "out" / "adapter").anchor_ids == saved.anchor_ids
+    assert set(saved.anchor_ids) < set(after.anchor_ids)
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 @needs_smollm2
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_dir, corpus):

@@ -2,16 +2,14 @@
 # The questions `make demo` was chosen from: each about the GNU GPL version 2 (docs/experiments/gpl2.txt, ~4,100
 # tokens, read by no training run), answered by the original SmolLM2-135M-Instruct with its full cache and by the
 # AnLLM (MODEL, default the bundled smollm2-anllm) with its full cache, the anchor cache, and the anchor cache with
-# recall as `make demo` runs it. Writes the reports one after the other to standard output:
+# recall: `make demo` itself, with each question in turn. Writes the reports one after the other to standard output:
 #   docs/experiments/demo_questions.sh > docs/results/demo/gpl2_questions.txt
 REPO=$(cd "$(dirname "$0")/../.." && pwd); cd $REPO
 echo "# $(date -u +%F), $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores), THREADS=${THREADS:-0}: $0"
 while IFS='|' read -r Q E; do
   echo "=== $Q  [$E]"
-  .venv/bin/anllm generate --model ${MODEL:-smollm2-anllm} --original --chat --prompt-file docs/experiments/gpl2.txt \
-    --question "$Q" --expect "$E" --max-prompt-tokens 0 --max-new-tokens 48 --prefill-chunk 64 \
-    --recall --recall-every prompt --recall-index tokens --recall-score peak --recall-budget 2 --recall-question \
-    --threads ${THREADS:-0} --no-progress 2>/dev/null | grep -v "^\s*$"
+  make -s --no-print-directory demo DEMO_MODEL="${MODEL:-smollm2-anllm}" DEMO_QUESTION="$Q" DEMO_EXPECT="$E" \
+    DEMO_ARGS="--threads ${THREADS:-0} --no-progress" 2>/dev/null | grep -v "^\s*$"
 done <<'Q'
 Who publishes this license?|Free Software Foundation
 In which city is the Free Software Foundation?|Boston

@@ -8,6 +8,13 @@ by how many tokens of its own sentence precede it (0: the first token after an a
 anchors and itself), and by the length of its sentence. Per bucket: tokens, mean loss of each way, and the
 bucket's share of the total excess loss (AnSAN minus original full attention).
 
+``--previous N ...`` adds one way per N: the AnLLM under the AnSAN mask with the tokens of the N sentences before
+a query's own also readable to it (non-anchor queries, as recall makes recalled sentences readable), a dense mask
+on the unpatched model: what a cache keeping the last N closed sentences hot would give. N = 0 is the AnSAN mask
+itself (a check of the dense path: its losses must equal the patched model's). "KV kept" is the share of a
+block's keys a cache keeping them would hold after the block (its anchors, the open segment and the N last
+closed sentences): the KV kept.
+
     python docs/experiments/gap_by_position.py --text /usr/share/common-licenses/GPL-3 --json OUT.json
 """
 import argparse
@@ -19,6 +26,7 @@ import anllm_ext
 from anllm_ext.config import resolve_anchor_config
 from anllm_ext.evaluation import text_blocks
 from anllm_ext.models import load_model
+from anllm_ext.reference import ansan_mask, token_layout_ref
 
 PLACE_BUCKETS = ((0, 0), (1, 3), (4, 15), (16, 63), (64, 10**9))
 LENGTH_BUCKETS = ((1, 15), (16, 31), (32, 63), (64, 127), (128, 10**9))
@@ -39,12 +47,22 @@ def places(ids, anchors):
     return [(t - starts[t], ends[t] - starts[t]) for t in range(1, len(ids))]
 
 
-def losses(model, blocks):
+def previous_mask(ids, anchors, n):
+    """bool [1, 1, T, T]: the AnSAN mask, plus, for a non-anchor query, every key of the ``n`` segments before its own."""
+    lay = token_layout_ref(ids, anchors)
+    qs, qa, ks = lay.segments[0, :, None], lay.is_anchor[0, :, None], lay.segments[0, None, :]
+    causal = lay.positions[0, None, :] <= lay.positions[0, :, None]
+    return (ansan_mask(lay, lay)[0] | (causal & ~qa & (ks < qs) & (ks >= qs - n)))[None, None]
+
+
+def losses(model, blocks, masks=None):
+    """Per-token loss over ``blocks``; ``masks(ids)``: a 4-D bool attention mask per block (None: the model's own)."""
     out = []
     with torch.no_grad():
         for b in blocks:
             ids = torch.tensor([b])
-            lp = model(ids).logits[0, :-1].float().log_softmax(-1)
+            kw = {} if masks is None else {"attention_mask": masks(ids)}
+            lp = model(ids, **kw).logits[0, :-1].float().log_softmax(-1)
             out.append(-lp.gather(1, ids[0, 1:, None])[:, 0])
     return torch.cat(out)
 
@@ -69,6 +87,8 @@ def main():
     ap.add_argument("--model", default="smollm2-anllm")
     ap.add_argument("--max-blocks", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--previous", type=int, nargs="*", default=[], metavar="N",
+                    help="also score with the N sentences before each query's own readable (a dense mask)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,12 +102,31 @@ def main():
         ways["AnLLM, full attention"] = losses(model, blocks)
     with anllm_ext.patched(model, anchors):
         ways["AnLLM, AnSAN mask"] = losses(model, blocks)
+    def kv_at_end(n):  # hot after the block: every anchor, the open segment, the last n closed segments
+        share = 0.0
+        for b in blocks:
+            lay = token_layout_ref(torch.tensor([b]), anchors)
+            next_segment = int(lay.segments[0, -1]) + int(lay.is_anchor[0, -1])
+            share += float((lay.is_anchor[0] | (lay.segments[0] >= next_segment - n)).float().mean())
+        return round(share / len(blocks), 4)
+
+    kv_end = {"AnLLM, AnSAN mask": kv_at_end(0)}
+    for n in args.previous:
+        way = f"AnLLM, AnSAN mask + previous {n} sentences"
+        with anllm_ext.evaluation.model_mode(model, "full"):
+            ways[way] = losses(model, blocks, lambda ids: previous_mask(ids, anchors, n))
+        kv_end[way] = kv_at_end(n)
+    if 0 in args.previous:  # the dense path must be the patched model's mask
+        gap = float((ways["AnLLM, AnSAN mask + previous 0 sentences"] - ways["AnLLM, AnSAN mask"]).abs().max())
+        if gap > 1e-3:
+            raise RuntimeError(f"the dense AnSAN mask scores differ from the patched model's by {gap} nats")
     original, _ = load_model(None)
     ways["original, full attention"] = losses(original, blocks)
     aset = set(anchors)
     where = [p for b in blocks for p in places(b, aset)]
     result = {"text": args.text, "model": args.model, "blocks": len(blocks), "tokens": len(where),
               "perplexity": {w: round(float(v.mean().exp()), 2) for w, v in ways.items()},
+              "KV kept": kv_end,
               "by place in sentence": bucket_table([p for p, _ in where], ways, PLACE_BUCKETS),
               "by sentence length": bucket_table([n for _, n in where], ways, LENGTH_BUCKETS)}
     print(json.dumps(result, indent=1))
