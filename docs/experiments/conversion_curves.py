@@ -19,6 +19,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", help="anllm_results.json copies, one per run")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--title", default="Self-distillation on chat conversations (training batches)")
     args = ap.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4))
     for path in args.runs:
@@ -26,7 +27,7 @@ def main():
         ax.plot([h["num_input_tokens_seen"] for h in logs], [h["loss"] for h in logs], marker="o", ms=3,
                 label=Path(path).stem)
     ax.set(xlabel="training tokens", ylabel="KL(teacher || AnSAN student) per token", ylim=(0, None),
-           title="Self-distillation on chat conversations (training batches)")
+           title=args.title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
