@@ -11,9 +11,8 @@ bucket's share of the total excess loss (AnSAN minus original full attention).
 ``--previous N ...`` adds one way per N: the AnLLM under the AnSAN mask with the tokens of the N sentences before
 a query's own also readable to it (non-anchor queries, as recall makes recalled sentences readable), a dense mask
 on the unpatched model: what a cache keeping the last N closed sentences hot would give. N = 0 is the AnSAN mask
-itself (a check of the dense path: its losses must equal the patched model's). "KV kept" is the share of a
-block's keys a cache keeping them would hold after the block (its anchors, the open segment and the N last
-closed sentences): the KV kept.
+itself (a check of the dense path: its losses must equal the patched model's). "KV kept": the share of a block's
+keys such a cache holds after the block (its anchors, the open segment and the N last closed sentences).
 
     python docs/experiments/gap_by_position.py --text /usr/share/common-licenses/GPL-3 --json OUT.json
 """
@@ -102,6 +101,7 @@ def main():
         ways["AnLLM, full attention"] = losses(model, blocks)
     with anllm_ext.patched(model, anchors):
         ways["AnLLM, AnSAN mask"] = losses(model, blocks)
+
     def kv_at_end(n):  # hot after the block: every anchor, the open segment, the last n closed segments
         share = 0.0
         for b in blocks:
