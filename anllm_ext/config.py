@@ -199,8 +199,8 @@ def resolve_anchor_config(spec: Optional[str] = None, tokenizer=None, model=None
         spec = default
     spec = spec.strip()
     mode = spec_mode(spec)
-    only_mode = spec in ("ac", "ep", "ids") or (saved is not None and spec == f"ep:{saved.punctuation}")
-    if keep_saved_mode and only_mode and saved is not None and saved.mode == mode:
+    if keep_saved_mode and saved is not None and saved.mode == mode and (
+            spec in ("ac", "ep", "ids") or spec == f"ep:{saved.punctuation}"):
         if tokenizer is not None:
             saved.check_tokenizer(tokenizer)
         return saved

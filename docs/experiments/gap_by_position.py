@@ -46,21 +46,21 @@ def places(ids, anchors):
     return [(t - starts[t], ends[t] - starts[t]) for t in range(1, len(ids))]
 
 
-def previous_mask(ids, anchors, n):
-    """bool [1, 1, T, T]: the AnSAN mask, plus, for a non-anchor query, every key of the ``n`` segments before its own."""
-    lay = token_layout_ref(ids, anchors)
+def previous_mask(lay, n):
+    """bool [1, 1, T, T] for one block's layout ``lay``: the AnSAN mask, plus, for a non-anchor query, every key of
+    the ``n`` segments before its own."""
     qs, qa, ks = lay.segments[0, :, None], lay.is_anchor[0, :, None], lay.segments[0, None, :]
     causal = lay.positions[0, None, :] <= lay.positions[0, :, None]
     return (ansan_mask(lay, lay)[0] | (causal & ~qa & (ks < qs) & (ks >= qs - n)))[None, None]
 
 
 def losses(model, blocks, masks=None):
-    """Per-token loss over ``blocks``; ``masks(ids)``: a 4-D bool attention mask per block (None: the model's own)."""
+    """Per-token loss over ``blocks``; ``masks``: a 4-D bool attention mask per block (None: the model's own)."""
     out = []
     with torch.no_grad():
-        for b in blocks:
+        for i, b in enumerate(blocks):
             ids = torch.tensor([b])
-            kw = {} if masks is None else {"attention_mask": masks(ids)}
+            kw = {} if masks is None else {"attention_mask": masks[i]}
             lp = model(ids, **kw).logits[0, :-1].float().log_softmax(-1)
             out.append(-lp.gather(1, ids[0, 1:, None])[:, 0])
     return torch.cat(out)
@@ -102,10 +102,11 @@ def main():
     with anllm_ext.patched(model, anchors):
         ways["AnLLM, AnSAN mask"] = losses(model, blocks)
 
+    layouts = [token_layout_ref(torch.tensor([b]), anchors) for b in blocks]
+
     def kv_at_end(n):  # hot after the block: every anchor, the open segment, the last n closed segments
         share = 0.0
-        for b in blocks:
-            lay = token_layout_ref(torch.tensor([b]), anchors)
+        for lay in layouts:
             next_segment = int(lay.segments[0, -1]) + int(lay.is_anchor[0, -1])
             share += float((lay.is_anchor[0] | (lay.segments[0] >= next_segment - n)).float().mean())
         return round(share / len(blocks), 4)
@@ -114,7 +115,7 @@ def main():
     for n in args.previous:
         way = f"AnLLM, AnSAN mask + previous {n} sentences"
         with anllm_ext.evaluation.model_mode(model, "full"):
-            ways[way] = losses(model, blocks, lambda ids: previous_mask(ids, anchors, n))
+            ways[way] = losses(model, blocks, [previous_mask(lay, n) for lay in layouts])
         kv_end[way] = kv_at_end(n)
     if 0 in args.previous:  # the dense path must be the patched model's mask
         gap = float((ways["AnLLM, AnSAN mask + previous 0 sentences"] - ways["AnLLM, AnSAN mask"]).abs().max())
