@@ -6,8 +6,8 @@ capacity grows geometrically (``growth``) when a forward needs more slots. New t
 place at each row's own offset (a slice copy when all rows have the same length, ``scatter_``
 otherwise). After every forward the cache commits the new tokens and, when the chunk contained an
 anchor or padding, compacts all layers in place in one call (``compact_kv_`` + ``compact_slots_``)
-keeping ``valid & (is_anchor | segment == row's open segment)``. Padding therefore never stays in
-the cache, and rows of a batch have their own lengths.
+keeping ``valid & (is_anchor | segment == row's open segment)`` (``recent=N``: ``segment >= open - N``).
+Padding therefore never stays in the cache, and rows of a batch have their own lengths.
 
 The protocol with a model (these public methods are all :func:`anllm_ext.patch`'s hooks use, and all a model
 of your own needs to use the cache without the patch; python_tests/test_anchor_cache.py drives it that way):
@@ -42,7 +42,8 @@ from .cache_layer import AnchorLayer, SlotState, WritePlan, query_length
 from .errors import UnsupportedError
 from .layout import Layout, LayoutStart
 from .ops import _scale_for, anchor_attention_append_, anchor_attention_append_with_lse_, compact_kv_, compact_slots_
-from .recall import RecallConfig, RecallState
+from .recall import RecallConfig, RecallState, merge_partial_attentions
+from .recent import attend_window, plan_window
 
 _ALIGN = 64
 
@@ -77,16 +78,26 @@ class AnchorCache(Cache):
         recall: a :class:`~anllm_ext.recall.RecallConfig`: evicted segments go to a cold store and every
             forward's non-anchor queries also attend over the few segments chosen through their anchors
             (anllm_ext/recall.py). None (default): evicted segments are dropped.
+        recent: keep the tokens of the ``recent`` sentences closed last hot too, and let every non-anchor query
+            read the ``recent`` sentences before its own (anllm_ext/recent.py): more KV for a smaller loss. The
+            exact one-pass equivalent is the mask ``anllm_ext.reference.ansan_mask(..., recent=recent)``. 0
+            (default): anchors and the open sentence only.
     """
 
     def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.25, compact: bool = True,
-                 recall: Optional[RecallConfig] = None):
+                 recall: Optional[RecallConfig] = None, recent: int = 0):
         from .checks import check_int
 
         if recall is not None and not isinstance(recall, RecallConfig):
             raise TypeError(f"recall must be an anllm_ext.RecallConfig or None, got {type(recall).__name__}")
         if recall is not None and not compact:
             raise ValueError("recall needs compact=True: a cache that never compacts evicts nothing to recall")
+        self.recent = check_int("recent", recent, 0)
+        if self.recent and recall is not None:
+            raise UnsupportedError("AnchorCache: recent sentences and recall together are not supported (recall "
+                                   "chooses among evicted sentences; choose one of recent=N or recall=...)")
+        if self.recent and not compact:
+            raise ValueError("recent needs compact=True: a cache that never compacts keeps every sentence already")
         self.recall = None if recall is None else RecallState(recall)
 
         if not isinstance(growth, (int, float)) or isinstance(growth, bool) or not growth > 1.0:
@@ -126,6 +137,7 @@ class AnchorCache(Cache):
         self.peak_slots = 0  # max over forwards of the slots in use (all rows) right after appending
         self.peak_capacity = 0
         self.compactions = 0
+        self.window = None  # the recent-sentence part of the current forward (a WindowPlan), if any
         self.callbacks = []  # called as fn(cache, n_new_columns) after every committed forward
 
     # ---------------------------------------------------------------- the protocol with a patched model
@@ -168,9 +180,11 @@ class AnchorCache(Cache):
         st.pending = None
         if self.recall is not None:
             self.recall.begin_forward()
+        k_layout = Layout(*(buf.narrow(1, 0, end).contiguous() for buf in st.slots))
+        self.window = plan_window(q, k_layout, self.recent) if self.recent else None
         self.peak_slots = max(self.peak_slots, sum(st.lengths_host) + B * T)
         self.peak_capacity = max(self.peak_capacity, st.capacity)
-        return Layout(*(buf.narrow(1, 0, end).contiguous() for buf in st.slots))
+        return k_layout
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_layout: Layout,
                k_layout: Layout, scaling: Optional[float] = None) -> Optional[torch.Tensor]:
@@ -184,12 +198,15 @@ class AnchorCache(Cache):
         layer = self.take_pending(key, value)
         if layer is None:
             return None
-        if self.recall is None:
+        if self.recall is None and self.window is None:
             return anchor_attention_append_(query, key, value, layer.keys, layer.values, self.state.plan.offsets,
                                             q_layout, k_layout, scaling)
         scale = _scale_for(query, scaling)
         out, lse = anchor_attention_append_with_lse_(query, key, value, layer.keys, layer.values,
                                                      self.state.plan.offsets, q_layout, k_layout, scale)
+        if self.window is not None:  # the op has written the new keys: the window may include them
+            out_w, lse_w = attend_window(query, layer.keys, layer.values, self.window, scale)
+            return merge_partial_attentions(out, lse, out_w, lse_w)
         return self.recall.attend(layer, query, out, lse, q_layout, k_layout, scale)
 
     def take_pending(self, key: torch.Tensor, value: torch.Tensor):
@@ -208,6 +225,7 @@ class AnchorCache(Cache):
             return
         st.flush_pending()
         st.plan = None
+        self.window = None
         T = q.positions.shape[1]
         st.lengths += T
         st.lengths_host = [n + T for n in st.lengths_host]
@@ -232,7 +250,7 @@ class AnchorCache(Cache):
         st = self.state
         pos, seg, anc, val = st.slots
         open_seg = st.start.segment.to(seg.dtype)
-        keep = val & (anc | (seg == open_seg[:, None]))
+        keep = val & (anc | (seg >= open_seg[:, None] - self.recent))
         layers = [l for l in self.layers if isinstance(l, AnchorLayer) and l.is_initialized]
         if self.recall is not None:
             in_use = torch.arange(st.capacity, device=val.device)[None, :] < st.lengths[:, None]
@@ -308,7 +326,7 @@ class AnchorCache(Cache):
 
     # ---------------------------------------------------------------- inspection
     def lengths(self) -> List[int]:
-        """Slots in use per row (anchors + open segment after a compaction)."""
+        """Slots in use per row (anchors + open segment after a compaction; + the recent sentences)."""
         return list(self.state.lengths_host)
 
     def kept_layout(self, row: int = 0) -> Layout:

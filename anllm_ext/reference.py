@@ -46,14 +46,20 @@ def token_layout_ref(input_ids, anchor_ids, attention_mask=None, start=None) -> 
                   torch.tensor(rows["valid"], dtype=torch.bool, device=dev).reshape(B, T))
 
 
-def ansan_mask(q_layout: Layout, k_layout: Layout) -> torch.Tensor:
+def ansan_mask(q_layout: Layout, k_layout: Layout, recent: int = 0) -> torch.Tensor:
     """Dense AnSAN mask (see docs/method.md): bool [B, Tq, Tk], True where query i may attend to key j.
 
     allowed(i, j) = V(i) and V(j) and pos(j) <= pos(i) and (seg(j) == seg(i) or (A(j) and not A(i)))
+
+    ``recent`` = N > 0 also lets a non-anchor query read every key of the N segments before its own
+    (``AnchorCache(recent=N)``): ... or (not A(i) and seg(i) - N <= seg(j) < seg(i)).
     """
     qp, qs, qa, qv = (t[:, :, None] for t in q_layout.as_tuple())
     kp, ks, ka, kv = (t[:, None, :] for t in k_layout.as_tuple())
-    return qv & kv & (kp <= qp) & ((ks == qs) | (ka & ~qa))
+    readable = (ks == qs) | (ka & ~qa)
+    if recent:
+        readable = readable | (~qa & (ks < qs) & (ks >= qs - recent))
+    return qv & kv & (kp <= qp) & readable
 
 
 def anchor_attention_ref(
@@ -65,8 +71,10 @@ def anchor_attention_ref(
     scale: Optional[float] = None,
     compute_dtype: Optional[torch.dtype] = torch.float32,
     return_lse: bool = False,
+    recent: int = 0,
 ):
-    """Dense masked attention. q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; fully masked rows give zeros.
+    """Dense masked attention. q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; fully masked rows give zeros; ``recent``: the
+    mask's (:func:`ansan_mask`).
 
     ``compute_dtype=None`` computes in the inputs' dtype (the "plain PyTorch at the kernel's dtype"
     baseline of the error rule); the default computes in fp32 (the accuracy reference).
@@ -78,7 +86,7 @@ def anchor_attention_ref(
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mask = ansan_mask(q_layout, k_layout)[:, None]  # [B,1,Tq,Tk]
+    mask = ansan_mask(q_layout, k_layout, recent)[:, None]  # [B,1,Tq,Tk]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)
