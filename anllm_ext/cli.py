@@ -233,7 +233,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``eval`` to ``anllm``'s subcommands."""
-    from .evaluation import ALL_MODES, DEMO_ENDS, MODES, RECALL_MODE
+    from .defaults import RECENT_SENTENCES
+    from .evaluation import ALL_MODES, DEMO_ENDS, MODES, RECALL_MODE, RECENT_MODE
 
     e = subparsers.add_parser("eval", help="perplexity and multiple-choice accuracy: full attention vs anchor inference",
                               description="Quality of a model under anchor inference (see docs/method.md): perplexity "
@@ -250,6 +251,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--mode", default=",".join(MODES),
                    help=f"comma-separated modes from {ALL_MODES} (default: {','.join(MODES)})")
     add_recall_arguments(e.add_argument_group(f"anchor-indexed recall (the {RECALL_MODE} mode)"))
+    e.add_argument("--recent", type=arg_int(1), default=RECENT_SENTENCES, metavar="N",
+                   help=f"closed sentences the {RECENT_MODE} mode keeps hot, readable to the next sentence's words")
     e.add_argument("--shots", type=arg_int(0), nargs="+", default=[0], help="demonstrations per question (several: one run each)")
     e.add_argument("--limit", type=arg_int(1), default=None, help="score the first N questions")
     e.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draw")
@@ -270,7 +273,8 @@ def cmd_eval(args) -> int:
     from .checks import check_device, check_output_path
     from .config import resolve_anchor_config
     from .data import list_data_files, load_documents
-    from .evaluation import EvalPlan, PerplexityResult, dump_json, load_multiple_choice, plot_results, run_eval
+    from .evaluation import (RECENT_MODE, EvalPlan, PerplexityResult, dump_json, load_multiple_choice, plot_results,
+                             run_eval)
     from .models import load_model
 
     if args.text is None and args.mc is None:
@@ -285,7 +289,7 @@ def cmd_eval(args) -> int:
                     limit=args.limit, seed=args.seed, demo_end=args.demo_end, batch_size=args.batch_size,
                     prefill_chunk=args.prefill_chunk, block_size=args.block_size, max_blocks=args.max_blocks,
                     progress=args.progress, text_source=[str(f) for f in args.text or []], mc_source=args.mc,
-                    recall=recall_config(args))
+                    recall=recall_config(args), recent=args.recent)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
@@ -310,6 +314,8 @@ def cmd_eval(args) -> int:
             print(f"cached vs ansan: max |{what} difference| {res.max_abs_diff_cached_vs_ansan:.2e}")
         records.append(res.to_dict())
     meta = {"model": name, "dtype": args.dtype, "anchors": label, "threads": torch.get_num_threads()}
+    if RECENT_MODE in plan.modes:
+        meta["recent"] = plan.recent
     if args.json:
         dump_json({"meta": meta, "results": records}, args.json)
         print(f"\nwrote {args.json}")

@@ -4,3 +4,6 @@
 PREFILL_CHUNK = 512
 #: Sequences per forward when scoring (perplexity blocks, multiple-choice options, lm-eval requests).
 BATCH_SIZE = 8
+#: Closed sentences whose tokens the ``cached+recent`` evaluation mode keeps hot (``AnchorCache(recent=...)``): two
+#: brought the technical held-out domains within 1.3x of the original's perplexity (docs/training.md).
+RECENT_SENTENCES = 2

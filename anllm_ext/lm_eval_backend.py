@@ -17,7 +17,7 @@ model_args:
     ``cached+recall`` (the same with anchor-indexed recall: ``recall_budget``, ``recall_every``, ``recall_score``,
     ``recall_index``, ``recall_pool``, ``recall_layers`` (``7;8;15``), ``recall_question`` (``true``/``false``),
     the :class:`~anllm_ext.RecallConfig` fields,
-    its defaults where not given);
+    its defaults where not given) or ``cached+recent`` (the last ``recent`` closed sentences kept hot, default 2);
     ``prefill_chunk``, ``batch_size``, ``max_length`` (the model's), ``max_gen_toks`` (256),
     ``dtype`` (``float32``/``bfloat16``/``float16``, or ``auto``: the checkpoint's, as ``load_model`` takes it),
     ``device`` (``cpu``), ``threads``. Defaults of ``prefill_chunk`` and ``batch_size``: ``anllm_ext.defaults``.
@@ -47,9 +47,10 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
 from .checks import check_dtype
 from .config import resolve_anchor_config
 from .cache import AnchorCache
-from .defaults import BATCH_SIZE, PREFILL_CHUNK
+from .defaults import BATCH_SIZE, PREFILL_CHUNK, RECENT_SENTENCES
 from .evaluation import model_mode, score_continuations, score_sequences
-from .evaluation.modes import ALL_MODES, CACHED_MODES, RECALL_MODE
+from .evaluation.modes import ALL_MODES, CACHED_MODES, RECALL_MODE, RECENT_MODE
+from .evaluation.scoring import cache_options
 
 
 @register_model("anllm")
@@ -60,7 +61,7 @@ class AnLLMEvalModel(TemplateLM):
                  prefill_chunk: int = PREFILL_CHUNK, batch_size=BATCH_SIZE, max_length: Optional[int] = None, max_gen_toks: int = 256,
                  dtype: str = "float32", device: Optional[str] = None, threads: int = 0, recall_budget=None,
                  recall_every=None, recall_score=None, recall_pool=None, recall_index=None,
-                 recall_layers=None, recall_question=None, **kwargs):
+                 recall_layers=None, recall_question=None, recent=None, **kwargs):
         super().__init__()
         from .models import load_model
 
@@ -72,6 +73,10 @@ class AnLLMEvalModel(TemplateLM):
         self.recall = _recall_config(mode, budget=recall_budget, every=recall_every, score=recall_score,
                                      pool=recall_pool, index=recall_index, layers=recall_layers,
                                      question=recall_question)
+        if recent is not None and mode != RECENT_MODE:
+            raise ValueError(f"anllm: recent applies to mode={RECENT_MODE} only")
+        self.recent = RECENT_SENTENCES if recent is None else int(recent)
+        cache_options(mode, self.recall, self.recent)  # a bad setting fails before the model loads
         dtype = check_dtype(str(dtype))
         if threads:
             torch.set_num_threads(int(threads))
@@ -119,7 +124,7 @@ class AnLLMEvalModel(TemplateLM):
         bs = int(override_bs) if override_bs else self.batch_size_per_forward
         with model_mode(self.model, self.mode, self.anchors), torch.no_grad():
             sc = score_continuations(self.model, pairs, self.mode, bs, self.prefill_chunk, progress=not disable_tqdm,
-                                     recall=self.recall)
+                                     recall=self.recall, recent=self.recent)
         out = list(zip(sc.logprobs, sc.greedy))
         for (key, _, _), answer in zip(requests, out):
             if key is not None:
@@ -137,7 +142,7 @@ class AnLLMEvalModel(TemplateLM):
                 total = 0.0
                 for ctx, cont in windows:
                     ((lp, _),) = score_sequences(self.model, [list(ctx) + list(cont)], self.mode, self.prefill_chunk,
-                                                 recall=self.recall)
+                                                 recall=self.recall, recent=self.recent)
                     total += float(lp[-len(cont):].double().sum())
                 self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
                 results.append(total)
@@ -168,7 +173,7 @@ class AnLLMEvalModel(TemplateLM):
                           pad_token_id=self.eot_token_id, **kw)
             with model_mode(self.model, self.mode, self.anchors), torch.no_grad():
                 if self.mode in CACHED_MODES:
-                    cache = AnchorCache(self.model.config, recall=self.recall)
+                    cache = AnchorCache(self.model.config, **cache_options(self.mode, self.recall, self.recent))
                     seq = generate(self.model, ids, mask, prefill_chunk=self.prefill_chunk, cache=cache, **common)
                 else:  # full: the unpatched model; ansan: the patched model with a full cache (masked attention)
                     seq = self.model.generate(input_ids=ids, attention_mask=mask, cache_implementation="dynamic",

@@ -104,6 +104,28 @@ def test_recall_mode_scores_against_a_recalling_anchor_cache(tiny):
     assert res["cached"].kv_kept < res["cached+recall"].kv_kept < 1.0
 
 
+def test_recent_mode_scores_against_an_anchor_cache_keeping_recent_sentences(tiny):
+    """`cached+recent`: each block prefilled into an AnchorCache(recent=N), scored as that cache computes it (by hand
+    here); the recent sentences change the scores and count in the KV kept."""
+    from anllm_ext import AnchorCache, prefill
+
+    blocks = _blocks([60, 45], every=5)
+    res = ev.perplexity(tiny, blocks, modes=("cached", "cached+recent"), prefill_chunk=8, batch_size=2,
+                        progress=False, recent=2)
+    nll, n, kept = 0.0, 0, 0
+    for b in blocks:
+        ids = torch.tensor([b])
+        cache, logits = prefill(tiny, ids, cache=AnchorCache(tiny.config, recent=2), prefill_chunk=8,
+                                return_logits=True)
+        lp = torch.log_softmax(logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])
+        nll, n, kept = nll - float(lp.double().sum()), n + len(b) - 1, kept + cache.lengths()[0]
+    assert res["cached+recent"].perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert res["cached+recent"].nll != pytest.approx(res["cached"].nll, abs=1e-4)
+    assert res["cached+recent"].kv_kept_slots == kept > res["cached"].kv_kept_slots
+    with pytest.raises(ValueError, match="recent must be an integer >= 1"):
+        ev.perplexity(tiny, blocks, modes=("cached+recent",), recent=0, progress=False)
+
+
 def test_perplexity_batched_equals_single(tiny):
     blocks = _blocks([30, 12, 25, 7, 19])
     one = ev.perplexity(tiny, blocks, batch_size=1, prefill_chunk=5, progress=False)
@@ -341,6 +363,21 @@ def test_cli_eval_recall_mode(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse names the option
         cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--recall-budget", "0", "--no-progress"])
     assert "--recall-budget: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_cli_eval_recent_mode(tiny_dir, tmp_path, capsys):
+    from anllm_ext import cli
+
+    mc, out = _write_jsonl(tmp_path / "q.jsonl", QUESTIONS), tmp_path / "r.json"
+    rc = cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--shots", "2", "--limit", "3", "--prefill-chunk", "8",
+                   "--mode", "cached,cached+recent", "--recent", "1", "--no-progress", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["config"]["recent"] == 1 and set(res["modes"]) == {"cached", "cached+recent"}
+    assert res["modes"]["cached+recent"]["kv_kept"] > res["modes"]["cached"]["kv_kept"]
+    with pytest.raises(SystemExit):  # argparse names the option
+        cli.main(["eval", "--model", tiny_dir, "--mc", str(mc), "--recent", "0", "--no-progress"])
+    assert "--recent: must be an integer >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec, demo_end", [("ep", "period"), ("ac", "ac"), ("13,30", "none")])

@@ -129,6 +129,25 @@ def test_backend_recall_mode(tiny_dir):
     assert isinstance(lm.generate_until([gen], disable_tqdm=True)[0], str)
 
 
+def test_backend_recent_mode(tiny_dir):
+    """mode=cached+recent: the rolling log-likelihood is anllm_ext's perplexity keeping the same recent sentences hot,
+    and generation runs through such a cache."""
+    text = ("The sun rose over the hills. Birds sang in the old trees. The baker opened his shop. Children ran to "
+            "school. The day began slowly, and the town woke up. The sun rose over the hills again.")
+    req = SimpleNamespace(args=(text,))
+    lm = _model(tiny_dir, "cached+recent", max_length=64, prefill_chunk=4, recent=1)
+    assert lm.recent == 1
+    got = lm.loglikelihood_rolling([req], disable_tqdm=True)[0]
+    ids = [lm.eot_token_id] + lm.tok_encode(text)
+    want = ev.perplexity(lm.model, [ids], modes=("cached+recent",), prefill_chunk=4, progress=False,
+                         anchor_ids=lm.anchors, recent=1)["cached+recent"]
+    assert got == pytest.approx(-want.nll * want.tokens, abs=1e-3)
+    plain = _model(tiny_dir, "cached", max_length=64, prefill_chunk=4).loglikelihood_rolling([req], disable_tqdm=True)[0]
+    assert got != pytest.approx(plain, abs=1e-3)  # the recent sentences are read
+    gen = SimpleNamespace(args=(text, {"until": ["\n\n"], "max_gen_toks": 4}))
+    assert isinstance(lm.generate_until([gen], disable_tqdm=True)[0], str)
+
+
 def test_backend_bad_args(tiny_dir):
     with pytest.raises(ValueError, match="mode must be one of"):
         _model(tiny_dir, "fast")
@@ -136,6 +155,10 @@ def test_backend_bad_args(tiny_dir):
         _model(tiny_dir, "cached", anchor="ep")
     with pytest.raises(ValueError, match=r"recall_budget apply to mode=cached\+recall only"):
         _model(tiny_dir, "cached", recall_budget=2)
+    with pytest.raises(ValueError, match=r"recent applies to mode=cached\+recent only"):
+        _model(tiny_dir, "cached", recent=2)
+    with pytest.raises(ValueError, match="recent must be an integer >= 1"):
+        _model(tiny_dir, "cached+recent", recent=0)
     with pytest.raises(ValueError, match="RecallConfig.every must be one of"):
         _model(tiny_dir, "cached+recall", recall_every="chunk")
     with pytest.raises(ValueError, match="recall_layers takes layer indices joined by ';'"):

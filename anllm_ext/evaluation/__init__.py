@@ -13,6 +13,10 @@ mode time):
     that compacts between chunks (:func:`anllm_ext.prefill`); what is scored is computed against the
     compacted cache. Its scores equal the ``"ansan"`` scores up to float rounding.
 
+Two more cached modes run when named: ``"cached+recall"`` (anchor-indexed recall of evicted sentences,
+:class:`~anllm_ext.recall.RecallConfig`) and ``"cached+recent"`` (the last ``recent`` closed sentences kept hot and
+readable to the next sentence's words, ``AnchorCache(recent=N)``); their KV kept counts what they hold hot.
+
 Perplexity (:func:`perplexity`)
     ``blocks`` is a list of token-id lists; each is scored on its own (every real token after the
     first), several per forward with right padding.
@@ -33,7 +37,7 @@ plots), ``run`` (:class:`EvalPlan` and :func:`run_eval`: what ``anllm eval`` run
 model and its anchors, the tasks take them as given). Every public name is importable from
 ``anllm_ext.evaluation``. The ``anllm eval`` command (:mod:`anllm_ext.cli`) only parses and calls :func:`run_eval`.
 """
-from .modes import ALL_MODES, MODES, RECALL_MODE, check_modes, model_mode
+from .modes import ALL_MODES, MODES, RECALL_MODE, RECENT_MODE, check_modes, model_mode
 from .multiple_choice import (
     DEMO_ENDS,
     MultipleChoiceConfig,
@@ -53,6 +57,7 @@ __all__ = [
     "MODES",
     "ALL_MODES",
     "RECALL_MODE",
+    "RECENT_MODE",
     "check_modes",
     "model_mode",
     "score_sequences",

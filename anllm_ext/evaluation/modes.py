@@ -1,5 +1,5 @@
-"""The evaluation modes (``full``, ``ansan``, ``cached``, ``cached+recall``: see :mod:`anllm_ext.evaluation`) and
-how a model is put in one."""
+"""The evaluation modes (``full``, ``ansan``, ``cached``, ``cached+recall``, ``cached+recent``: see
+:mod:`anllm_ext.evaluation`) and how a model is put in one."""
 from __future__ import annotations
 
 from typing import Iterable, Tuple
@@ -9,10 +9,12 @@ from typing import Iterable, Tuple
 MODES = ("full", "ansan", "cached")
 #: The anchor cache with anchor-indexed recall (:class:`~anllm_ext.recall.RecallConfig`): run when asked for.
 RECALL_MODE = "cached+recall"
+#: The anchor cache keeping the last closed sentences hot (``AnchorCache(recent=N)``): run when asked for.
+RECENT_MODE = "cached+recent"
 #: Every mode a run may name.
-ALL_MODES = MODES + (RECALL_MODE,)
+ALL_MODES = MODES + (RECALL_MODE, RECENT_MODE)
 #: The modes that score against an AnchorCache (prefilled in chunks, compacted between them).
-CACHED_MODES = ("cached", RECALL_MODE)
+CACHED_MODES = ("cached", RECALL_MODE, RECENT_MODE)
 
 
 def check_modes(modes: Iterable[str]) -> Tuple[str, ...]:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..defaults import BATCH_SIZE, PREFILL_CHUNK
+from ..defaults import BATCH_SIZE, PREFILL_CHUNK, RECENT_SENTENCES
 from ..anchors import AC_TOKEN
 from ..recall import RecallConfig
 from .modes import CACHED_MODES, MODES, check_modes, model_mode
@@ -99,6 +99,7 @@ class MultipleChoiceConfig:
     (EP anchors: a period unless the demonstration already ends with one) or ``"none"``.
     ``limit``: score the first ``limit`` questions only. ``batch_size``: sequences (options) per forward.
     ``recall``: the :class:`~anllm_ext.recall.RecallConfig` of the ``cached+recall`` mode (default settings when None).
+    ``recent``: the closed sentences the ``cached+recent`` mode keeps hot.
     """
 
     shots: int = 0
@@ -114,6 +115,7 @@ class MultipleChoiceConfig:
     fewshot_delimiter: str = "\n\n"
     progress: bool = True
     recall: Optional[RecallConfig] = None
+    recent: int = RECENT_SENTENCES
 
     def __post_init__(self):
         from ..checks import check_int
@@ -123,6 +125,7 @@ class MultipleChoiceConfig:
         check_int("limit", self.limit, 1, none_ok=True)
         check_int("batch_size", self.batch_size, 1)
         check_int("prefill_chunk", self.prefill_chunk, 1)
+        check_int("recent", self.recent, 1)
         if self.demo_end not in DEMO_ENDS:
             raise ValueError(f"demo_end must be one of {DEMO_ENDS}, got {self.demo_end!r}")
         if "{question}" not in self.template:
@@ -255,7 +258,8 @@ def multiple_choice(model, tokenizer, questions: Sequence[Question], config: Opt
     for mode in cfg.modes:
         t0 = time.perf_counter()
         with model_mode(model, mode, anchor_ids), torch.no_grad():
-            sc = score_continuations(model, requests, mode, cfg.batch_size, cfg.prefill_chunk, cfg.progress, cfg.recall)
+            sc = score_continuations(model, requests, mode, cfg.batch_size, cfg.prefill_chunk, cfg.progress, cfg.recall,
+                                      cfg.recent)
         seconds = time.perf_counter() - t0
         flat = iter(sc.logprobs)
         scores = [[next(flat) for _ in it.options] for it in items]

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..defaults import BATCH_SIZE, PREFILL_CHUNK
+from ..defaults import BATCH_SIZE, PREFILL_CHUNK, RECENT_SENTENCES
 from ..console import progress_bar
 from .modes import CACHED_MODES, MODES, check_modes, model_mode
 from .report import ModeResult, dump_json, format_table, set_t_up
@@ -69,6 +69,7 @@ def perplexity(
     progress: bool = True,
     anchor_ids=None,
     recall=None,
+    recent: int = RECENT_SENTENCES,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``blocks`` (token-id lists, each scored on its own) in each mode.
 
@@ -76,7 +77,8 @@ def perplexity(
     model's patch, else the anchors its config carries (:func:`~anllm_ext.evaluation.model_mode` decides).
     Every real token after the first of a block is scored. ``recall``: the
     :class:`~anllm_ext.recall.RecallConfig` of the ``cached+recall`` mode (default settings when None); its KV kept
-    is the hot part, kept + recalled slots. ``prefill_chunk``: chunk of the ``"cached"``
+    is the hot part, kept + recalled slots. ``recent``: the closed sentences the ``cached+recent`` mode keeps hot.
+    ``prefill_chunk``: chunk of the ``"cached"``
     mode's prefill (compaction between chunks); ``batch_size``: blocks per forward (right-padded).
     Returns a :class:`PerplexityResult` (``result["cached"].perplexity``, ``.kv_kept``, ``.seconds``, ...).
     """
@@ -98,7 +100,7 @@ def perplexity(
         with model_mode(model, mode, anchor_ids), torch.no_grad():
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
-                rows = score_sequences(model, [blocks[i] for i in idx], mode, prefill_chunk, kv, recall)
+                rows = score_sequences(model, [blocks[i] for i in idx], mode, prefill_chunk, kv, recall, recent)
                 for i, (lp, _) in zip(idx, rows):
                     scores[i] = lp.cpu()
                 if bar is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..checks import check_int
-from ..defaults import BATCH_SIZE, PREFILL_CHUNK
+from ..defaults import BATCH_SIZE, PREFILL_CHUNK, RECENT_SENTENCES
 from ..recall import RecallConfig
 from .modes import MODES, check_modes
 from .multiple_choice import (DEMO_ENDS, MultipleChoiceConfig, MultipleChoiceResult, Question, demo_end_for,
@@ -23,7 +23,8 @@ class EvalPlan:
     ``questions``: multiple-choice questions, scored once per entry of ``shots``; ``demo_end``: what closes a
     demonstration (``"auto"``: what fits the anchors, :func:`~anllm_ext.evaluation.multiple_choice.demo_end_for`);
     ``text_source`` / ``mc_source``: where the data came from (recorded in the results); ``recall``: the
-    :class:`~anllm_ext.recall.RecallConfig` of the ``cached+recall`` mode (default settings when None).
+    :class:`~anllm_ext.recall.RecallConfig` of the ``cached+recall`` mode (default settings when None); ``recent``: the
+    closed sentences the ``cached+recent`` mode keeps hot.
     """
 
     texts: Sequence[str] = ()
@@ -41,6 +42,7 @@ class EvalPlan:
     text_source: List[str] = field(default_factory=list)
     mc_source: Optional[str] = None
     recall: Optional[RecallConfig] = None
+    recent: int = RECENT_SENTENCES
 
     def __post_init__(self):
         self.modes = check_modes(self.modes)
@@ -52,6 +54,7 @@ class EvalPlan:
             check_int("shots", n, 0)
         check_int("block_size", self.block_size, 2)
         check_int("max_blocks", self.max_blocks, 0)
+        check_int("recent", self.recent, 1)
 
 
 def run_eval(model, tokenizer, anchors, plan: EvalPlan) -> Iterator[Union[PerplexityResult, MultipleChoiceResult]]:
@@ -60,7 +63,7 @@ def run_eval(model, tokenizer, anchors, plan: EvalPlan) -> Iterator[Union[Perple
     if plan.texts:
         blocks = text_blocks(tokenizer, plan.texts, anchors, plan.block_size, plan.max_blocks)
         result = perplexity(model, blocks, plan.modes, plan.prefill_chunk, plan.batch_size, plan.progress,
-                            anchor_ids=anchors, recall=plan.recall)
+                            anchor_ids=anchors, recall=plan.recall, recent=plan.recent)
         result.source = list(plan.text_source)
         yield result
     demo_end = demo_end_for(anchors) if plan.demo_end == "auto" else plan.demo_end
@@ -68,5 +71,5 @@ def run_eval(model, tokenizer, anchors, plan: EvalPlan) -> Iterator[Union[Perple
         config = MultipleChoiceConfig(shots=shots, seed=plan.seed, limit=plan.limit, modes=plan.modes,
                                       batch_size=plan.batch_size, prefill_chunk=plan.prefill_chunk, demo_end=demo_end,
                                       ac_token=anchors.ac_token or MultipleChoiceConfig.ac_token,
-                                      progress=plan.progress, recall=plan.recall)
+                                      progress=plan.progress, recall=plan.recall, recent=plan.recent)
         yield multiple_choice(model, tokenizer, plan.questions, config, anchor_ids=anchors, source=plan.mc_source)

@@ -8,9 +8,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..defaults import BATCH_SIZE, PREFILL_CHUNK
+from ..defaults import BATCH_SIZE, PREFILL_CHUNK, RECENT_SENTENCES
 from ..console import progress_bar
-from .modes import ALL_MODES, RECALL_MODE
+from .modes import ALL_MODES, RECALL_MODE, RECENT_MODE
 
 
 def _pad_right(rows: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +84,8 @@ class KVSlots:
 
 
 def score_sequences(model, sequences: Sequence[Sequence[int]], mode: str, prefill_chunk: int = PREFILL_CHUNK,
-                    kv: Optional[KVSlots] = None, recall=None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+                    kv: Optional[KVSlots] = None, recall=None,
+                    recent: int = RECENT_SENTENCES) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence (token-id lists, one batch, right-padded): log p(token t | tokens < t) for every t >= 1
     (fp32) and whether each token is the argmax, both of shape [len - 1].
 
@@ -93,13 +94,14 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], mode: str, prefil
     into an :class:`~anllm_ext.cache.AnchorCache` that compacts between chunks, each token scored against
     the compacted cache; ``kv`` (when given) adds up its KV slots. ``cached+recall``: the same with ``recall`` (a
     :class:`~anllm_ext.recall.RecallConfig`) in the cache; ``kv.recalled`` adds up the slots recalled.
+    ``cached+recent``: the same with the last ``recent`` closed sentences kept hot.
     """
     check_mode(mode)
     if mode in ("full", "ansan"):
         return _sequence_logprobs(model, sequences)
     ids, mask = _pad_right(sequences, _pad_id(model), _model_device(model))
     cache, logits, peak = prefill_with_peak(model, ids, mask, prefill_chunk, return_logits=True,
-                                            recall=recall_of(mode, recall))
+                                            **cache_options(mode, recall, recent))
     if kv is not None:
         st = cache.stats()
         kv.recalled += sum(st.get("recalled_slots", [0]))
@@ -114,26 +116,31 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose from {ALL_MODES}")
 
 
-def recall_of(mode: str, recall):
-    """The RecallConfig an AnchorCache of ``mode`` gets: ``recall`` (default settings when None) in the
-    ``cached+recall`` mode, None in ``cached``."""
+def cache_options(mode: str, recall=None, recent: int = RECENT_SENTENCES) -> dict:
+    """The one decision on what an AnchorCache of a cached ``mode`` is built with (its keywords): ``recall`` (a
+    RecallConfig; default settings when None) in ``cached+recall``, ``recent`` sentences kept hot in
+    ``cached+recent``, neither in ``cached``."""
+    from ..checks import check_int
     from ..recall import RecallConfig
 
-    if mode != RECALL_MODE:
-        return None
-    return RecallConfig() if recall is None else recall
+    if mode == RECALL_MODE:
+        return {"recall": RecallConfig() if recall is None else recall}
+    if mode == RECENT_MODE:
+        return {"recent": check_int("recent", recent, 1)}
+    return {}
 
 
 def prefill_with_peak(model, ids: torch.Tensor, mask: torch.Tensor, prefill_chunk: int, return_logits: bool = False,
-                      recall=None):
-    """:func:`anllm_ext.prefill` into a new AnchorCache (with ``recall``, a RecallConfig, when given), plus the peak KV
+                      recall=None, recent: int = 0):
+    """:func:`anllm_ext.prefill` into a new AnchorCache (with ``recall``, a RecallConfig, when given; keeping ``recent``
+    closed sentences hot), plus the peak KV
     slots of real tokens: per row, the most slots held at once (kept slots before a chunk + the chunk's real
     tokens), summed over rows."""
     from ..cache import AnchorCache
     from ..generation import prefill
 
     kept_after = []  # slots per row after each chunk's forward (compacted; padding never stays)
-    cache = AnchorCache(model.config, recall=recall)
+    cache = AnchorCache(model.config, recall=recall, recent=recent)
     cache.callbacks.append(lambda c, n: kept_after.append(c.lengths()))
     cache, logits = prefill(model, ids, mask, cache=cache, prefill_chunk=prefill_chunk, return_logits=return_logits)
     cache.callbacks.clear()
@@ -167,6 +174,7 @@ def score_continuations(
     prefill_chunk: int = PREFILL_CHUNK,
     progress: bool = False,
     recall=None,
+    recent: int = RECENT_SENTENCES,
 ) -> ContinuationScores:
     """log p(continuation | context) of each ``(context_ids, continuation_ids)`` pair, in ``mode``.
 
@@ -174,14 +182,16 @@ def score_continuations(
     each context + continuation is one sequence, ``batch_size`` per forward. ``cached``: requests sharing a
     context are grouped; each context is prefilled once into an AnchorCache (compacted between chunks), its
     rows are repeated for the group's continuations, and all continuations are scored in one forward
-    against the compacted cache. ``cached+recall``: the same with ``recall`` (a RecallConfig) in the cache.
+    against the compacted cache. ``cached+recall``: the same with ``recall`` (a RecallConfig) in the cache;
+    ``cached+recent``: with the last ``recent`` closed sentences kept hot.
     """
     check_mode(mode)
     for n, (ctx, cont) in enumerate(requests):
         if len(ctx) < 1 or len(cont) < 1:
             raise ValueError(f"request {n}: the context and the continuation need at least one token each")
     if mode not in ("full", "ansan"):
-        return _score_cached(model, requests, batch_size, prefill_chunk, progress, mode, recall_of(mode, recall))
+        return _score_cached(model, requests, batch_size, prefill_chunk, progress, mode,
+                             cache_options(mode, recall, recent))
     logprobs = [0.0] * len(requests)
     greedy = [False] * len(requests)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
@@ -218,7 +228,7 @@ def _context_groups(requests, batch_size: int) -> List[List[Tuple[Tuple[int, ...
     return packs
 
 
-def _score_cached(model, requests, batch_size, prefill_chunk, progress, mode, recall) -> ContinuationScores:
+def _score_cached(model, requests, batch_size, prefill_chunk, progress, mode, options) -> ContinuationScores:
     from ..hf import cache_kwarg
 
     device = _model_device(model)
@@ -231,7 +241,7 @@ def _score_cached(model, requests, batch_size, prefill_chunk, progress, mode, re
     for pack in _context_groups(requests, batch_size):
         # 1) prefill the contexts once (left-padded: every row's last column is its last context token)
         ids, mask = _pad_left([list(ctx) for ctx, _ in pack], pad, device)
-        cache, last, pack_peak = prefill_with_peak(model, ids, mask, prefill_chunk, recall=recall)
+        cache, last, pack_peak = prefill_with_peak(model, ids, mask, prefill_chunk, **options)
         st = cache.stats()
         kept += sum(st["kept_slots"]) + sum(st.get("recalled_slots", ()))  # hot: kept + recalled
         full += sum(st["full_cache_slots"])
