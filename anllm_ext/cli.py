@@ -185,6 +185,7 @@ def cmd_generate(args) -> int:
           f"prefill chunk {args.prefill_chunk}")
     original = load_model(original_dir, dtype=args.dtype, device=args.device)[0] if original_dir else None
     runs = compare_caches(model, ids, anchors, full=not args.anchor_only, original=original, recall=recall,
+                          recent=args.recent,
                           max_new_tokens=args.max_new_tokens,
                           do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                           ignore_eos=args.ignore_eos, seed=args.seed, prefill_chunk=args.prefill_chunk,
@@ -217,6 +218,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--original", action="store_true",
                    help="also run the original model with the full cache (the base model of a LoRA AnLLM)")
     g.add_argument("--expect", default=None, help="a text the right answer contains: each run says whether it does")
+    g.add_argument("--recent", type=arg_int(0), default=0, metavar="N",
+                   help="also generate with the anchor cache keeping the last N closed sentences hot (0: no such run)")
     r = g.add_argument_group("anchor-indexed recall")
     r.add_argument("--recall", action="store_true",
                    help="also generate with the anchor cache and recall (the --recall-* settings)")

@@ -15,6 +15,8 @@ from .defaults import PREFILL_CHUNK
 from .generation import generate
 from .hf import cache_kwarg, unpatched
 
+EXTRA = "anchor cache + "  # the label of a run of the anchor cache with more kept (recent sentences, recall)
+
 
 class _Timer:
     """A transformers streamer that timestamps the first generated token and shows a tqdm bar."""
@@ -43,9 +45,9 @@ class _Timer:
 def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool, anchor_ids,
                    max_new_tokens: int, label: Optional[str] = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                    ignore_eos: bool = False, seed: int = 0, prefill_chunk: int = PREFILL_CHUNK, progress: bool = False,
-                   recall=None) -> dict:
+                   recall=None, recent: int = 0) -> dict:
     """One generation with the anchor cache (``anchor``: chunked prefill, :func:`anllm_ext.generate`; ``recall``:
-    its :class:`~anllm_ext.RecallConfig`) or with transformers' full ``DynamicCache`` on the unpatched model;
+    its :class:`~anllm_ext.RecallConfig`; ``recent``: the closed sentences it keeps hot) or with transformers' full ``DynamicCache`` on the unpatched model;
     returns the output ids and the figures: ``label, anchor, ids, new, prefill_s, prefill_tps, decode_tps, kv,
     peak, slots, cold`` (hot KV bytes at the end, recalled ones included, and at the peak; hot key/value slots
     over the batch; the bytes recall keeps cold, None without recall)."""
@@ -62,7 +64,7 @@ def timed_generate(model, ids: torch.Tensor, mask: torch.Tensor, *, anchor: bool
     t0 = time.perf_counter()
     if anchor:
         out, cache = generate(model, ids, mask, prefill_chunk=prefill_chunk, anchor_ids=anchor_ids,
-                              cache=AnchorCache(model.config, recall=recall), return_cache=True, progress=progress,
+                              cache=AnchorCache(model.config, recall=recall, recent=recent), return_cache=True, progress=progress,
                               **gen_kwargs)
     else:
         cache = DynamicCache(config=model.config)  # the baseline: the plain (unpatched) model, its own cache
@@ -110,12 +112,12 @@ def first_difference(full, anc, n_prompt: int) -> str:
 
 
 def compare_caches(model, ids: torch.Tensor, anchors, *, full: bool = True, original=None, recall=None,
-                   **settings) -> List[dict]:
+                   recent: int = 0, **settings) -> List[dict]:
     """The same generation with ``original`` (the model before its conversion, if given) and with transformers'
     full cache (unless ``full`` is False), then with the anchor cache of ``anchors`` (an
-    :class:`~anllm_ext.config.AnchorConfig`), then (``recall``: a :class:`~anllm_ext.RecallConfig`) with the
-    anchor cache and recall; ``settings``: :func:`timed_generate`'s keywords. Returns the runs' figures in that
-    order."""
+    :class:`~anllm_ext.config.AnchorConfig`), then (``recent`` > 0) with the anchor cache keeping the last ``recent``
+    closed sentences hot, then (``recall``: a :class:`~anllm_ext.RecallConfig`) with the anchor cache and recall;
+    ``settings``: :func:`timed_generate`'s keywords. Returns the runs' figures in that order."""
     mask = torch.ones_like(ids)
     runs = []
     if original is not None:
@@ -124,9 +126,12 @@ def compare_caches(model, ids: torch.Tensor, anchors, *, full: bool = True, orig
     if full:
         runs.append(timed_generate(model, ids, mask, anchor=False, anchor_ids=anchors, **settings))
     runs.append(timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, **settings))
+    if recent:
+        runs.append(timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, recent=recent,
+                                   label=f"{EXTRA}recent {recent}", **settings))
     if recall is not None:
         runs.append(timed_generate(model, ids, mask, anchor=True, anchor_ids=anchors, recall=recall,
-                                   label="anchor cache + recall", **settings))
+                                   label=f"{EXTRA}recall", **settings))
     return runs
 
 
@@ -141,7 +146,7 @@ def _human(n: float) -> str:
 def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, trained: bool,
                      expect: Optional[str] = None) -> None:
     """Every run's generated text (as generated, blank lines included), then their figures side by side and the
-    anchor-cache runs (with and without recall) each against the last full-cache run: the KV reduction, the decode
+    anchor-cache runs (plain, with recent sentences, with recall) each against the last full-cache run: the KV reduction, the decode
     speed-up and whether the tokens agree. ``trained``: the model carries an anchor configuration (else a note
     says that an untrained model loses quality under anchor inference). ``expect``: a text the right answer contains; each
     run says whether its answer does."""
@@ -190,13 +195,13 @@ def print_comparison(tokenizer, ids: torch.Tensor, runs: List[dict], anchors, tr
 def _expect_verdict(expect: str, runs: List[dict], texts: List[str]) -> str:
     """One line naming where the expected fact was lost: beyond the model (the original's full attention misses it
     too), by the conversion (the AnLLM's own full attention misses it, the original's finds it), by the anchor
-    cache (only the compressed run misses it), or nowhere; then, with a recall run (last), a line saying whether
-    recall's answer holds it."""
+    cache (only the compressed run misses it), or nowhere; then, per run of the anchor cache with more (recent
+    sentences, recall: the last runs), a line saying whether its answer holds it."""
     has = {r["label"]: expect.lower() in t.lower() for r, t in zip(runs, texts)}
-    if "anchor cache + recall" in has:
+    if runs[-1]["label"].startswith(EXTRA):
         rest = _expect_verdict(expect, runs[:-1], texts[:-1])
-        found = "holds" if has["anchor cache + recall"] else "misses"
-        return f"{rest}\nwith recall: the answer {found} {expect!r}"
+        found = "holds" if has[runs[-1]["label"]] else "misses"
+        return f"{rest}\nwith {runs[-1]['label'][len(EXTRA):]}: the answer {found} {expect!r}"
     if has["anchor cache"]:
         return f"the anchor cache's answer holds {expect!r}"
     if has.get("full cache") is False:

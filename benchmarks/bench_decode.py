@@ -11,7 +11,9 @@ English prose (Python documentation, Debian python3.11-doc). The configurations 
   S. transformers' ``StaticCache`` of that many slots plus the decode steps (preallocated, ``index_copy_``
      writes; attends over its whole length with a mask, as transformers runs it);
   P. a preallocated cache of the same slots: the new K/V are copied into a buffer, SDPA attends over
-     the slots in use (a view, no mask). Nothing in a same-slots cache is cheaper than this.
+     the slots in use (a view, no mask). Nothing in a same-slots cache is cheaper than this;
+  R. the anchor cache keeping the last ``--recent`` closed sentences hot (``AnchorCache(recent=N)``): what the
+     window's extra attention costs a decode step, against A and B.
 
 C, S and P hold the same slots as A, so B / (C, S or P) is the ceiling of B / A for this model, and
 A / P is the cost of the anchor machinery. Prefill: A and B run the same chunk size.
@@ -112,10 +114,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--prefill-chunk", type=int, default=256, help="prefill chunk of A and B alike")
     p.add_argument("--configs", default="ABCSP", help="which configurations to run (letters, see above)")
+    p.add_argument("--recent", type=int, default=2, help="closed sentences configuration R keeps hot")
     p.add_argument("--model", default=None, help="local model dir (default: bundled SmolLM2-135M-Instruct)")
     add_common_args(p)
     args = p.parse_args(argv)
-    configs = [c for c in "ABCSP" if c in args.configs.upper()]
+    configs = [c for c in "ABCSPR" if c in args.configs.upper()]
     if "A" not in configs:
         p.error("--configs must include A (the anchor cache)")
 
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
     import transformers
     from transformers import DynamicCache, StaticCache
 
-    from anllm_ext import ep_anchor_ids, patch, prefill
+    from anllm_ext import AnchorCache, ep_anchor_ids, patch, prefill
     from anllm_ext.models import load_model
     from anllm_ext.sample_text import sample_text
 
@@ -155,6 +158,17 @@ def main(argv=None) -> int:
     print(f"A anchor cache: prefill {t_pre_a:.1f} s ({T / t_pre_a:.0f} tok/s, chunk {args.prefill_chunk}), "
           f"kept {kept} slots")
     runs = {"A": [model, cache_a, last[:, -1:].argmax(-1), []]}
+
+    if "R" in configs:
+        t0 = time.perf_counter()
+        cache_r, last_r = prefill(model, ids, prefill_chunk=args.prefill_chunk,
+                                  cache=AnchorCache(model.config, recent=args.recent))
+        t_pre_r = time.perf_counter() - t0
+        results["prefill"]["R"] = {"seconds": t_pre_r, "tokens_per_s": T / t_pre_r, "chunk": args.prefill_chunk,
+                                   "recent": args.recent, "kept_slots": cache_r.stats()["kept_slots"][0]}
+        print(f"R anchor cache + {args.recent} recent sentences: prefill {t_pre_r:.1f} s ({T / t_pre_r:.0f} tok/s), "
+              f"kept {cache_r.stats()['kept_slots'][0]} slots")
+        runs["R"] = [model, cache_r, last_r[:, -1:].argmax(-1), []]
 
     same = ids[:, -kept:]  # the same-slots caches prefill this many tokens (their content is irrelevant)
     slots_needed = kept + args.warmup + args.steps
@@ -209,6 +223,8 @@ def main(argv=None) -> int:
               for c, name in (("C", "DynamicCache"), ("S", "StaticCache"), ("P", "preallocated cache"))]
     lines += [("B", c, f"ceiling: full / same-slots {name}")
               for c, name in (("C", "DynamicCache"), ("S", "StaticCache"), ("P", "preallocated cache"))]
+    lines += [("B", "R", f"full DynamicCache / anchor cache + {args.recent} recent sentences"),
+              ("R", "A", f"anchor cache + {args.recent} recent sentences / anchor cache (the window's cost)")]
     print("\nratios (median of per-round ratios; ratio of the medians in brackets):")
     for num, den, label in lines:
         if num in med and den in med:

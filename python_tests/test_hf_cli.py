@@ -123,6 +123,35 @@ def test_cli_generate_prints_both_texts(tiny_model_dir, capsys):
     assert "same tokens as the full cache" not in out
 
 
+def test_cli_generate_with_recent_sentences(tiny_model_dir, capsys):
+    """--recent N: a run of the anchor cache keeping N closed sentences hot, whose tokens are what anllm_ext.generate
+    gives with AnchorCache(recent=N) and whose kept slots are that cache's."""
+    from anllm_ext import AnchorCache
+    from anllm_ext.anchors import decode
+    from anllm_ext.config import resolve_anchors
+    from anllm_ext.models import load_model
+
+    prompt = " ".join([PROMPT + "."] * 4)
+    argv = ["generate", "--model", tiny_model_dir, "--prompt", prompt, "--max-new-tokens", str(N_NEW),
+            "--prefill-chunk", "4", "--no-progress", "--ignore-eos", "--anchors", "ep", "--recent", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    model, tok = load_model(tiny_model_dir)
+    anchors = resolve_anchors("ep", tok, model)
+    ids = cli._load_prompt(cli.build_parser().parse_args(argv), tok)
+    cache = AnchorCache(model.config, recent=2)
+    want = anllm_ext.generate(model, ids, torch.ones_like(ids), prefill_chunk=4, anchor_ids=anchors, cache=cache,
+                              max_new_tokens=N_NEW, eos_token_id=None, do_sample=False)
+    assert generated_text(out, "anchor cache + recent 2") == decode(tok, want[0, ids.shape[1]:], anchor_ids=anchors,
+                                                                     skip_special_tokens=True)
+    row = re.search(r"KV slots kept\s+(\d+)\s+(\d+)\s+(\d+)", out)
+    assert int(row.group(2)) < int(row.group(3)) == sum(cache.stats()["kept_slots"])
+    assert "anchor cache + recent 2: decode speed-up (T-up)" in out
+    with pytest.raises(SystemExit):  # argparse names the option
+        cli.main(argv[:-1] + ["-1"])
+    assert "--recent: must be an integer >= 0" in capsys.readouterr().err
+
+
 def test_cli_generate_with_recall(tiny_model_dir, capsys):
     """--recall: a third run, the anchor cache with the --recall-* RecallConfig, whose tokens are what
     anllm_ext.generate gives with that config; its hot figures count the recalled slots and a row shows what
@@ -285,3 +314,6 @@ def test_expect_verdict_names_where_the_fact_was_lost(found, verdict):
                                             texts + ["x" if recalled else "-"])
         assert both == side_by_side._expect_verdict("x", runs, texts) + (
             f"\nwith recall: the answer {'holds' if recalled else 'misses'} 'x'")
+    extra = [{"label": "anchor cache + recent 2"}, {"label": "anchor cache + recall"}]  # both extra runs: a line each
+    assert side_by_side._expect_verdict("x", runs + extra, texts + ["x", "-"]) == side_by_side._expect_verdict(
+        "x", runs, texts) + "\nwith recent 2: the answer holds 'x'\nwith recall: the answer misses 'x'"
