@@ -197,3 +197,26 @@ def test_bundled_anllm_with_recent_matches_the_dense_oracle():
 
     assert loss(got) < loss(plain)
     assert plain_cache.lengths()[0] < cache.lengths()[0] < ids.shape[1] * 0.6
+
+
+def test_continuations_scored_with_recent_sentences_match_the_dense_oracle():
+    """The cached+recent mode's continuation scoring (contexts prefilled once, left-padded, their rows repeated for
+    the continuations, scored in one forward) gives the dense oracle's log-probabilities."""
+    from anllm_ext.evaluation import model_mode, score_continuations
+
+    base = tiny_model("llama", seed=5)
+    reference = copy.deepcopy(base)
+    model = patch(base, MODEL_ANCHOR)
+    ids, _ = model_stream(3, 40, seed=11)
+    contexts = [ids[0, :40].tolist(), ids[1, :27].tolist(), ids[2, :33].tolist()]
+    requests = [(contexts[0], [5, MODEL_ANCHOR, 9]), (contexts[0], [12]), (contexts[1], [3, 4, 5, 6]),
+                (contexts[2], [MODEL_ANCHOR, 8]), (contexts[1], [21, 22])]
+    with model_mode(model, "cached+recent"), torch.no_grad():
+        got = score_continuations(model, requests, "cached+recent", batch_size=3, prefill_chunk=7, recent=2).logprobs
+    plain = score_continuations(model, requests, "cached", batch_size=3, prefill_chunk=7).logprobs
+    for (ctx, cont), score, without in zip(requests, got, plain):
+        seq = torch.tensor([ctx + cont])
+        logp = torch.log_softmax(dense_recent_logits(reference, seq, torch.ones_like(seq), 2, (MODEL_ANCHOR,))[0], -1)
+        want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+        assert score == pytest.approx(want, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(got, plain)) > 1e-3
