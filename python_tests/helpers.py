@@ -316,3 +316,49 @@ class ToyStack(torch.nn.Module):
         return x
 
 
+
+
+# ------------------------------------------------------------------ caches run forward by forward
+
+
+def forward_starts(T, prefill, chunk):
+    """Forwards of a chunked prefill of `prefill` columns, then one column at a time (decoding)."""
+    return list(range(0, prefill, chunk)) + list(range(prefill, T))
+
+
+def run_stack_cached(stack, x, ids, mask, starts, **cache_options):
+    """The toy stack through an AnchorCache(**cache_options), one forward per start; outputs [B, T, width], cache."""
+    cache = anllm_ext.AnchorCache(initial_capacity=8, **cache_options)
+    bounds = starts + [ids.shape[1]]
+    with torch.no_grad():
+        outs = [stack.cached_chunk(x[:, a:e], ids[:, a:e], mask[:, a:e], cache) for a, e in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=1), cache
+
+
+def cached_model_logits(model, ids, mask, starts, **cache_options):
+    """A patched transformers model through an AnchorCache(**cache_options), one forward per start; logits, cache."""
+    cache = anllm_ext.AnchorCache(model.config, initial_capacity=16, **cache_options)
+    bounds = starts + [ids.shape[1]]
+    outs = []
+    with torch.no_grad():
+        for a, e in zip(bounds, bounds[1:]):
+            outs.append(model(input_ids=ids[:, a:e], attention_mask=mask[:, :e], cache=cache, use_cache=True).logits)
+    return torch.cat(outs, dim=1), cache
+
+
+def dense_oracle_logits(model, ids, mask, name, attention, anchors):
+    """The unpatched ``model``, one pass, its attention replaced by ``attention(module, query, key, value, layout,
+    scaling)`` (a dense oracle; registered with transformers as ``name``) over the layout of ``anchors``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    layout = anllm_ext.token_layout(ids, list(anchors), mask)
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return attention(module, query, key, value, layout, scaling).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, lambda *a, **k: None)
+    model.set_attn_implementation(name)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=layout.positions, use_cache=False).logits

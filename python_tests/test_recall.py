@@ -14,8 +14,8 @@ from anllm_ext import AnchorCache, RecallConfig, patch
 from anllm_ext.reference import anchor_attention_ref, recall_attention_ref
 
 from anllm_ext.hf import patched_anchor_ids
-from helpers import (ANCHOR, LAYERS, MODEL_ANCHOR, TEXT, ToyStack, model_stream, needs_smollm2, tiny_model,
-                     token_stream)
+from helpers import (ANCHOR, LAYERS, MODEL_ANCHOR, TEXT, ToyStack, cached_model_logits, dense_oracle_logits,
+                     forward_starts, model_stream, needs_smollm2, run_stack_cached, tiny_model, token_stream)
 
 WIDTH = 32
 
@@ -41,17 +41,8 @@ class RecallStack(ToyStack):
         return x
 
 
-def chunk_starts(T, prefill, chunk):
-    """Forwards of a chunked prefill of `prefill` columns, then one column at a time."""
-    return list(range(0, prefill, chunk)) + list(range(prefill, T))
-
-
 def run_cached(stack, x, ids, mask, starts, recall):
-    cache = AnchorCache(initial_capacity=8, recall=recall)
-    bounds = starts + [ids.shape[1]]
-    with torch.no_grad():
-        outs = [stack.cached_chunk(x[:, a:e], ids[:, a:e], mask[:, a:e], cache) for a, e in zip(bounds, bounds[1:])]
-    return torch.cat(outs, dim=1), cache
+    return run_stack_cached(stack, x, ids, mask, starts, recall=recall)
 
 
 CONFIGS = [RecallConfig(budget=2), RecallConfig(budget=1, score="max"), RecallConfig(budget=3, every="sentence"),
@@ -80,7 +71,7 @@ def test_recall_cache_matches_the_dense_oracle(recall, chunk):
     ids, mask = token_stream(B, T, "random", left_pad=(0, 4, 9), anchor_every=6, seed=chunk)
     x = torch.randn(B, T, WIDTH, generator=torch.Generator().manual_seed(1))
     stack = RecallStack()
-    starts = chunk_starts(T, prefill, chunk)
+    starts = forward_starts(T, prefill, chunk)
     layout = anllm_ext.token_layout(ids, [ANCHOR], mask)
     with torch.no_grad():
         expected = stack.dense_pass(x, layout, starts, recall)
@@ -106,7 +97,7 @@ def test_recall_of_a_decode_step_equals_recall_alone():
     ids, mask = token_stream(2, 40, "random", left_pad=(0, 7), anchor_every=5, seed=3)
     x = torch.randn(2, 40, WIDTH, generator=torch.Generator().manual_seed(2))
     stack = RecallStack(seed=1)
-    starts = chunk_starts(40, 24, 8)
+    starts = forward_starts(40, 24, 8)
     both, _ = run_cached(stack, x, ids, mask, starts, recall)
     for b in range(2):
         alone, _ = run_cached(stack, x[b : b + 1], ids[b : b + 1], mask[b : b + 1], starts, recall)
@@ -120,7 +111,7 @@ def test_question_recall_reaches_decoding_only():
     B, T, prefill = 3, 60, 48
     ids, mask = token_stream(B, T, "random", left_pad=(0, 4, 9), anchor_every=6, seed=5)
     x = torch.randn(B, T, WIDTH, generator=torch.Generator().manual_seed(3))
-    starts = chunk_starts(T, prefill, 16)
+    starts = forward_starts(T, prefill, 16)
     plain = RecallConfig(budget=1, every="prompt", score="peak")
     with_question = RecallConfig(budget=1, every="prompt", score="peak", question=True)
     got, cache = run_cached(RecallStack(), x, ids, mask, starts, with_question)
@@ -175,42 +166,22 @@ def test_recall_needs_a_compacting_cache_and_a_recall_config():
 
 # ------------------------------------------------------------------ a transformers model through the patch
 
-_REF = {}
-
-
-def _recall_ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    r = _REF["recall"]
-    if module.layer_idx == 0:
-        _REF["carry"] = {}
-    out = recall_attention_ref(query, key, value, _REF["layout"], _REF["starts"], r.budget, r.every, r.score,
-                               scale=scaling, pool=r.pool, carry=_REF["carry"], index=r.index,
-                               layer=module.layer_idx, layers=r.layers or (), question=r.question)
-    return out.transpose(1, 2).contiguous(), None
-
-
 def dense_recall_logits(model, ids, mask, starts, recall, anchors=(MODEL_ANCHOR,)):
     """The unpatched model, one pass, its attention replaced by the dense recall oracle."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    carry = {}
 
-    AttentionInterface.register("anllm_recall_ref", _recall_ref_attention)
-    AttentionMaskInterface.register("anllm_recall_ref", lambda *a, **k: None)
-    layout = anllm_ext.token_layout(ids, list(anchors), mask)
-    _REF.update(recall=recall, layout=layout, starts=starts)
-    model.set_attn_implementation("anllm_recall_ref")
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=layout.positions, use_cache=False).logits
+    def attention(module, query, key, value, layout, scaling):
+        if module.layer_idx == 0:
+            carry.clear()
+        return recall_attention_ref(query, key, value, layout, starts, recall.budget, recall.every, recall.score,
+                                    scale=scaling, pool=recall.pool, carry=carry, index=recall.index,
+                                    layer=module.layer_idx, layers=recall.layers or (), question=recall.question)
+
+    return dense_oracle_logits(model, ids, mask, "anllm_recall_ref", attention, anchors)
 
 
 def cached_recall_logits(model, ids, mask, starts, recall):
-    cache = AnchorCache(model.config, initial_capacity=16, recall=recall)
-    bounds = starts + [ids.shape[1]]
-    outs = []
-    with torch.no_grad():
-        for a, e in zip(bounds, bounds[1:]):
-            out = model(input_ids=ids[:, a:e], attention_mask=mask[:, :e], cache=cache, use_cache=True)
-            outs.append(out.logits)
-    return torch.cat(outs, dim=1), cache
+    return cached_model_logits(model, ids, mask, starts, recall=recall)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -228,7 +199,7 @@ def test_patched_model_with_recall_matches_the_dense_oracle(family, recall):
     reference = copy.deepcopy(base)
     model = patch(base, MODEL_ANCHOR)
     ids, mask = model_stream(3, 56, seed=4, left_pad=(0, 3, 8))
-    starts = chunk_starts(56, 40, 9)
+    starts = forward_starts(56, 40, 9)
     got, cache = cached_recall_logits(model, ids, mask, starts, recall)
     want = dense_recall_logits(reference, ids, mask, starts, recall)
     keep = mask.bool()
@@ -256,7 +227,7 @@ def test_bundled_anllm_with_recall_matches_the_dense_oracle(recall):
             "\n\nWhat is the secret code of the Harbor archive? It is")
     ids = tok(text, return_tensors="pt")["input_ids"][:, :150]
     mask = torch.ones_like(ids)
-    starts = chunk_starts(ids.shape[1], ids.shape[1] - 3, 64)
+    starts = forward_starts(ids.shape[1], ids.shape[1] - 3, 64)
     got, cache = cached_recall_logits(model, ids, mask, starts, recall)
     want = dense_recall_logits(reference, ids, mask, starts, recall, anchors=patched_anchor_ids(model))
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)  # logits are O(10)

@@ -14,7 +14,8 @@ from anllm_ext.errors import UnsupportedError
 from anllm_ext.hf import patched_anchor_ids
 from anllm_ext.reference import anchor_attention_ref
 
-from helpers import ANCHOR, MODEL_ANCHOR, TEXT, ToyStack, model_stream, needs_smollm2, tiny_model, token_stream
+from helpers import (ANCHOR, MODEL_ANCHOR, TEXT, ToyStack, cached_model_logits, dense_oracle_logits, forward_starts,
+                     model_stream, needs_smollm2, run_stack_cached, tiny_model, token_stream)
 
 WIDTH = 32
 
@@ -28,17 +29,8 @@ class RecentStack(ToyStack):
         return x
 
 
-def forward_starts(T, prefill, chunk):
-    """Forwards of a chunked prefill of `prefill` columns, then one column at a time (decoding)."""
-    return list(range(0, prefill, chunk)) + list(range(prefill, T))
-
-
 def run_cached(stack, x, ids, mask, starts, recent):
-    cache = AnchorCache(initial_capacity=8, recent=recent)
-    bounds = starts + [ids.shape[1]]
-    with torch.no_grad():
-        outs = [stack.cached_chunk(x[:, a:e], ids[:, a:e], mask[:, a:e], cache) for a, e in zip(bounds, bounds[1:])]
-    return torch.cat(outs, dim=1), cache
+    return run_stack_cached(stack, x, ids, mask, starts, recent=recent)
 
 
 def kept_with_recent(layout, recent):
@@ -110,36 +102,16 @@ def test_recent_rejects_bad_settings(bad, error, message):
 
 # ------------------------------------------------------------------ a transformers model through the patch
 
-_REF = {}
-
-
-def _recent_ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    out = anchor_attention_ref(query, key, value, _REF["layout"], _REF["layout"], scale=scaling, recent=_REF["recent"])
-    return out.transpose(1, 2).contiguous(), None
-
-
 def dense_recent_logits(model, ids, mask, recent, anchors):
     """The unpatched model, one pass, its attention the dense oracle under the widened mask."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    def attention(module, query, key, value, layout, scaling):
+        return anchor_attention_ref(query, key, value, layout, layout, scale=scaling, recent=recent)
 
-    AttentionInterface.register("anllm_recent_ref", _recent_ref_attention)
-    AttentionMaskInterface.register("anllm_recent_ref", lambda *a, **k: None)
-    layout = anllm_ext.token_layout(ids, list(anchors), mask)
-    _REF.update(layout=layout, recent=recent)
-    model.set_attn_implementation("anllm_recent_ref")
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=layout.positions, use_cache=False).logits
+    return dense_oracle_logits(model, ids, mask, "anllm_recent_ref", attention, anchors)
 
 
 def cached_recent_logits(model, ids, mask, starts, recent):
-    cache = AnchorCache(model.config, initial_capacity=16, recent=recent)
-    bounds = starts + [ids.shape[1]]
-    outs = []
-    with torch.no_grad():
-        for a, e in zip(bounds, bounds[1:]):
-            outs.append(model(input_ids=ids[:, a:e], attention_mask=mask[:, :e], cache=cache, use_cache=True).logits)
-    return torch.cat(outs, dim=1), cache
+    return cached_model_logits(model, ids, mask, starts, recent=recent)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
