@@ -88,6 +88,34 @@ def test_recent_rows_of_a_batch_equal_each_row_alone():
         torch.testing.assert_close(both[b][keep], alone[0][keep], atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_recent_cache_in_low_precision_keeps_the_error_rule(dtype):
+    """One layer's attention through the cache's protocol with q/k/v in ``dtype``: its error against the fp32
+    oracle at most ~2x plain PyTorch's at that dtype (flash-attention's rule)."""
+    from helpers import H_KV, H_Q, D, assert_close_by_error_rule, qkv
+
+    B, T, chunk = 2, 70, 9
+    ids, mask = token_stream(B, T, "random", "left", anchor_every=5, seed=4)
+    q, k, v = qkv(B, H_Q, H_KV, T, T, D, dtype=dtype)
+    layout = anllm_ext.token_layout(ids, [ANCHOR], mask)
+    cache = AnchorCache(initial_capacity=8, recent=2)
+    outs = []
+    with torch.no_grad():
+        for a in range(0, T, chunk):
+            e = min(T, a + chunk)
+            q_layout = anllm_ext.token_layout(ids[:, a:e], [ANCHOR], mask[:, a:e], start=cache.next_start())
+            k_layout = cache.begin_forward(q_layout)
+            kk, vv = cache.update(k[:, :, a:e], v[:, :, a:e], 0)
+            outs.append(cache.attend(q[:, :, a:e], kk, vv, q_layout, k_layout))
+            cache.end_forward(q_layout)
+    got = torch.cat(outs, dim=2)
+    ref32 = anchor_attention_ref(q, k, v, layout, layout, recent=2)
+    in_dtype = anchor_attention_ref(q, k, v, layout, layout, compute_dtype=None, recent=2)
+    keep = mask.bool()[:, None, :, None].expand_as(got)
+    assert got.dtype == dtype
+    assert_close_by_error_rule(got[keep], in_dtype[keep], ref32[keep], dtype)
+
+
 @pytest.mark.parametrize("bad, error, message", [
     (dict(recent=-1), ValueError, "recent must be an integer >= 0"),
     (dict(recent=1.5), TypeError, "recent must be an integer"),
