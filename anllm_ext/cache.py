@@ -81,7 +81,8 @@ class AnchorCache(Cache):
         recent: keep the tokens of the ``recent`` sentences closed last hot too, and let every non-anchor query
             read the ``recent`` sentences before its own (anllm_ext/recent.py): more KV for a smaller loss. The
             exact one-pass equivalent is the mask ``anllm_ext.reference.ansan_mask(..., recent=recent)``. 0
-            (default): anchors and the open sentence only.
+            (default): anchors and the open sentence only. With ``recall`` too, the sentences that leave the
+            window go to the cold store and recall chooses among them.
     """
 
     def __init__(self, config=None, initial_capacity: int = 256, growth: float = 1.25, compact: bool = True,
@@ -93,9 +94,6 @@ class AnchorCache(Cache):
         if recall is not None and not compact:
             raise ValueError("recall needs compact=True: a cache that never compacts evicts nothing to recall")
         self.recent = check_int("recent", recent, 0)
-        if self.recent and recall is not None:
-            raise UnsupportedError("AnchorCache: recent sentences and recall together are not supported (recall "
-                                   "chooses among evicted sentences; choose one of recent=N or recall=...)")
         if self.recent and not compact:
             raise ValueError("recent needs compact=True: a cache that never compacts keeps every sentence already")
         self.recall = None if recall is None else RecallState(recall)
@@ -206,7 +204,9 @@ class AnchorCache(Cache):
                                                      self.state.plan.offsets, q_layout, k_layout, scale)
         if self.window is not None:  # the op has written the new keys: the window may include them
             out_w, lse_w = attend_window(query, layer.keys, layer.values, self.window, scale)
-            return merge_partial_attentions(out, lse, out_w, lse_w)
+            out, lse = merge_partial_attentions(out, lse, out_w, lse_w, with_lse=True)
+        if self.recall is None:
+            return out
         return self.recall.attend(layer, query, out, lse, q_layout, k_layout, scale)
 
     def take_pending(self, key: torch.Tensor, value: torch.Tensor):

@@ -285,26 +285,27 @@ def choose_segments(scores: torch.Tensor, segments: torch.Tensor, budget: int) -
     return [chosen[b][best[b] > 0] for b in range(scores.shape[0])]
 
 
-def closing_segments(k_layout: Layout) -> List[torch.Tensor]:
-    """Per row, the segments (int64) whose anchor and some real non-anchor tokens are hot: those the forward
-    of ``k_layout`` closed, whose tokens its compaction evicts."""
+def closing_segments(q_layout: Layout, k_layout: Layout) -> List[torch.Tensor]:
+    """Per row, the segments (int64) whose anchor is among the forward's new tokens ``q_layout`` and that have real
+    non-anchor tokens hot (``k_layout``): those the forward closed, whose tokens a compaction evicts."""
     words = k_layout.valid & ~k_layout.is_anchor
-    anchors = k_layout.valid & k_layout.is_anchor
+    anchors = q_layout.valid & q_layout.is_anchor
     out = []
     for b in range(k_layout.segments.shape[0]):
         with_words = k_layout.segments[b][words[b]].to(torch.int64).unique()
-        closed = k_layout.segments[b][anchors[b]].to(torch.int64)
+        closed = q_layout.segments[b][anchors[b]].to(torch.int64)
         out.append(with_words[torch.isin(with_words, closed)])
     return out
 
 
-def merge_partial_attentions(out_a, lse_a, out_b, lse_b):
+def merge_partial_attentions(out_a, lse_a, out_b, lse_b, with_lse: bool = False):
     """Softmax attention over the union of two disjoint key sets from the partial results (out [B,H,T,D],
-    lse [B,H,T]); a query that sees no key in either set gets zeros."""
+    lse [B,H,T]); a query that sees no key in either set gets zeros. ``with_lse``: also the union's lse."""
     lse = torch.logaddexp(lse_a, lse_b)
     w_a = torch.nan_to_num(torch.exp(lse_a - lse), nan=0.0)[..., None]
     w_b = torch.nan_to_num(torch.exp(lse_b - lse), nan=0.0)[..., None]
-    return (out_a.float() * w_a + out_b.float() * w_b).to(out_a.dtype)
+    out = (out_a.float() * w_a + out_b.float() * w_b).to(out_a.dtype)
+    return (out, lse) if with_lse else out
 
 
 class RecallState:
@@ -332,10 +333,14 @@ class RecallState:
 
     def evict(self, drop: torch.Tensor, slots, layers) -> None:
         """Called before a compaction: keep the dropped slots; a later forward chooses anew (``"prompt"``: only
-        a forward of several tokens does; the gathered recall of the last stays valid, segments are evicted whole)."""
+        a forward of several tokens does; the gathered recall of the last stays valid, segments are evicted whole,
+        except with ``question``: a sentence the prompt closed may be evicted only now, when the cache keeps recent
+        sentences, so decoding gathers its choice again)."""
         self.cold.add(drop & slots[3], slots, layers)
         if self.config.every != "prompt":
             self.reusable = {}
+        elif self.config.question:
+            self.reusable = {l: r for l, r in self.reusable.items() if l not in self.decode_choice}
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.cold.select_rows(index)
@@ -359,7 +364,7 @@ class RecallState:
             self.reusable[layer.index] = recall  # None: chosen, nothing to recall
             if self.config.question and several:
                 if self.closing is None:
-                    self.closing = closing_segments(k_layout)
+                    self.closing = closing_segments(q_layout, k_layout)
                 self.decode_choice[layer.index] = [torch.cat([c.to(s.device), s]).unique()
                                                    for c, s in zip(self.chosen[layer.index], self.closing)]
                 del self.reusable[layer.index]

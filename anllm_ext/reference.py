@@ -135,6 +135,7 @@ def recall_attention_ref(
     layer: Optional[int] = None,
     layers: Sequence[int] = (),
     question: bool = False,
+    recent: int = 0,
 ) -> torch.Tensor:
     """Dense oracle of one layer of anchor-indexed recall (anllm_ext/recall.py), written independently of it.
 
@@ -156,7 +157,10 @@ def recall_attention_ref(
     ranks by its own scores. A real non-anchor query
     then also sees every real non-anchor token of the segments its forward's choice took. With ``question``
     (``every == "prompt"``), a forward that reuses a choice made by a forward of several columns also sees the
-    segments with real non-anchor tokens whose anchor lies in that forward's columns."""
+    segments with real non-anchor tokens whose anchor lies in that forward's columns. With ``recent`` = N (a cache
+    keeping the last N closed segments hot) the hot mask is ``ansan_mask(..., recent=N)`` (its lse is the one the
+    scores divide by) and a forward's candidates are the closed segments below the segment of its first column
+    minus N (those a cache has evicted by then)."""
     if pool in ("running", "layers") and carry is None:
         raise ValueError(f"pool={pool!r} needs carry={{}} shared by the layers of one pass")
     if pool == "layers" and layer is None:
@@ -167,7 +171,7 @@ def recall_attention_ref(
     k = k.float().repeat_interleave(group, dim=1)
     v = v.float().repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    hot = ansan_mask(layout, layout)  # [B,T,T]
+    hot = ansan_mask(layout, layout, recent)  # [B,T,T]
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
     hot_scores = scores.masked_fill(~hot[:, None], float("-inf"))
     probs = torch.nan_to_num(torch.softmax(hot_scores, dim=-1), nan=0.0)
@@ -185,7 +189,7 @@ def recall_attention_ref(
         now = chosen
         if every == "token" or chosen is None or (boundary_before if every == "sentence" else several):
             chosen = now = [_ref_choice(probs[b], layout, b, a, e, budget, score, real_word[b],
-                                        carry if pool != "layer" else None, (s, b), index, adds)
+                                        carry if pool != "layer" else None, (s, b), index, adds, recent)
                             for b in range(B)]
             closed = [layout.segments[b, a:e][(layout.is_anchor & layout.valid)[b, a:e]].long()
                       for b in range(B)] if question and several else None
@@ -202,10 +206,10 @@ def recall_attention_ref(
 
 
 def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, score: str, real_word_b,
-                carry=None, key=None, index="anchor", adds=True):
+                carry=None, key=None, index="anchor", adds=True, recent=0):
     """Segments row b's forward over columns [a, e) recalls (see :func:`recall_attention_ref`)."""
     seg = layout.segments[b].long()
-    first_open = int(seg[a])
+    evicted_below = int(seg[a]) - recent  # segments below it are cold when the forward starts
     has_words = torch.zeros(int(seg.max()) + 2, dtype=torch.bool)
     has_words[seg[real_word_b].cpu()] = True
     voters = real_word_b[a:e]
@@ -215,7 +219,7 @@ def _ref_choice(probs_b, layout: Layout, b: int, a: int, e: int, budget: int, sc
         for j in range(seen.shape[2]):
             words = (seg == seg[j]) & real_word_b
             pooled[j] = _ref_pool(seen[:, :, words], score) if words.any() else 0.0
-    is_candidate = [bool(layout.is_anchor[b, j]) and bool(layout.valid[b, j]) and int(seg[j]) < first_open
+    is_candidate = [bool(layout.is_anchor[b, j]) and bool(layout.valid[b, j]) and int(seg[j]) < evicted_below
                     and bool(has_words[int(seg[j])]) for j in range(layout.positions.shape[1])]
     if carry is not None and not adds and key in carry:  # pool="layers", an unlisted layer: the listed ones' sum
         pooled = torch.tensor(carry[key])

@@ -27,22 +27,22 @@ class RecallStack(ToyStack):
     def __init__(self, seed=0):
         super().__init__(WIDTH, seed, sharpen=1.5)
 
-    def dense_pass(self, x, layout, chunk_starts, recall):
+    def dense_pass(self, x, layout, chunk_starts, recall, recent=0):
         carry = {}
         for i in range(LAYERS):
             q, k, v = self.heads(i, x)
             if recall is None:
-                attn = anchor_attention_ref(q, k, v, layout, layout)
+                attn = anchor_attention_ref(q, k, v, layout, layout, recent=recent)
             else:
                 attn = recall_attention_ref(q, k, v, layout, chunk_starts, recall.budget, recall.every, recall.score,
                                             pool=recall.pool, carry=carry, index=recall.index, layer=i,
-                                            layers=recall.layers or (), question=recall.question)
+                                            layers=recall.layers or (), question=recall.question, recent=recent)
             x = self.merge(i, x, attn)
         return x
 
 
-def run_cached(stack, x, ids, mask, starts, recall):
-    return run_stack_cached(stack, x, ids, mask, starts, recall=recall)
+def run_cached(stack, x, ids, mask, starts, recall, recent=0):
+    return run_stack_cached(stack, x, ids, mask, starts, recall=recall, recent=recent)
 
 
 CONFIGS = [RecallConfig(budget=2), RecallConfig(budget=1, score="max"), RecallConfig(budget=3, every="sentence"),
@@ -89,6 +89,30 @@ def test_recall_cache_matches_the_dense_oracle(recall, chunk):
     stats = cache.stats()
     assert stats["cold_slots"] == evicted and stats["cold_kv_bytes"] > 0
     assert 0 < max(stats["recalled_slots"]) and stats["hot_kv_bytes"] > stats["kv_bytes"]
+
+
+@pytest.mark.parametrize("recall", [CONFIGS[i] for i in (0, 4, 6, 7, 9, 14, 15, 16)], ids=_recall_id)
+@pytest.mark.parametrize("chunk", [1, 6])
+def test_recall_with_recent_sentences_matches_the_dense_oracle(recall, chunk):
+    """A cache keeping the last 2 sentences hot and recalling among the ones before (AnchorCache(recent=2,
+    recall=...)): the oracle's hot mask is the widened one, its candidates the segments the window has left."""
+    B, T, prefill = 3, 72, 48
+    ids, mask = token_stream(B, T, "random", left_pad=(0, 4, 9), anchor_every=5, seed=chunk + 20)
+    x = torch.randn(B, T, WIDTH, generator=torch.Generator().manual_seed(1))
+    stack = RecallStack()
+    starts = forward_starts(T, prefill, chunk)
+    layout = anllm_ext.token_layout(ids, [ANCHOR], mask)
+    with torch.no_grad():
+        expected = stack.dense_pass(x, layout, starts, recall, recent=2)
+        without = stack.dense_pass(x, layout, starts, None, recent=2)
+    got, cache = run_cached(stack, x, ids, mask, starts, recall, recent=2)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=5e-5, rtol=1e-5)
+    if not (recall.every == "prompt" and chunk == 1):  # one-token forwards only: the first chose from an empty store
+        assert (got[valid] - without[valid]).abs().max() > 1e-2  # recall changed the output
+    # hot: what the cache keeps with the window alone; cold: every other real token
+    assert cache.lengths() == run_cached(stack, x, ids, mask, starts, None, recent=2)[1].lengths()
+    assert cache.stats()["cold_slots"] == (valid.sum(1) - torch.tensor(cache.lengths())).tolist()
 
 
 def test_recall_of_a_decode_step_equals_recall_alone():

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import anllm_ext
-from anllm_ext import AnchorCache, RecallConfig, patch
-from anllm_ext.errors import UnsupportedError
+from anllm_ext import AnchorCache, patch
 from anllm_ext.hf import patched_anchor_ids
 from anllm_ext.reference import anchor_attention_ref
 
@@ -121,7 +120,6 @@ def test_recent_cache_in_low_precision_keeps_the_error_rule(dtype):
     (dict(recent=1.5), TypeError, "recent must be an integer"),
     (dict(recent=True), TypeError, "recent must be an integer"),
     (dict(recent=2, compact=False), ValueError, "recent needs compact=True"),
-    (dict(recent=2, recall=RecallConfig()), UnsupportedError, "recent sentences and recall together"),
 ])
 def test_recent_rejects_bad_settings(bad, error, message):
     with pytest.raises(error, match=message):
