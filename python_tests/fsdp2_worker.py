@@ -54,8 +54,12 @@ def main(out_path):
     if rank == 0:
         full["__sharded_tensors__"] = torch.tensor(sharded)
         torch.save(full, out_path)
-    dist.barrier()  # both ranks done before the group goes: a rank tearing gloo down alone can abort (torch 2.11)
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks are done, and rank 0 has saved
+    # torch 2.11's gloo can abort a rank while its threads are torn down ("terminate called without an active
+    # exception": in destroy_process_group, or at interpreter exit even after a barrier), so skip the teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
