@@ -220,10 +220,13 @@ class AnchorDataCollator:
     """Pads a list of ``{"input_ids": [...]}`` to the longest row (right padding, attention mask 0) and
     sets labels = input ids on real tokens (anchors included), ``-100`` on padding.
 
-    ``pad_to_multiple_of`` rounds the padded length up (fewer distinct shapes)."""
+    ``pad_to_multiple_of`` rounds the padded length up (fewer distinct shapes). ``recent`` > 0 adds
+    ``anllm_recent`` to the batch: the patched model's mask then lets a token read the ``recent`` sentences before
+    its own, as ``AnchorCache(recent=N)`` does (anllm_ext/recent.py)."""
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
+    recent: int = 0
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         if not features:
@@ -242,4 +245,7 @@ class AnchorDataCollator:
             ids[b, :n] = torch.tensor(r, dtype=torch.long)
             mask[b, :n] = 1
             labels[b, :n] = ids[b, :n]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.recent:
+            batch["anllm_recent"] = self.recent
+        return batch

@@ -298,14 +298,22 @@ def closing_segments(q_layout: Layout, k_layout: Layout) -> List[torch.Tensor]:
     return out
 
 
+#: Stands for the -inf lse of a part a query reads nothing of inside :func:`merge_partial_attentions`: its weight
+#: exp(-1e30 - lse) is 0 as exp(-inf) is, and no -inf - -inf = NaN reaches a gradient (training merges too).
+NO_KEY_LSE = -1e30
+
+
 def merge_partial_attentions(out_a, lse_a, out_b, lse_b, with_lse: bool = False):
     """Softmax attention over the union of two disjoint key sets from the partial results (out [B,H,T,D],
-    lse [B,H,T]); a query that sees no key in either set gets zeros. ``with_lse``: also the union's lse."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    w_a = torch.nan_to_num(torch.exp(lse_a - lse), nan=0.0)[..., None]
-    w_b = torch.nan_to_num(torch.exp(lse_b - lse), nan=0.0)[..., None]
+    lse [B,H,T]); a query that sees no key in either set gets zeros (lse -inf). ``with_lse``: also the union's
+    lse. Differentiable, with finite gradients for queries that read nothing of one part or of both."""
+    a, b = lse_a.float().clamp(min=NO_KEY_LSE), lse_b.float().clamp(min=NO_KEY_LSE)
+    lse = torch.logaddexp(a, b)
+    empty = (a <= NO_KEY_LSE) & (b <= NO_KEY_LSE)
+    w_a = torch.exp(a - lse).masked_fill(empty, 0.0)[..., None]
+    w_b = torch.exp(b - lse).masked_fill(empty, 0.0)[..., None]
     out = (out_a.float() * w_a + out_b.float() * w_b).to(out_a.dtype)
-    return (out, lse) if with_lse else out
+    return (out, lse.masked_fill(empty, float("-inf"))) if with_lse else out
 
 
 class RecallState:

@@ -13,6 +13,10 @@ window), so it is not the kernel's AnSAN rule: per layer the kernel attends the 
 tokens), then a dense attention over the few window slots adds the rest, and the two are merged by their
 log-sum-exp. The window keys are the tail of each row's slots (sentences are kept in order), so the dense part
 reads only the columns from the first window key on.
+
+A forward without an AnchorCache takes the same mask with the keyword ``anllm_recent=N`` (a training pass, ``anllm
+train --recent N``, or a transformers cache that keeps every key): the kernel's AnSAN part, then the window part a
+piece of queries at a time (:func:`plan_windows`), merged the same way.
 """
 from __future__ import annotations
 
@@ -65,7 +69,47 @@ def attend_window(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     q = query.float().reshape(B, Hkv, Hq // Hkv, T, D)
     scores = torch.einsum("bhgtd,bhkd->bhgtk", q, k) * scale
     scores = scores.masked_fill(~plan.mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
+    # a query that reads no window key: its row of scores is all -inf; the log-sum-exp runs over zeros there
+    # instead (probabilities exp(-inf) = 0, and no NaN reaches a gradient), and its lse is -inf after
+    reads = plan.mask.any(dim=-1)
+    lse = torch.logsumexp(scores.masked_fill(~reads[..., None], 0.0), dim=-1)
+    probs = torch.exp(scores - lse[..., None])
     out = torch.einsum("bhgtk,bhkd->bhgtd", probs, v)
+    lse = lse.masked_fill(~reads, float("-inf"))
     return out.reshape(B, Hq, T, D).to(query.dtype), lse.reshape(B, Hq, T)
+
+
+
+#: Queries per piece of a pass without an AnchorCache: its fp32 window scores (and what autograd keeps of them)
+#: are [B, Hq, WINDOW_CHUNK, window width] at a time, never [B, Hq, T, T].
+WINDOW_CHUNK = 128
+
+
+def plan_windows(q_layout: Layout, k_layout: Layout, recent: int, chunk: Optional[int] = None):
+    """The window part of a forward without an AnchorCache (a training pass, or a transformers cache that keeps
+    every key), ``chunk`` queries at a time, each piece reading only the key columns its own window spans:
+    a list of (first query, :class:`WindowPlan` or None), the same for every layer. ``chunk``: default
+    ``WINDOW_CHUNK``."""
+    chunk = chunk or WINDOW_CHUNK
+    return [(a, plan_window(q_layout[:, a : a + chunk], k_layout, recent))
+            for a in range(0, q_layout.shape[1], chunk)]
+
+
+def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plans, scale: float):
+    """:func:`attend_window` over every piece of :func:`plan_windows`: ``query`` [B, Hq, T, D] over all of
+    ``key``/``value`` [B, Hkv, Tk, D]. Differentiable. (out, lse), or None when no query reads a window key."""
+    if all(plan is None for _, plan in plans):
+        return None
+    bounds = [a for a, _ in plans] + [query.shape[2]]
+    outs, lses = [], []
+    for (a, plan), e in zip(plans, bounds[1:]):
+        q = query[:, :, a:e]
+        if plan is None:
+            outs.append(torch.zeros_like(q))
+            lses.append(torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device))
+            continue
+        out, lse = attend_window(q, key, value, plan, scale)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..errors import UnsupportedError
-from ..ops import anchor_attention
+from ..ops import _scale_for, anchor_attention, anchor_attention_with_lse
 
 #: The name of the attention implementation (and mask function) in transformers' interfaces.
 ATTN_NAME = "anllm"
@@ -64,8 +64,23 @@ def anllm_attention_forward(
             f"anchor layout describes {ctx.q_layout.positions.shape[1]} / {k_layout.positions.shape[1]}; the cache "
             "(sliding-window or other non-full-attention cache?) does not keep every key the mask needs"
         )
-    out = anchor_attention(query, key, value, ctx.q_layout, k_layout, scaling)
+    if ctx.window is None:
+        out = anchor_attention(query, key, value, ctx.q_layout, k_layout, scaling)
+    else:
+        out = _with_recent_window(query, key, value, ctx, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_recent_window(query, key, value, ctx, scaling):
+    """``anllm_recent``: the AnSAN keys through the kernel, the recent sentences' through a dense attention a
+    piece of queries at a time; disjoint key sets, merged by their log-sum-exp (anllm_ext/recent.py)."""
+    from ..recall import merge_partial_attentions
+    from ..recent import window_attention
+
+    scale = _scale_for(query, scaling)
+    out, lse = anchor_attention_with_lse(query, key, value, ctx.q_layout, ctx.k_layout, scale)
+    window = window_attention(query, key, value, ctx.window, scale)
+    return out if window is None else merge_partial_attentions(out, lse, *window)
 
 
 def _autocast_dtype(*tensors):

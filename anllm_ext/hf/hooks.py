@@ -78,7 +78,7 @@ def remove_hooks(state: PatchState) -> None:
 class ForwardContext:
     """What the attention function of every layer needs for one forward: built once per forward."""
 
-    __slots__ = ("q_layout", "k_layout", "cache", "tracked", "held")
+    __slots__ = ("q_layout", "k_layout", "cache", "tracked", "held", "window")
 
     def __init__(self, q_layout: Layout, k_layout: Layout, cache=None, tracked=None):
         self.q_layout = q_layout
@@ -86,6 +86,7 @@ class ForwardContext:
         self.cache = cache  # an AnchorCache, committed/compacted after the forward
         self.tracked = tracked  # another transformers cache whose token layout we remember
         self.held = k_layout  # the layout `tracked` holds after the forward
+        self.window = None  # anllm_recent: the recent-sentence pieces of this forward (anllm_ext.recent.plan_windows)
 
 
 def _pre_hook(module, args, kwargs):
@@ -110,9 +111,12 @@ def _pre_hook(module, args, kwargs):
                 raise ValueError("pass the cache as `cache=` or `past_key_values=`, not both")
             kwargs[state.cache_name] = value
     recalled = kwargs.pop("anllm_recalled", None)
+    recent = kwargs.pop("anllm_recent", None)
     ctx = _build_context(module, state, kwargs)
     if recalled is not None:
         _recall_spans(ctx, recalled)
+    if recent is not None:
+        _recent_window(ctx, recent)
     _check_position_ids(kwargs.get("position_ids"), ctx.q_layout)
     kwargs["anllm_ctx"] = ctx
     kwargs["position_ids"] = ctx.q_layout.positions
@@ -227,6 +231,21 @@ def _recall_spans(ctx: ForwardContext, recalled) -> None:
     flagged = q.is_anchor | (recalled.to(q.is_anchor.device) & q.valid)
     ctx.k_layout = Layout(q.positions, q.segments, flagged, q.valid)
     ctx.held = q  # a tracked cache holds the tokens as they are: the recall was this forward's
+
+
+def _recent_window(ctx: ForwardContext, recent) -> None:
+    """``anllm_recent=N``: a non-anchor query also reads every token of the N sentences before its own (the mask
+    of ``AnchorCache(recent=N)``, anllm_ext/recent.py) in a forward whose keys are all there: a pass over a whole
+    text (training) or a transformers cache that keeps every key. An AnchorCache keeps its own ``recent``."""
+    from ..recent import plan_windows
+
+    if isinstance(recent, bool) or not isinstance(recent, int) or recent < 0:
+        raise ValueError(f"anllm_recent must be an int >= 0 (sentences), got {recent!r}")
+    if ctx.cache is not None:
+        raise ValueError("anllm_recent widens the mask of a forward that has every key; an AnchorCache evicts "
+                         "them: build it with AnchorCache(recent=N) instead")
+    if recent:
+        ctx.window = plan_windows(ctx.q_layout, ctx.k_layout, recent)
 
 
 def _post_hook(module, args, kwargs, output):

@@ -89,13 +89,14 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
 
 
 def _collator(args: AnLLMArguments, tok, config):
-    """Pads the rows; with ``--recall-spans`` also marks each row's recalled sentences."""
+    """Pads the rows; with ``--recall-spans`` also marks each row's recalled sentences; with ``--recent`` asks
+    for the recent-sentence mask."""
     from ..data import AnchorDataCollator
     from .recall_spans import RecallSpanCollator
 
     if args.recall_spans:
-        return RecallSpanCollator(tok.pad_token_id, list(config.anchor_ids), args.recall_spans)
-    return AnchorDataCollator(tok.pad_token_id)
+        return RecallSpanCollator(tok.pad_token_id, list(config.anchor_ids), args.recall_spans, recent=args.recent)
+    return AnchorDataCollator(tok.pad_token_id, recent=args.recent)
 
 
 def _reload(path: str):

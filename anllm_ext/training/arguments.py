@@ -61,6 +61,10 @@ class AnLLMArguments:
         "help": "train for anchor-indexed recall: up to N closed sentences per row stay visible to every later "
                 "token, as recall gives them back (those the rest of the row repeats first, then random ones; "
                 "anllm_ext/training/recall_spans.py); 0: the plain AnSAN mask"})
+    recent: int = field(default=0, metadata={
+        "help": "train for AnchorCache(recent=N): a non-anchor token also reads every token of the N sentences "
+                "before its own, as that cache keeps them hot at inference (anllm_ext/recent.py); 0: the plain "
+                "AnSAN mask"})
 
     def __post_init__(self):
         if self.attention not in ("ansan", "causal"):
@@ -77,6 +81,10 @@ class AnLLMArguments:
             raise ValueError(f"recall_spans must be >= 0 sentences per row, got {self.recall_spans}")
         if self.recall_spans and self.attention != "ansan":
             raise ValueError("--recall-spans extends the AnSAN mask; with --attention causal every sentence is visible")
+        if isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 0:
+            raise ValueError(f"recent must be an int >= 0 sentences, got {self.recent!r}")
+        if self.recent and self.attention != "ansan":
+            raise ValueError("--recent extends the AnSAN mask; with --attention causal every sentence is visible")
         self._check_distill()
 
     def _check_distill(self):

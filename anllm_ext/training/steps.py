@@ -160,6 +160,8 @@ def distillation_config(tok, config, args: AnLLMArguments):
 
 def objective(args: AnLLMArguments) -> dict:
     spans = {"recall_spans": args.recall_spans} if args.recall_spans else {}
+    if args.recent:
+        spans["recent"] = args.recent
     if not args.distill:
         return {"loss": "lm", **spans}
     return {"loss": "distill", "teacher": args.teacher or "self (full attention)", "alpha": args.distill_alpha,
@@ -167,18 +169,20 @@ def objective(args: AnLLMArguments) -> dict:
 
 
 def evaluate_blocks(model, eval_ds, args: AnLLMArguments, label: str, anchor_ids) -> Optional[dict]:
-    """Held-out perplexity in the three modes (see :func:`anllm_ext.evaluation.perplexity`)."""
+    """Held-out perplexity in the three modes (see :func:`anllm_ext.evaluation.perplexity`), and with ``--recent``
+    the anchor cache keeping that many sentences hot."""
     if eval_ds is None or len(eval_ds) == 0:
         return None
-    from ..evaluation import perplexity
+    from ..evaluation import MODES, RECENT_MODE, perplexity
 
     if hasattr(model, "get_base_model"):  # PEFT: the patched transformers model, LoRA layers in place
         model = model.get_base_model()
     was_training = model.training
     model.eval()
     try:
+        recent = dict(modes=MODES + (RECENT_MODE,), recent=args.recent) if args.recent else {}
         result = perplexity(model, [list(r) for r in eval_ds["input_ids"]], prefill_chunk=args.prefill_chunk,
-                            anchor_ids=anchor_ids)
+                            anchor_ids=anchor_ids, **recent)
     finally:
         model.train(was_training)
     result = result.to_dict() if hasattr(result, "to_dict") else result
