@@ -14,6 +14,12 @@ group (all decodes together, each prefill chunk alone) the keys are gathered fro
 one padded batch (one copy per KV head, not repeated for GQA) and :func:`anllm_ext.anchor_attention` attends
 the group's queries; then compaction moves the slots kept after this step to the front of each request's
 blocks. The scheduler (:mod:`anllm_ext.vllm.scheduler`) frees the blocks past them after the step.
+
+With recent sentences kept hot (the engine's ``anllm_recent`` = N, :func:`anllm_ext.vllm.detect.recent_of`) the
+kept slots also hold the N sentences closed last, and a non-anchor query also reads the N sentences before its
+own: per group the op attends the AnSAN keys with their log-sum-exp, a dense attention over the window slots
+(:func:`anllm_ext.recent.attend_window`, planned once per step for all layers) adds the rest, and the two are
+merged, as :class:`anllm_ext.AnchorCache` does.
 """
 from __future__ import annotations
 
@@ -27,10 +33,12 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, A
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from ..layout import Layout, token_layout
-from ..ops import anchor_attention
+from ..ops import anchor_attention, anchor_attention_with_lse
+from ..recall import merge_partial_attentions
+from ..recent import WindowPlan, attend_window, plan_window
 from . import runner_state
 from .compaction import kept_indices
-from .detect import anchor_config_of
+from .detect import anchor_config_of, recent_of
 
 
 class AnchorAttentionBackend(CPUAttentionBackend):
@@ -73,6 +81,7 @@ class RequestGroup:
     k_offset: torch.Tensor  # [b, S] its offset inside the block
     q_layout: Layout  # [b, Q]
     k_layout: Layout  # [b, S]
+    window: Optional[WindowPlan] = None  # the recent-sentence part over these keys (None: no query reads one)
 
 
 @dataclass
@@ -98,10 +107,10 @@ class _RequestSlots:
     flat: np.ndarray  # [kept + q_len] flat cache slot of each slot
     q_len: int
 
-    def moves(self, anchor_ids) -> tuple:
+    def moves(self, anchor_ids, recent: int) -> tuple:
         """(from, to) flat slots that compaction moves after this step: the slots kept once the step's tokens
         are computed go to the front, in order."""
-        src = np.searchsorted(self.keys, kept_indices(self.ids, anchor_ids))
+        src = np.searchsorted(self.keys, kept_indices(self.ids, anchor_ids, recent))
         moved = src != np.arange(len(src))
         return self.flat[src[moved]], self.flat[:len(src)][moved]
 
@@ -121,6 +130,7 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
             raise RuntimeError("the anllm_ext attention backend was selected for a model without an anchor configuration")
         self.anchor_ids = torch.tensor(config.anchor_ids, dtype=torch.int64)
         self.anchor_ids_np = self.anchor_ids.numpy()
+        self.recent = recent_of(vllm_config)  # the scheduler reads the same
         self.block_size = kv_cache_spec.block_size
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -138,7 +148,7 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
         decodes = (q_lens == 1).nonzero().flatten().tolist()
         prefills = (q_lens > 1).nonzero().flatten().tolist()
         groups = [self._group(rows, qsl, reqs) for rows in ([decodes] if decodes else []) + [[r] for r in prefills]]
-        moves = [r.moves(self.anchor_ids_np) for r in reqs] if token_ids is not None else []
+        moves = [r.moves(self.anchor_ids_np, self.recent) for r in reqs] if token_ids is not None else []
         return AnchorAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             slot_mapping=self._cat([r.flat[len(r.flat) - r.q_len:] for r in reqs])[: m.num_actual_tokens],
@@ -157,7 +167,8 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
             ids = np.zeros(seq_len, dtype=np.int64)
         else:
             ids = token_ids[row, :seq_len].astype(np.int64)
-        keys = np.concatenate([kept_indices(ids[:ctx], self.anchor_ids_np), np.arange(ctx, seq_len, dtype=np.int64)])
+        keys = np.concatenate([kept_indices(ids[:ctx], self.anchor_ids_np, self.recent),
+                               np.arange(ctx, seq_len, dtype=np.int64)])
         if row_blocks is not None and len(keys) > int(row_blocks[row]) * self.block_size:
             raise RuntimeError(f"anllm_ext: request row {row} needs {len(keys)} KV slots but its block table holds "
                                f"{int(row_blocks[row])} blocks of {self.block_size}: scheduler and worker disagree")
@@ -193,12 +204,16 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
         q_layout = Layout(*(x.gather(1, q_col) for x in layout.as_tuple()[:3]), q_valid)
         k_flat = torch.where(k_valid, k_flat, 0)
         device = self.device
+        window = plan_window(q_layout, k_layout, self.recent) if self.recent else None
+        if window is not None:
+            window = window._replace(mask=window.mask.to(device), read=window.read.to(device))
         return RequestGroup(
             q_index=torch.where(q_valid, qsl[rows][:, None] + j, 0).to(device),
             k_block=(k_flat // self.block_size).to(device),
             k_offset=(k_flat % self.block_size).to(device),
             q_layout=q_layout.to(device),
             k_layout=k_layout.to(device),
+            window=window,
         )
 
 
@@ -241,7 +256,7 @@ class AnchorAttentionImpl(AttentionImpl):
             k = key_cache[g.k_block, :, g.k_offset].permute(0, 2, 1, 3)
             v = value_cache[g.k_block, :, g.k_offset].permute(0, 2, 1, 3)
             q = query[g.q_index].permute(0, 2, 1, 3)  # [b, Hq, Q, D]
-            out = anchor_attention(q, k, v, g.q_layout, g.k_layout, self.scale).permute(0, 2, 1, 3)  # [b, Q, Hq, D]
+            out = self._attend(q, k, v, g).permute(0, 2, 1, 3)  # [b, Q, Hq, D]
             valid = g.q_layout.valid
             output[g.q_index[valid]] = out[valid].to(output.dtype)
         if m.move_from.numel():  # compaction: this layer's kept slots to the front (gathered before written)
@@ -249,3 +264,11 @@ class AnchorAttentionImpl(AttentionImpl):
             key_cache[dst[0], :, dst[1]] = key_cache[src[0], :, src[1]]
             value_cache[dst[0], :, dst[1]] = value_cache[src[0], :, src[1]]
         return output
+
+    def _attend(self, q, k, v, g: RequestGroup) -> torch.Tensor:
+        """The group's AnSAN attention, plus its recent-sentence window when it has one (merged by log-sum-exp)."""
+        if g.window is None:
+            return anchor_attention(q, k, v, g.q_layout, g.k_layout, self.scale)
+        out, lse = anchor_attention_with_lse(q, k, v, g.q_layout, g.k_layout, self.scale)
+        out_w, lse_w = attend_window(q, k, v, g.window, self.scale)
+        return merge_partial_attentions(out, lse, out_w, lse_w)

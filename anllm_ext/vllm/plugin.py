@@ -8,13 +8,17 @@ It changes two things, and only for AnLLMs (models whose config carries an ancho
   and gets :class:`anllm_ext.vllm.scheduler.AnchorScheduler` (compaction: dropped slots' blocks go back to
   vLLM's pool);
 - the platform's attention-backend choice: an AnLLM gets :class:`anllm_ext.vllm.backend.AnchorAttentionBackend`.
+
+The one engine setting of its own, recent sentences kept hot, is vLLM's ``additional_config={"anllm_recent": N}``
+(``--additional-config``; :func:`anllm_ext.vllm.detect.recent_of`), part of the engine config that vLLM hands
+to the scheduler and every worker.
 """
 from __future__ import annotations
 
 import functools
 
 from ..errors import UnsupportedError
-from .detect import anchor_config_of
+from .detect import RECENT_KEY, anchor_config_of, recent_of
 
 BACKEND_NAME = "ANLLM_ANCHOR"
 BACKEND_PATH = "anllm_ext.vllm.backend.AnchorAttentionBackend"
@@ -60,7 +64,7 @@ def register() -> None:
 
         from . import runner_state
 
-        runner_state.install(anchor_config_of(config.model_config).anchor_ids)
+        runner_state.install(anchor_config_of(config.model_config).anchor_ids, recent_of(config))
         # under "vllm.": the logger namespace vLLM configures
         init_logger("vllm.plugins.anllm_ext").info("anllm_ext: %s is an AnLLM; attention backend %s",
                                                    config.model_config.model, BACKEND_NAME)
@@ -71,10 +75,17 @@ def register() -> None:
 
 
 def check_engine_config(config) -> None:
-    """Raise :class:`~anllm_ext.UnsupportedError` naming every option an AnLLM cannot run with (no-op for
-    other models)."""
+    """Raise :class:`~anllm_ext.UnsupportedError` naming every option an AnLLM cannot run with; for other models
+    only a recent-sentence setting (it has no meaning there). A bad ``anllm_recent`` raises TypeError /
+    ValueError for any model."""
+    recent = recent_of(config)
     anchors = anchor_config_of(config.model_config)
     if anchors is None:
+        if recent:
+            raise UnsupportedError(
+                f"additional_config {RECENT_KEY}={recent} keeps recent sentences of an AnLLM, but "
+                f"{config.model_config.model} has no anchor configuration (drop the setting, or pass the anchors "
+                "with hf_overrides)")
         return
     mc, cc, pc, sc = config.model_config, config.cache_config, config.parallel_config, config.scheduler_config
     problems = []
@@ -97,6 +108,10 @@ def check_engine_config(config) -> None:
                         "keeps a request's anchors and open segment at the front of its blocks)")
     if sc.scheduler_cls not in (None, SCHEDULER_PATH):
         problems.append(f"scheduler_cls={sc.scheduler_cls!r} (compaction needs anllm_ext's scheduler)")
+    if recent and cc.enable_prefix_caching:
+        problems.append(f"prefix caching with {RECENT_KEY}={recent} (a reusable block holds anchors only, the recent "
+                        "sentences a request also keeps are in no cached block); pass enable_prefix_caching=False "
+                        "(--no-enable-prefix-caching)")
     if mc.is_hybrid or getattr(mc, "is_encoder_decoder", False) or getattr(mc, "use_mla", False):
         problems.append("hybrid, MLA or encoder-decoder models")
     if problems:

@@ -18,7 +18,9 @@ anchors ``[i * B, (i + 1) * B)`` once it has that many; they never move again, a
 only on the tokens up to the last of them (:func:`anllm_ext.vllm.compaction.anchor_block_ends`). After each
 step such a block is cached under a hash chained over those tokens; a new request whose tokens start with
 them takes the blocks and resumes right after that last anchor. Its kept slots are then exactly the reused
-anchors (its open segment is empty), so the workers need nothing new.
+anchors (its open segment is empty), so the workers need nothing new. With recent sentences kept hot
+(``anllm_recent`` > 0) the kept slots after any token also hold the sentences closed last, which no block of
+anchors holds, so the plugin refuses prefix caching with that setting at engine start.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from ..errors import UnsupportedError
 from .compaction import anchor_block_ends, num_kept, peak_kept
-from .detect import anchor_config_of
+from .detect import anchor_config_of, recent_of
 
 logger = init_logger("vllm.plugins.anllm_ext")
 
@@ -47,6 +49,7 @@ class AnchorScheduler(Scheduler):
             raise UnsupportedError("AnchorScheduler serves AnLLMs only (the model has no anchor configuration)")
         super().__init__(vllm_config, *args, **kwargs)
         self.anchor_ids = np.asarray(config.anchor_ids, dtype=np.int64)
+        self.recent = recent_of(vllm_config)  # the workers' metadata builder reads the same
         self._managers = self.kv_cache_manager.coordinator.single_type_managers
         for manager in self._managers:
             if type(manager) is not FullAttentionManager:
@@ -78,7 +81,7 @@ class AnchorScheduler(Scheduler):
             request = self.requests.get(req_id)
             if request is not None and not request.is_finished():
                 n = request.num_computed_tokens
-                kept = num_kept(request.all_token_ids[:n], self.anchor_ids)
+                kept = num_kept(request.all_token_ids[:n], self.anchor_ids, self.recent)
                 for manager in self._managers:
                     manager.compact(req_id, kept, n - kept)
         return outputs
@@ -137,7 +140,8 @@ class AnchorScheduler(Scheduler):
         """Slots a waiting request can need at once while its tokens are (re)computed: its peak of kept slots
         plus one step's budget of new tokens (a preempted request recomputes its outputs too)."""
         request = self.requests[request_id]
-        return peak_kept(request.all_token_ids[:], self.anchor_ids) + self.scheduler_config.max_num_batched_tokens
+        return (peak_kept(request.all_token_ids[:], self.anchor_ids, self.recent)
+                + self.scheduler_config.max_num_batched_tokens)
 
     def blocks_in_use(self) -> int:
         """KV blocks held by requests now (for tests and benchmarks)."""

@@ -3,7 +3,8 @@ slots (anchors + open segment), the rest go back to vLLM's block pool, so a fixe
 requests at once than plain vLLM with the same weights, and the tokens stay those of anllm_ext.generate.
 
 The engines run in a process of their own (engine_probe.py) with a pool of a few 128-slot blocks
-(``num_gpu_blocks_override``), so the scheduler's bookkeeping can be read after every step."""
+(``num_gpu_blocks_override``), so the scheduler's bookkeeping can be read after every step. The kept-slot rule
+itself (with recent sentences kept too) is unit-tested at the end, with numpy and torch only."""
 import numpy as np
 import pytest
 
@@ -85,24 +86,75 @@ def test_preempted_request_recomputes_to_the_same_tokens(anllm_dir, tokenizer, a
     expected = reference(anllm_dir, prompts, anchors=True, max_new=40)
     assert report["outputs"] == [want for want, _ in expected]
 
-def test_kept_slots_rule_is_anchor_caches():
-    """kept_indices / num_kept / peak_kept against AnchorCache's rule (valid & (anchor | open segment)) on
-    random streams, anchors at the start, at the end, none, all."""
+
+STREAMS_ANCHORS = np.array([3, 7])
+
+
+def _streams():
+    """Random streams of token ids 0..9 (anchors 3 and 7: ~1 token in 5), anchors at the start, at the end, in
+    runs (empty sentences), none, all."""
+    rng = np.random.default_rng(0)
+    fixed = ([3, 1, 2], [1, 2, 7], [1, 2], [3, 7, 3], [1, 3, 7, 7, 2, 3, 5])
+    return [rng.integers(0, 10, size=n) for n in (1, 2, 5, 40, 300)] + [np.array(ids) for ids in fixed]
+
+
+@pytest.mark.parametrize("recent", [0, 1, 2, 5])
+def test_kept_slots_rule_is_anchor_caches(recent):
+    """kept_indices / num_kept / peak_kept against AnchorCache's rule (valid & (anchor | segment >= open segment
+    - recent)) and against the mask: the kept slots are exactly the keys that the next non-anchor token may
+    read under ``ansan_mask(..., recent)`` (what any later token may read is a subset)."""
     import torch
 
     from anllm_ext import token_layout
+    from anllm_ext.reference import ansan_mask
     from anllm_ext.vllm.compaction import kept_indices, peak_kept
 
-    anchors = np.array([3, 7])
-    rng = np.random.default_rng(0)
-    streams = [rng.integers(0, 10, size=n) for n in (1, 2, 5, 40, 300)] + [np.array([3, 1, 2]), np.array([1, 2, 7]),
-                                                                         np.array([1, 2]), np.array([3, 7, 3])]
-    for ids in streams:
+    anchors = STREAMS_ANCHORS
+    for ids in _streams():
         layout = token_layout(torch.from_numpy(ids)[None], anchors)
         open_segment = layout.is_anchor.sum()
-        expected = (layout.is_anchor | (layout.segments == open_segment))[0].nonzero().flatten().numpy()
-        assert kept_indices(ids, anchors).tolist() == expected.tolist(), ids
-        assert num_kept(ids, anchors) == len(expected)
-        assert peak_kept(ids, anchors) == max(num_kept(ids[:n], anchors) for n in range(len(ids) + 1))
+        expected = (layout.is_anchor | (layout.segments >= open_segment - recent))[0].nonzero().flatten().numpy()
+        assert kept_indices(ids, anchors, recent).tolist() == expected.tolist(), ids
+        assert num_kept(ids, anchors, recent) == len(expected)
+        assert peak_kept(ids, anchors, recent) == max(num_kept(ids[:n], anchors, recent) for n in range(len(ids) + 1))
+        following = token_layout(torch.from_numpy(np.append(ids, 0))[None], anchors)  # one more, non-anchor token
+        readable = ansan_mask(following, following, recent)[0, -1, :-1].nonzero().flatten()
+        assert kept_indices(ids, anchors, recent).tolist() == readable.tolist(), ids
+    if recent == 0:  # the default is the rule without recent sentences
+        ids = _streams()[4]
+        assert kept_indices(ids, anchors).tolist() == kept_indices(ids, anchors, 0).tolist()
+        assert num_kept(ids, anchors) == num_kept(ids, anchors, 0)
+        assert peak_kept(ids, anchors) == peak_kept(ids, anchors, 0)
+
+
+@pytest.mark.parametrize("recent", [0, 1, 3])
+def test_kept_slots_are_those_an_anchor_cache_keeps_chunk_by_chunk(recent):
+    """An AnchorCache(recent=...) fed a stream in random chunks (what vLLM's steps are) keeps, after every chunk,
+    the tokens kept_indices names, in that order."""
+    import torch
+
+    from anllm_ext import AnchorCache, token_layout
+    from anllm_ext.vllm.compaction import kept_indices
+
+    rng = np.random.default_rng(recent)
+    for ids in _streams():
+        cache, a = AnchorCache(initial_capacity=8, recent=recent), 0
+        while a < len(ids):
+            e = min(len(ids), a + int(rng.integers(1, 24)))
+            chunk = token_layout(torch.from_numpy(ids[a:e])[None], STREAMS_ANCHORS, start=cache.next_start())
+            cache.begin_forward(chunk)
+            cache.end_forward(chunk)  # no layers: the slot layout alone is compacted
+            assert cache.kept_layout(0).positions[0].tolist() == kept_indices(ids[:e], STREAMS_ANCHORS, recent).tolist()
+            a = e
+
+
+def test_kept_slots_rule_rejects_bad_input():
+    from anllm_ext.vllm.compaction import kept_indices, peak_kept
+
     with pytest.raises(ValueError, match="1-D"):
-        kept_indices(np.zeros((2, 2), dtype=np.int64), anchors)
+        kept_indices(np.zeros((2, 2), dtype=np.int64), STREAMS_ANCHORS)
+    for fn in (kept_indices, num_kept, peak_kept):
+        with pytest.raises(ValueError, match="recent must be an integer >= 0"):
+            fn([1, 3, 2], STREAMS_ANCHORS, -1)
+        with pytest.raises(TypeError, match="recent must be an integer"):
+            fn([1, 3, 2], STREAMS_ANCHORS, 1.5)

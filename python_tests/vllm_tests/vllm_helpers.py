@@ -10,9 +10,9 @@ def shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def reference(model_dir, prompt_ids, anchors: bool, max_new: int):
-    """Greedy continuations and their logprobs with transformers: anllm_ext.generate (anchors) or plain
-    full-attention generate."""
+def reference(model_dir, prompt_ids, anchors: bool, max_new: int, recent: int = 0):
+    """Greedy continuations and their logprobs with transformers: anllm_ext.generate (anchors; with
+    ``AnchorCache(recent=recent)``) or plain full-attention generate."""
     import anllm_ext
     from anllm_ext.models import load_model
 
@@ -24,7 +24,7 @@ def reference(model_dir, prompt_ids, anchors: bool, max_new: int):
         x = torch.tensor([ids])
         kw = dict(max_new_tokens=max_new, do_sample=False, output_logits=True, return_dict_in_generate=True)
         if anchors:
-            out = anllm_ext.generate(model, x, **kw)
+            out = anllm_ext.generate(model, x, cache=anllm_ext.AnchorCache(model.config, recent=recent), **kw)
         else:
             out = model.generate(x, attention_mask=torch.ones_like(x), **kw)
         new = out.sequences[0, len(ids):].tolist()
