@@ -80,8 +80,8 @@ def attend_window(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 
-#: Queries per piece of a pass without an AnchorCache: its fp32 window scores (and what autograd keeps of them)
-#: are [B, Hq, WINDOW_CHUNK, window width] at a time, never [B, Hq, T, T].
+#: How many queries each piece of a pass without an AnchorCache holds, so that its fp32 window scores (and what
+#: autograd keeps of them) are [B, Hq, WINDOW_CHUNK, window width] at a time, never [B, Hq, T, T].
 WINDOW_CHUNK = 128
 
 
