@@ -79,7 +79,6 @@ def attend_window(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.reshape(B, Hq, T, D).to(query.dtype), lse.reshape(B, Hq, T)
 
 
-
 #: How many queries each piece of a pass without an AnchorCache holds, so that its fp32 window scores (and what
 #: autograd keeps of them) are [B, Hq, WINDOW_CHUNK, window width] at a time, never [B, Hq, T, T].
 WINDOW_CHUNK = 128
@@ -112,4 +111,3 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
