@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import glob
 import os
+import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -222,11 +224,18 @@ class AnchorDataCollator:
 
     ``pad_to_multiple_of`` rounds the padded length up (fewer distinct shapes). ``recent`` > 0 adds
     ``anllm_recent`` to the batch: the patched model's mask then lets a token read the ``recent`` sentences before
-    its own, as ``AnchorCache(recent=N)`` does (anllm_ext/recent.py)."""
+    its own, as ``AnchorCache(recent=N)`` does (anllm_ext/recent.py). ``recent_share`` < 1 adds it to that share
+    of the batches only, the rest keeping the plain AnSAN mask (a model for both caches); which ones is drawn from
+    the batch's token ids, so a batch always gets the same mask (resumed runs, every process)."""
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
     recent: int = 0
+    recent_share: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 < self.recent_share <= 1.0:
+            raise ValueError(f"recent_share must be in (0, 1], got {self.recent_share!r}")
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         if not features:
@@ -246,6 +255,11 @@ class AnchorDataCollator:
             mask[b, :n] = 1
             labels[b, :n] = ids[b, :n]
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if self.recent:
+        if self.recent and self._draws_window(ids):
             batch["anllm_recent"] = self.recent
         return batch
+
+    def _draws_window(self, ids: torch.Tensor) -> bool:
+        if self.recent_share >= 1.0:
+            return True
+        return random.Random(zlib.crc32(ids.numpy().tobytes())).random() < self.recent_share

@@ -74,6 +74,30 @@ def test_anllm_recent_rejects_bad_values():
         AnLLMArguments(data=["x"], recent=-1)
     with pytest.raises(ValueError, match="--recent extends the AnSAN mask"):
         AnLLMArguments(data=["x"], recent=2, attention="causal")
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"recent_share must be in \(0, 1\]"):
+            AnLLMArguments(data=["x"], recent=2, recent_share=bad)
+    with pytest.raises(ValueError, match="pass --recent too"):
+        AnLLMArguments(data=["x"], recent_share=0.5)
+    with pytest.raises(ValueError, match=r"recent_share must be in \(0, 1\]"):
+        AnchorDataCollator(0, recent=2, recent_share=0.0)
+
+
+def test_recent_share_draws_the_window_per_batch_and_always_the_same():
+    """--recent-share 0.5: about half the batches get the window, each one always the same way (resumed runs,
+    every process), with recalled spans too; share 1 gives it to every batch."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [[{"input_ids": torch.randint(1, 1000, (n,), generator=gen).tolist()} for n in (20, 13)]
+               for _ in range(200)]
+    half = AnchorDataCollator(0, recent=2, recent_share=0.5)
+    drawn = ["anllm_recent" in half(b) for b in batches]
+    assert 70 < sum(drawn) < 130
+    assert drawn == ["anllm_recent" in AnchorDataCollator(0, recent=2, recent_share=0.5)(b) for b in batches]
+    assert all(half(b).get("anllm_recent", 2) == 2 for b in batches)
+    recalled = RecallSpanCollator(0, [999], spans=1, recent=2, recent_share=0.5)
+    assert drawn == ["anllm_recent" in recalled(b) for b in batches]
+    assert all("anllm_recent" in AnchorDataCollator(0, recent=2)(b) for b in batches)
+    assert not any("anllm_recent" in AnchorDataCollator(0)(b) for b in batches)
 
 
 def recent_batch(tok, config, recall_spans=0, recent=2):
@@ -112,8 +136,9 @@ def test_training_step_with_recent_sentences_equals_eager_dense_mask(tiny_dir, r
 def test_train_with_recent_sentences(tmp_path, tiny_dir, corpus):
     pytest.importorskip("peft")
     res = run_training(tmp_path, tiny_dir, corpus / "train", eval_data=[str(corpus / "eval.txt")], recent=2,
-                       recall_spans=1, lora=True, distill=True, max_steps=4, eval_before=False)
+                       recent_share=0.5, recall_spans=1, lora=True, distill=True, max_steps=4, eval_before=False)
     assert res["objective"]["recent"] == 2 and res["objective"]["recall_spans"] == 1
+    assert res["objective"]["recent_share"] == 0.5
     losses = [h["loss"] for h in res["log_history"] if "loss" in h]
     assert len(losses) == 4 and all(l == l for l in losses)
     after = res["eval_after"]["modes"]

@@ -65,6 +65,9 @@ class AnLLMArguments:
         "help": "train for AnchorCache(recent=N): a non-anchor token also reads every token of the N sentences "
                 "before its own, as that cache keeps them hot at inference (anllm_ext/recent.py); 0: the plain "
                 "AnSAN mask"})
+    recent_share: float = field(default=1.0, metadata={
+        "help": "with --recent: the share of batches trained under that window, drawn per batch; the others keep "
+                "the plain AnSAN mask, for a model served both with and without recent sentences"})
 
     def __post_init__(self):
         if self.attention not in ("ansan", "causal"):
@@ -85,6 +88,10 @@ class AnLLMArguments:
             raise ValueError(f"recent must be an int >= 0 sentences, got {self.recent!r}")
         if self.recent and self.attention != "ansan":
             raise ValueError("--recent extends the AnSAN mask; with --attention causal every sentence is visible")
+        if not 0.0 < self.recent_share <= 1.0:
+            raise ValueError(f"recent_share must be in (0, 1], got {self.recent_share!r}")
+        if self.recent_share < 1.0 and not self.recent:
+            raise ValueError("--recent-share is the share of batches trained with --recent N: pass --recent too")
         self._check_distill()
 
     def _check_distill(self):

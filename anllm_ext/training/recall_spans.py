@@ -71,13 +71,14 @@ class RecallSpanCollator:
     spans: int
     ngram: int = 3
     recent: int = 0  # AnchorDataCollator's
+    recent_share: float = 1.0  # AnchorDataCollator's
 
     def __post_init__(self):
         if self.spans < 1:
             raise ValueError(f"recall spans must be >= 1 sentences per row, got {self.spans}")
         if self.ngram < 1:
             raise ValueError(f"the n-gram length must be >= 1, got {self.ngram}")
-        self._pad = AnchorDataCollator(self.pad_token_id, recent=self.recent)
+        self._pad = AnchorDataCollator(self.pad_token_id, recent=self.recent, recent_share=self.recent_share)
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         batch = self._pad(features)

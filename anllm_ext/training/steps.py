@@ -162,6 +162,7 @@ def objective(args: AnLLMArguments) -> dict:
     spans = {"recall_spans": args.recall_spans} if args.recall_spans else {}
     if args.recent:
         spans["recent"] = args.recent
+        spans["recent_share"] = args.recent_share
     if not args.distill:
         return {"loss": "lm", **spans}
     return {"loss": "distill", "teacher": args.teacher or "self (full attention)", "alpha": args.distill_alpha,
