@@ -72,6 +72,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+def add_sink_argument(p) -> None:
+    """``--sink S`` of ``anllm eval`` and ``anllm generate`` (applied by :func:`apply_sink`)."""
+    p.add_argument("--sink", type=arg_int(0), default=0, metavar="S",
+                   help="the first S tokens of every row count as anchors (an attention sink every later token reads "
+                        "and the anchor cache keeps: docs/method.md); 0: none")
+
+
+def apply_sink(model, anchors, sink: int) -> None:
+    """Patch ``model`` with ``anchors`` and ``--sink``: every anchor-attention run of the command keeps it."""
+    if sink:
+        from .hf import patch
+
+        patch(model, anchors, sink=sink)
+
+
 def add_recall_arguments(group) -> None:
     """The ``--recall-*`` options of ``anllm eval`` and ``anllm generate`` (read back by :func:`recall_config`)."""
     from .recall import EVERY, INDEXES, POOLS, SCORES, RecallConfig
@@ -177,6 +192,7 @@ def cmd_generate(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
     saved = AnchorConfig.from_model(model)
     anchors = resolve_anchor_config(args.anchors, tok, model)
+    apply_sink(model, anchors, args.sink)
     ids = _load_prompt(args, tok, ac_mode=anchors.mode == "ac").to(args.device)
     print(f"model: {args.model or _DEFAULT_MODEL} ({type(model).__name__}, {args.dtype}, "
           f"{torch.get_num_threads()} threads)")
@@ -220,6 +236,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--expect", default=None, help="a text the right answer contains: each run says whether it does")
     g.add_argument("--recent", type=arg_int(0), default=0, metavar="N",
                    help="also generate with the anchor cache keeping the last N closed sentences hot (0: no such run)")
+    add_sink_argument(g)
     r = g.add_argument_group("anchor-indexed recall")
     r.add_argument("--recall", action="store_true",
                    help="also generate with the anchor cache and recall (the --recall-* settings)")
@@ -256,6 +273,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add_recall_arguments(e.add_argument_group(f"anchor-indexed recall (the {RECALL_MODE} mode)"))
     e.add_argument("--recent", type=arg_int(1), default=RECENT_SENTENCES, metavar="N",
                    help=f"closed sentences the {RECENT_MODE} mode keeps hot, readable to the next sentence's words")
+    add_sink_argument(e)
     e.add_argument("--shots", type=arg_int(0), nargs="+", default=[0], help="demonstrations per question (several: one run each)")
     e.add_argument("--limit", type=arg_int(1), default=None, help="score the first N questions")
     e.add_argument("--seed", type=int, default=1234, help="seed of the demonstration draw")
@@ -297,6 +315,7 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, verbose=True)
     anchors = resolve_anchor_config(args.anchors, tok, model)
+    apply_sink(model, anchors, args.sink)
     name = args.model or _DEFAULT_MODEL
     label = args.anchors or anchors.mode
     print(f"model: {name} ({type(model).__name__}, {args.dtype}, {torch.get_num_threads()} threads); "
@@ -319,6 +338,8 @@ def cmd_eval(args) -> int:
     meta = {"model": name, "dtype": args.dtype, "anchors": label, "threads": torch.get_num_threads()}
     if RECENT_MODE in plan.modes:
         meta["recent"] = plan.recent
+    if args.sink:
+        meta["sink"] = args.sink
     if args.json:
         dump_json({"meta": meta, "results": records}, args.json)
         print(f"\nwrote {args.json}")

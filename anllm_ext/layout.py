@@ -103,13 +103,15 @@ def token_layout(
     anchor_ids: AnchorIds,
     attention_mask: Optional[torch.Tensor] = None,
     start: Optional[Union[LayoutStart, tuple]] = None,
+    sink: int = 0,
 ) -> Layout:
     """Layout of a [B, T] batch of token ids.
 
     ``attention_mask`` (1 = token, 0 = padding; left or right padding, or holes) makes positions
     padding-aware: the n-th real token of a row has position ``start.position + n``. ``start`` carries
     the state of earlier chunks of the same rows (``Layout.next_start()``), so a text cut into chunks
-    gets exactly the layout of the text in one piece.
+    gets exactly the layout of the text in one piece. ``sink``: the real tokens at positions below it are
+    anchors too, whatever their ids (an attention sink every later token reads and a cache keeps; docs/method.md).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a 2-D [batch, tokens] tensor, got {_describe(input_ids)}")
@@ -122,16 +124,19 @@ def token_layout(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
             f"got {tuple(attention_mask.shape)}"
         )
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"sink must be an int >= 0 (tokens), got {sink!r}")
     if device.type == "cpu":  # the one per-device choice: the CPU kernel, ATen ops elsewhere
         start_pos, start_seg = _start_tensors(start, B, device)
-        *parts, next_pos, next_seg, boundary = torch.ops.anllm.token_layout.default(
-            input_ids, anchor_tensor(anchor_ids, device), attention_mask, start_pos, start_seg
-        )
-        return Layout(*parts, _next=LayoutStart(next_pos, next_seg), _boundary=boundary)
-    return _token_layout_aten(input_ids, anchor_ids, attention_mask, start)
+        if not sink or not bool((start_pos < sink).any()):  # no sink token in this chunk: the kernel's rule
+            *parts, next_pos, next_seg, boundary = torch.ops.anllm.token_layout.default(
+                input_ids, anchor_tensor(anchor_ids, device), attention_mask, start_pos, start_seg
+            )
+            return Layout(*parts, _next=LayoutStart(next_pos, next_seg), _boundary=boundary)
+    return _token_layout_aten(input_ids, anchor_ids, attention_mask, start, sink)
 
 
-def _token_layout_aten(input_ids, anchor_ids, attention_mask=None, start=None) -> Layout:
+def _token_layout_aten(input_ids, anchor_ids, attention_mask=None, start=None, sink: int = 0) -> Layout:
     """token_layout as ATen ops (devices without the layout kernel; the tests compare the two)."""
     B, T = input_ids.shape
     device = input_ids.device
@@ -141,14 +146,20 @@ def _token_layout_aten(input_ids, anchor_ids, attention_mask=None, start=None) -
         valid = attention_mask.to(device=device) != 0
     start_pos, start_seg = _start_tensors(start, B, device)
 
-    is_anchor = _is_anchor(input_ids, anchor_tensor(anchor_ids, device)) & valid
     if T == 1:  # a decode step: the general formula reduces to the row's start (padding included)
-        return Layout(start_pos[:, None], start_seg[:, None].to(torch.int32), is_anchor, valid)
+        positions = start_pos[:, None]
+    else:
+        positions = start_pos[:, None] + torch.cumsum(valid.to(torch.int64), dim=1) - 1
+        # Padding gets the row's start position: harmless (it is invisible) and keeps next_start() simple.
+        positions = torch.where(valid, positions, start_pos[:, None])
+    is_anchor = _is_anchor(input_ids, anchor_tensor(anchor_ids, device))
+    if sink:
+        is_anchor = is_anchor | (positions < sink)
+    is_anchor = is_anchor & valid
+    if T == 1:
+        return Layout(positions, start_seg[:, None].to(torch.int32), is_anchor, valid)
     anchors_int = is_anchor.to(torch.int64)
     segments = start_seg[:, None] + torch.cumsum(anchors_int, dim=1) - anchors_int
-    positions = start_pos[:, None] + torch.cumsum(valid.to(torch.int64), dim=1) - 1
-    # Padding gets the row's start position: harmless (it is invisible) and keeps next_start() simple.
-    positions = torch.where(valid, positions, start_pos[:, None])
     return Layout(positions, segments.to(torch.int32), is_anchor, valid)
 
 

@@ -9,13 +9,14 @@ import torch
 from .layout import Layout
 
 
-def token_layout_ref(input_ids, anchor_ids, attention_mask=None, start=None) -> Layout:
+def token_layout_ref(input_ids, anchor_ids, attention_mask=None, start=None, sink: int = 0) -> Layout:
     """The layout rule of docs/method.md written token by token, for clarity, not speed: the oracle of
     both production implementations (the CPU kernel and the ATen formulation other devices use).
 
     For each row: a real token gets the next absolute position (``start`` position + real tokens before
     it) and the segment ``start`` segment + anchors strictly before it; an anchor is a real token whose
-    id is an anchor id; padding is not an anchor, has the row's start position and the running segment.
+    id is an anchor id or whose position is below ``sink``; padding is not an anchor, has the row's start
+    position and the running segment.
     """
     ids = input_ids.tolist()
     B = len(ids)
@@ -30,7 +31,7 @@ def token_layout_ref(input_ids, anchor_ids, attention_mask=None, start=None) -> 
         out = {k: [] for k in rows}
         for t in range(T):
             real = bool(mask[b][t])
-            anchor = real and ids[b][t] in anchors
+            anchor = real and (ids[b][t] in anchors or position < sink)
             out["positions"].append(position if real else row_start)
             out["segments"].append(segment)
             out["is_anchor"].append(anchor)

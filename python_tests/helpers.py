@@ -346,13 +346,17 @@ def cached_model_logits(model, ids, mask, starts, **cache_options):
     return torch.cat(outs, dim=1), cache
 
 
-def dense_oracle_logits(model, ids, mask, name, attention, anchors):
+def dense_oracle_logits(model, ids, mask, name, attention, anchors, sink=0):
     """The unpatched ``model``, one pass, its attention replaced by ``attention(module, query, key, value, layout,
-    scaling)`` (a dense oracle; registered with transformers as ``name``) over the layout of ``anchors``."""
+    scaling)`` (a dense oracle; registered with transformers as ``name``) over the layout of ``anchors`` (with
+    ``sink``: the reference layout's)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    layout = anllm_ext.token_layout(ids, list(anchors), mask)
+    if sink:
+        layout = anllm_ext.reference.token_layout_ref(ids, list(anchors), mask, sink=sink)
+    else:
+        layout = anllm_ext.token_layout(ids, list(anchors), mask)
 
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         return attention(module, query, key, value, layout, scaling).transpose(1, 2).contiguous(), None

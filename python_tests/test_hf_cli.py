@@ -152,6 +152,36 @@ def test_cli_generate_with_recent_sentences(tiny_model_dir, capsys):
     assert "--recent: must be an integer >= 0" in capsys.readouterr().err
 
 
+def test_cli_generate_with_a_sink(tiny_model_dir, capsys):
+    """--sink S: the anchor-cache run's tokens are what anllm_ext.generate gives with patch(model, sink=S), and
+    its kept slots hold the first S tokens too."""
+    from anllm_ext.anchors import decode
+    from anllm_ext.config import resolve_anchors
+    from anllm_ext.models import load_model
+
+    prompt = " ".join([PROMPT + "."] * 4)
+    argv = ["generate", "--model", tiny_model_dir, "--prompt", prompt, "--max-new-tokens", str(N_NEW),
+            "--prefill-chunk", "4", "--no-progress", "--ignore-eos", "--anchors", "ep", "--anchor-only"]
+    assert cli.main(argv) == 0
+    plain = re.search(r"KV slots kept\s+(.*)", capsys.readouterr().out).group(1)
+    assert cli.main(argv + ["--sink", "3"]) == 0
+    out = capsys.readouterr().out
+    model, tok = load_model(tiny_model_dir)
+    anchors = resolve_anchors("ep", tok, model)
+    anllm_ext.patch(model, anchors, sink=3)
+    ids = cli._load_prompt(cli.build_parser().parse_args(argv), tok)
+    cache = anllm_ext.AnchorCache(model.config)
+    want = anllm_ext.generate(model, ids, torch.ones_like(ids), prefill_chunk=4, anchor_ids=anchors, cache=cache,
+                              max_new_tokens=N_NEW, eos_token_id=None, do_sample=False)
+    assert generated_text(out, "anchor cache") == decode(tok, want[0, ids.shape[1]:], anchor_ids=anchors,
+                                                         skip_special_tokens=True)
+    assert set(range(3)) <= set(cache.kept_layout(0).positions[0].tolist())
+    assert re.search(r"KV slots kept\s+(.*)", out).group(1) != plain
+    with pytest.raises(SystemExit):  # argparse names the option
+        cli.main(argv + ["--sink", "-1"])
+    assert "--sink: must be an integer >= 0" in capsys.readouterr().err
+
+
 def test_cli_generate_with_recall(tiny_model_dir, capsys):
     """--recall: a third run, the anchor cache with the --recall-* RecallConfig, whose tokens are what
     anllm_ext.generate gives with that config; its hot figures count the recalled slots and a row shows what

@@ -182,14 +182,14 @@ def needle_segment(tokenizer, model, ids: torch.Tensor, trial: NeedleTrial) -> i
 def marker_segment(tokenizer, model, ids: torch.Tensor, marker_text: str) -> int:
     """The segment id, under the patched model's anchors, of the first place ``ids`` [1, T] holds the tokens of
     ``marker_text`` (a phrase inside a sentence: its first token's context does not change its tokens)."""
-    from ..hf import patched_anchor_ids
+    from ..hf import patched_anchor_ids, patched_sink
     from ..layout import token_layout
 
     marker = tokenizer(marker_text, add_special_tokens=False)["input_ids"]
     row = ids[0].tolist()
     for i in range(len(row) - len(marker) + 1):
         if row[i : i + len(marker)] == marker:
-            return int(token_layout(ids, patched_anchor_ids(model)).segments[0, i])
+            return int(token_layout(ids, patched_anchor_ids(model), sink=patched_sink(model)).segments[0, i])
     raise ValueError(f"{marker_text.strip()!r} is not in the prompt")
 
 

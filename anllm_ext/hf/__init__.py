@@ -35,7 +35,7 @@ same cache object still see the exact mask (``anllm_ext.hf.history``).
 from .attention import ATTN_NAME, anllm_attention_forward, anllm_mask_function, register
 from .cache_policy import SUPPORTED_CACHE_IMPLEMENTATIONS, cache_kwarg, check_cache
 from .hooks import ForwardContext
-from .patching import as_original, is_patched, patch, patched, patched_anchor_ids, unpatch, unpatched
+from .patching import as_original, is_patched, patch, patched, patched_anchor_ids, patched_sink, unpatch, unpatched
 
 register()
 
@@ -46,6 +46,7 @@ __all__ = [
     "unpatched",
     "is_patched",
     "patched_anchor_ids",
+    "patched_sink",
     "cache_kwarg",
     "check_cache",
     "SUPPORTED_CACHE_IMPLEMENTATIONS",

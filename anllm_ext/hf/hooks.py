@@ -42,6 +42,7 @@ class PatchState:
         self.param_names = param_names
         self.cache_name = cache_kwarg(decoder)
         self.default_cache = default_cache
+        self.sink = 0  # the first tokens of a row that are anchors whatever their ids (token_layout's sink)
         self.handles = ()  # the decoder's hooks (torch RemovableHandles)
         self._anchors_by_device = {anchors.device: anchors}
 
@@ -178,7 +179,7 @@ def _build_context(module, state: PatchState, kwargs) -> ForwardContext:
             if start is not None:
                 raise ValueError("anllm_layout cannot be combined with a non-empty cache")
             return explicit
-        return token_layout(input_ids, state.anchors_on(input_ids.device), chunk_mask, start)
+        return token_layout(input_ids, state.anchors_on(input_ids.device), chunk_mask, start, state.sink)
 
     if isinstance(cache, AnchorCache):
         q = layout_for(cache.next_start())

@@ -45,7 +45,13 @@ def patched_anchor_ids(model) -> Optional[torch.Tensor]:
     return None if state is None else state.anchors
 
 
-def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn.Module":
+def patched_sink(model) -> int:
+    """The ``sink`` of a patched model (0 when not patched)."""
+    state = state_of(transformers_model(model))
+    return 0 if state is None else state.sink
+
+
+def patch(model, anchor_ids=None, *, default_cache: str = "anchor", sink: Optional[int] = None) -> "torch.nn.Module":
     """Make a transformers causal LM attend under the AnSAN mask of ``anchor_ids``; returns the model.
 
     ``anchor_ids``: an :class:`~anllm_ext.config.AnchorConfig` (what ``anllm_ext.config.resolve_anchor_config``
@@ -65,9 +71,15 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn
     :class:`~anllm_ext.cache.AnchorCache`, the default) or ``"full"`` (transformers' ``DynamicCache``,
     which keeps every token). A cache passed to ``generate`` or a ``cache_implementation`` always wins
     (the caches a patched model supports: :func:`~anllm_ext.hf.check_cache`).
+
+    ``sink``: the first ``sink`` tokens of every row count as anchors whatever their ids, so every later token
+    reads them and an :class:`~anllm_ext.cache.AnchorCache` keeps them (an attention sink; docs/method.md,
+    "Attention sink"). None: 0 for a new patch, the current value when re-patching.
     """
     if default_cache not in ("anchor", "full"):
         raise ValueError(f"default_cache must be 'anchor' or 'full', got {default_cache!r}")
+    if sink is not None and (isinstance(sink, bool) or not isinstance(sink, int) or sink < 0):
+        raise ValueError(f"sink must be an int >= 0 (tokens), got {sink!r}")
     _check_model(model)
     from ..config import AnchorConfig
 
@@ -84,6 +96,8 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor") -> "torch.nn
     else:
         state.set_anchors(ids)
         state.default_cache = default_cache
+    if sink is not None:
+        state.sink = sink
     _install(target, state, config)
     return model
 
@@ -148,18 +162,18 @@ def as_original(model):
 
 
 def _snapshot(target):
-    """(anchor configuration, default_cache) of a patched model, or None: what :func:`_restore` puts back."""
+    """(anchor configuration, default_cache, sink) of a patched model, or None: what :func:`_restore` puts back."""
     from ..config import AnchorConfig
 
     state = state_of(target)
-    return None if state is None else (AnchorConfig.from_model(target), state.default_cache)
+    return None if state is None else (AnchorConfig.from_model(target), state.default_cache, state.sink)
 
 
 def _restore(model, snapshot) -> None:
     if snapshot is None:
         unpatch(model)
     else:
-        patch(model, snapshot[0], default_cache=snapshot[1])
+        patch(model, snapshot[0], default_cache=snapshot[1], sink=snapshot[2])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ peak); then the capitals task 0- and 3-shot in the same modes. Same blocks as ev
 (``--max-blocks 8 --block-size 512 --prefill-chunk 64``), cut once with the AnLLM's anchors for every model.
 
     python docs/experiments/recent_sentences.py --json docs/results/quality/recent/bundled.json
+    python docs/experiments/recent_sentences.py --sink 1 --json docs/results/quality/recent/bundled_sink1.json
 """
 import argparse
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from anllm_ext import patch
 from anllm_ext.config import resolve_anchor_config
 from anllm_ext.evaluation import (MultipleChoiceConfig, demo_end_for, load_multiple_choice, multiple_choice,
                                   perplexity, text_blocks)
@@ -26,6 +28,20 @@ def figures(mode_result):
             "kv_peak": round(mode_result.kv_peak, 4) if mode_result.kv_peak is not None else None}
 
 
+def capitals_accuracy(model, tok, anchors, shots, recents, limit=40):
+    """Capitals accuracy with ``shots`` demonstrations: full attention, the anchor cache, and the anchor cache
+    keeping each of ``recents`` sentences hot (keys "full", "cached", "recent N")."""
+    questions = load_multiple_choice(str(REPO / "tasks" / "capitals.jsonl"))
+    acc = {}
+    for n in recents:
+        cfg = MultipleChoiceConfig(shots=shots, limit=limit, recent=n, progress=False,
+                                   modes=("cached+recent",) if acc else ("full", "cached", "cached+recent"),
+                                   demo_end=demo_end_for(anchors))
+        for mode, r in multiple_choice(model, tok, questions, cfg, anchor_ids=anchors).modes.items():
+            acc[f"recent {n}" if mode == "cached+recent" else mode] = r.accuracy
+    return acc
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-anllm")
@@ -33,14 +49,16 @@ def main():
     ap.add_argument("--recent", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--max-blocks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sink", type=int, default=0, help="patch(model, sink=S): the first S tokens are anchors")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     original, _ = load_model(None)
     anchors = resolve_anchor_config(None, tok, model)
-    out = {"model": args.model, "recent": args.recent, "max_blocks": args.max_blocks, "block_size": 512,
-           "prefill_chunk": 64, "domains": {}}
+    patch(model, anchors, sink=args.sink)
+    out = {"model": args.model, "sink": args.sink, "recent": args.recent, "max_blocks": args.max_blocks,
+           "block_size": 512, "prefill_chunk": 64, "domains": {}}
     for domain in DOMAINS:
         text = (Path(args.heldout) / f"{domain}.txt").read_text(encoding="utf-8")
         blocks = text_blocks(tok, [text], anchors, 512, args.max_blocks)
@@ -52,17 +70,9 @@ def main():
             row[f"recent {n}"] = figures(res["cached+recent"])
         out["domains"][domain] = row
         print(domain, json.dumps(row), flush=True)
-    questions = load_multiple_choice(str(REPO / "tasks" / "capitals.jsonl"))
     out["capitals"] = {}
     for shots in (0, 3):
-        acc = {}
-        for n in args.recent:
-            cfg = MultipleChoiceConfig(shots=shots, limit=40, modes=("cached+recent",) if acc else
-                                       ("full", "cached", "cached+recent"), recent=n, progress=False,
-                                       demo_end=demo_end_for(anchors))
-            res = multiple_choice(model, tok, questions, cfg, anchor_ids=anchors)
-            for mode, r in res.modes.items():
-                acc[f"recent {n}" if mode == "cached+recent" else mode] = r.accuracy
+        acc = capitals_accuracy(model, tok, anchors, shots, args.recent)
         out["capitals"][f"{shots}-shot"] = acc
         print(f"capitals {shots}-shot", json.dumps(acc), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
