@@ -217,6 +217,12 @@ def tokenize_dataset(ds, tokenizer, config: AnchorConfig, block_size: int, num_p
 # --------------------------------------------------------------------------------------------------
 
 
+def check_recent_share(share) -> None:
+    """``recent_share`` (the collator's, ``anllm train --recent-share``) is in (0, 1]."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"recent_share must be in (0, 1], got {share!r}")
+
+
 @dataclass
 class AnchorDataCollator:
     """Pads a list of ``{"input_ids": [...]}`` to the longest row (right padding, attention mask 0) and
@@ -234,8 +240,7 @@ class AnchorDataCollator:
     recent_share: float = 1.0
 
     def __post_init__(self):
-        if not 0.0 < self.recent_share <= 1.0:
-            raise ValueError(f"recent_share must be in (0, 1], got {self.recent_share!r}")
+        check_recent_share(self.recent_share)
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         if not features:

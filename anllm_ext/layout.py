@@ -124,8 +124,7 @@ def token_layout(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
             f"got {tuple(attention_mask.shape)}"
         )
-    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-        raise ValueError(f"sink must be an int >= 0 (tokens), got {sink!r}")
+    check_sink(sink)
     if device.type == "cpu":  # the one per-device choice: the CPU kernel, ATen ops elsewhere
         start_pos, start_seg = _start_tensors(start, B, device)
         if not sink or not bool((start_pos < sink).any()):  # no sink token in this chunk: the kernel's rule
@@ -134,6 +133,12 @@ def token_layout(
             )
             return Layout(*parts, _next=LayoutStart(next_pos, next_seg), _boundary=boundary)
     return _token_layout_aten(input_ids, anchor_ids, attention_mask, start, sink)
+
+
+def check_sink(sink) -> None:
+    """``sink`` (token_layout's, the patch's) is an int >= 0."""
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"sink must be an int >= 0 (tokens), got {sink!r}")
 
 
 def _token_layout_aten(input_ids, anchor_ids, attention_mask=None, start=None, sink: int = 0) -> Layout:

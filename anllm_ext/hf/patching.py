@@ -13,6 +13,7 @@ import torch
 
 from ..cache import AnchorCache, check_full_attention_layers
 from ..errors import UnsupportedError
+from ..layout import check_sink
 from .attention import ATTN_NAME, attn_implementation, check_attention_intact
 from .cache_policy import cache_kwarg, check_cache, check_cache_implementation, full_attention_cache
 from .hooks import STATE_ATTR, PatchState, install_hooks, remove_hooks, state_of
@@ -78,8 +79,8 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor", sink: Option
     """
     if default_cache not in ("anchor", "full"):
         raise ValueError(f"default_cache must be 'anchor' or 'full', got {default_cache!r}")
-    if sink is not None and (isinstance(sink, bool) or not isinstance(sink, int) or sink < 0):
-        raise ValueError(f"sink must be an int >= 0 (tokens), got {sink!r}")
+    if sink is not None:
+        check_sink(sink)
     _check_model(model)
     from ..config import AnchorConfig
 

@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..config import ANCHOR_MODES
+from ..data import check_recent_share
 from ..defaults import PREFILL_CHUNK
 
 
@@ -88,8 +89,7 @@ class AnLLMArguments:
             raise ValueError(f"recent must be an int >= 0 sentences, got {self.recent!r}")
         if self.recent and self.attention != "ansan":
             raise ValueError("--recent extends the AnSAN mask; with --attention causal every sentence is visible")
-        if not 0.0 < self.recent_share <= 1.0:
-            raise ValueError(f"recent_share must be in (0, 1], got {self.recent_share!r}")
+        check_recent_share(self.recent_share)
         if self.recent_share < 1.0 and not self.recent:
             raise ValueError("--recent-share is the share of batches trained with --recent N: pass --recent too")
         self._check_distill()
