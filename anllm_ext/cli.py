@@ -74,17 +74,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def add_sink_argument(p) -> None:
     """``--sink S`` of ``anllm eval`` and ``anllm generate`` (applied by :func:`apply_sink`)."""
-    p.add_argument("--sink", type=arg_int(0), default=0, metavar="S",
+    p.add_argument("--sink", type=arg_int(0), default=None, metavar="S",
                    help="the first S tokens of every row count as anchors (an attention sink every later token reads "
-                        "and the anchor cache keeps: docs/method.md); 0: none")
+                        "and the anchor cache keeps: docs/method.md); default: the sink the model was trained with "
+                        "(its anchor configuration's), 0: none")
 
 
-def apply_sink(model, anchors, sink: int) -> None:
-    """Patch ``model`` with ``anchors`` and ``--sink``: every anchor-attention run of the command keeps it."""
-    if sink:
+def apply_sink(model, anchors, sink: Optional[int]) -> None:
+    """``--sink`` into ``anchors`` (None keeps the model's own), and a model with a sink patched with it, so every
+    anchor-attention run of the command keeps it."""
+    if sink is not None:
+        anchors.sink = sink
+    if anchors.sink:
         from .hf import patch
 
-        patch(model, anchors, sink=sink)
+        patch(model, anchors)
 
 
 def add_recall_arguments(group) -> None:
@@ -338,8 +342,8 @@ def cmd_eval(args) -> int:
     meta = {"model": name, "dtype": args.dtype, "anchors": label, "threads": torch.get_num_threads()}
     if RECENT_MODE in plan.modes:
         meta["recent"] = plan.recent
-    if args.sink:
-        meta["sink"] = args.sink
+    if anchors.sink:
+        meta["sink"] = anchors.sink
     if args.json:
         dump_json({"meta": meta, "results": records}, args.json)
         print(f"\nwrote {args.json}")

@@ -28,7 +28,13 @@ CONFIG_KEY = "anllm"
 CONFIG_FILE = "anllm_config.json"
 #: The anchor modes (not to be confused with the evaluation modes, ``anllm_ext.evaluation.MODES``).
 ANCHOR_MODES = ("ac", "ep", "ids")
-_FIELDS = ("mode", "anchor_ids", "ac_token", "punctuation", "version", "base_model")
+_FIELDS = ("mode", "anchor_ids", "ac_token", "punctuation", "version", "base_model", "sink")
+
+
+def check_sink(sink) -> None:
+    """``sink`` (an anchor configuration's, the patch's, token_layout's) is an int >= 0."""
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"sink must be an int >= 0 (tokens), got {sink!r}")
 
 
 @dataclass
@@ -44,6 +50,9 @@ class AnchorConfig:
         version: the schema version (1).
         base_model: LoRA adapter directories only: the model the adapter applies to, ``"bundled"`` (the
             bundled SmolLM2-135M-Instruct) or a model directory; None (and not written) for a whole model.
+        sink: the first ``sink`` tokens of every row are anchors whatever their ids (an attention sink:
+            ``anllm_ext.patch(model, sink=...)``, docs/method.md); a model trained with one is served with it,
+            so it travels with the anchors. 0 (and not written): none.
     """
 
     mode: str
@@ -52,6 +61,7 @@ class AnchorConfig:
     punctuation: Optional[str] = None
     version: int = field(default=1)
     base_model: Optional[str] = None
+    sink: int = 0
 
     def __post_init__(self):
         if self.mode not in ANCHOR_MODES:
@@ -61,13 +71,16 @@ class AnchorConfig:
             raise ValueError("an anchor configuration needs at least one anchor id")
         if self.mode == "ac" and not self.ac_token:
             raise ValueError("AC mode needs ac_token (the text of the added anchor token)")
+        check_sink(self.sink)
 
     # ------------------------------------------------------------------ dict / model config
     def to_dict(self) -> dict:
-        """The JSON object of ``anllm_config.json`` (``base_model`` only when set)."""
+        """The JSON object of ``anllm_config.json`` (``base_model`` and ``sink`` only when set)."""
         d = asdict(self)
         if d["base_model"] is None:
             del d["base_model"]
+        if not d["sink"]:
+            del d["sink"]
         return d
 
     @classmethod

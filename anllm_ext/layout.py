@@ -13,6 +13,8 @@ from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .config import check_sink
+
 AnchorIds = Union[int, Sequence[int], torch.Tensor]
 
 
@@ -133,12 +135,6 @@ def token_layout(
             )
             return Layout(*parts, _next=LayoutStart(next_pos, next_seg), _boundary=boundary)
     return _token_layout_aten(input_ids, anchor_ids, attention_mask, start, sink)
-
-
-def check_sink(sink) -> None:
-    """``sink`` (token_layout's, the patch's) is an int >= 0."""
-    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-        raise ValueError(f"sink must be an int >= 0 (tokens), got {sink!r}")
 
 
 def _token_layout_aten(input_ids, anchor_ids, attention_mask=None, start=None, sink: int = 0) -> Layout:

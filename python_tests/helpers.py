@@ -217,18 +217,18 @@ def assert_close_by_error_rule(ours, computed_in_dtype, ref32, dtype, what="outp
 # ------------------------------------------------------------------------------------ training runs
 
 
-def assert_step_matches_eager(model, batch, anchor_ids, dense_mask):
+def assert_step_matches_eager(model, batch, anchor_ids, dense_mask, sink=0):
     """The training loss of the patched ``model`` on a collated ``batch`` and its gradients equal eager attention
     of a copy of the unpatched model with the dense mask ``dense_mask(layout)`` (bool [B, 1, T, T]) written by the
-    test. Returns the patched model's loss."""
+    test (the layout with an attention sink of ``sink`` tokens). Returns the patched model's loss."""
     import anllm_ext
     from anllm_ext.layout import token_layout
 
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    anllm_ext.patch(model, anchor_ids)
+    anllm_ext.patch(model, anchor_ids, sink=sink)
     model.train(), eager.train()
-    lay = token_layout(batch["input_ids"], anchor_ids, batch["attention_mask"])
+    lay = token_layout(batch["input_ids"], anchor_ids, batch["attention_mask"], sink=sink)
     allowed = dense_mask(lay)
     dense = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     loss_p = model(**batch).loss

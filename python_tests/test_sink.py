@@ -113,3 +113,95 @@ def test_bundled_anllm_anchor_cache_with_a_sink_equals_one_masked_pass():
     plain = perplexity(model, blocks, ("ansan", "cached"), 32, progress=False, anchor_ids=anchors)
     assert abs(res.modes["cached"].perplexity - plain.modes["cached"].perplexity) > 1e-3
     assert res.modes["cached"].kv_kept > plain.modes["cached"].kv_kept
+
+
+def test_anchor_config_carries_its_sink_on_disk():
+    from anllm_ext.config import AnchorConfig
+
+    plain = AnchorConfig("ids", [5, 3])
+    assert "sink" not in plain.to_dict()  # files without a sink stay as they were
+    sunk = AnchorConfig("ids", [5, 3], sink=2)
+    assert sunk.to_dict()["sink"] == 2 and AnchorConfig.from_dict(sunk.to_dict()) == sunk
+    assert AnchorConfig.from_dict(plain.to_dict()).sink == 0
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="sink must be an int >= 0"):
+            AnchorConfig("ids", [5], sink=bad)
+        with pytest.raises(ValueError, match="sink must be an int >= 0"):
+            AnchorConfig.from_dict({"mode": "ids", "anchor_ids": [5], "sink": bad})
+
+
+def test_a_saved_patched_model_is_patched_again_with_its_sink(tmp_path):
+    """patch(model, sink=S) puts S into the anchor configuration the model carries; save_pretrained writes it, and a
+    new patch of the loaded model (no ids) takes it; an explicit sink wins; unpatch restores what it carried."""
+    from transformers import AutoModelForCausalLM
+
+    from anllm_ext.config import AnchorConfig
+
+    base = tiny_model("llama", seed=2)
+    model = patch(base, MODEL_ANCHOR, sink=3)
+    assert AnchorConfig.from_model(model).sink == 3
+    model.save_pretrained(tmp_path)
+    assert AnchorConfig.find_pretrained(tmp_path).sink == 3
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert patched_sink(patch(loaded)) == 3
+    ids, mask = model_stream(2, 30, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits)
+    assert patched_sink(patch(AutoModelForCausalLM.from_pretrained(tmp_path), sink=0)) == 0
+    config = AnchorConfig("ids", [MODEL_ANCHOR], sink=2)
+    assert patched_sink(patch(tiny_model("llama"), config)) == 2  # a new patch: the given configuration's
+    anllm_ext.unpatch(model)
+    assert getattr(model.config, "anllm", None) is None
+
+
+@needs_smollm2
+def test_training_step_with_a_sink_equals_eager_dense_mask(tiny_dir):
+    from anllm_ext.data import AnchorDataCollator, encode_document
+    from anllm_ext.models import load_model
+    from anllm_ext.reference import ansan_mask
+
+    from helpers import assert_step_matches_eager, make_anchor_config
+
+    model, tok = load_model(tiny_dir)
+    config = make_anchor_config("ep", tok)
+    rows = encode_document(TEXT * 2, tok, config, block_size=48)[:3]
+    rows[1] = rows[1][:30]  # padding in the batch
+    batch = AnchorDataCollator(tok.pad_token_id)([{"input_ids": r} for r in rows])
+    loss = assert_step_matches_eager(model, batch, config.anchor_ids, lambda lay: ansan_mask(lay, lay)[:, None],
+                                     sink=2)
+    plain = patch(load_model(tiny_dir)[0], config.anchor_ids, sink=0)
+    with torch.no_grad():
+        assert abs(float(plain(**batch).loss) - float(loss)) > 1e-4  # the sink changed the loss
+
+
+@needs_smollm2
+def test_train_with_a_sink_saves_it_with_the_adapter(tmp_path, tiny_dir, corpus):
+    """`anllm train --sink S`: the run trains and scores with the sink, and the adapter it saves carries it, so
+    load_model + the anchors it resolves serve it; a run on that adapter without --sink keeps it."""
+    pytest.importorskip("peft")
+    from anllm_ext.config import AnchorConfig, resolve_anchor_config
+    from anllm_ext.models import load_model
+
+    from helpers import run_training
+
+    res = run_training(tmp_path / "a", tiny_dir, corpus / "train", sink=2, lora=True, max_steps=2,
+                       adapter_dtype="float32")
+    assert res["anchor_config"]["sink"] == 2
+    adapter = tmp_path / "a" / "out" / "adapter"
+    assert AnchorConfig.from_pretrained(adapter).sink == 2
+    model, tok = load_model(adapter)
+    anchors = resolve_anchor_config(None, tok, model)
+    assert anchors.sink == 2 and patched_sink(patch(model)) == 2
+    again = run_training(tmp_path / "b", adapter, corpus / "train", lora=True, max_steps=1, adapter_dtype="float32",
+                         eval_before=False)
+    assert again["anchor_config"]["sink"] == 2
+
+
+def test_training_arguments_check_the_sink():
+    from anllm_ext.training import AnLLMArguments
+
+    with pytest.raises(ValueError, match="sink must be an int >= 0"):
+        AnLLMArguments(data=["x"], sink=-1)
+    with pytest.raises(ValueError, match="--sink makes tokens anchors"):
+        AnLLMArguments(data=["x"], sink=1, attention="causal")

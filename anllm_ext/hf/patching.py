@@ -4,6 +4,7 @@ choice); the checks that refuse what a patched model cannot run exactly."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import types
@@ -13,7 +14,7 @@ import torch
 
 from ..cache import AnchorCache, check_full_attention_layers
 from ..errors import UnsupportedError
-from ..layout import check_sink
+from ..config import check_sink
 from .attention import ATTN_NAME, attn_implementation, check_attention_intact
 from .cache_policy import cache_kwarg, check_cache, check_cache_implementation, full_attention_cache
 from .hooks import STATE_ATTR, PatchState, install_hooks, remove_hooks, state_of
@@ -75,7 +76,9 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor", sink: Option
 
     ``sink``: the first ``sink`` tokens of every row count as anchors whatever their ids, so every later token
     reads them and an :class:`~anllm_ext.cache.AnchorCache` keeps them (an attention sink; docs/method.md,
-    "Attention sink"). None: 0 for a new patch, the current value when re-patching.
+    "Attention sink"). None: the current value when re-patching; for a new patch the sink of the anchor
+    configuration the anchors come from (one given, or the one the model carries when ``anchor_ids`` is None),
+    else 0. The model then carries it in its anchor configuration (``save_pretrained`` saves it).
     """
     if default_cache not in ("anchor", "full"):
         raise ValueError(f"default_cache must be 'anchor' or 'full', got {default_cache!r}")
@@ -88,6 +91,8 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor", sink: Option
     config = anchor_ids if isinstance(anchor_ids, AnchorConfig) else None
     ids = _anchor_ids_for(target, config.anchor_ids if config is not None else anchor_ids, wrapper=model)
     state = state_of(target)
+    if sink is None:
+        sink = _sink_for(target, config, anchor_ids, state)
     if state is None:
         check_full_attention_layers(target.config, "anllm_ext.patch")
         _check_one_device(target)
@@ -97,8 +102,7 @@ def patch(model, anchor_ids=None, *, default_cache: str = "anchor", sink: Option
     else:
         state.set_anchors(ids)
         state.default_cache = default_cache
-    if sink is not None:
-        state.sink = sink
+    state.sink = sink
     _install(target, state, config)
     return model
 
@@ -300,6 +304,17 @@ def _saved_anchor_ids(model, wrapper=None):
     return config.anchor_ids
 
 
+def _sink_for(model, config, anchor_ids, state) -> int:
+    """``patch``'s sink when none is given: the current patch's, else the anchor configuration's, else 0."""
+    from ..config import AnchorConfig
+
+    if state is not None:
+        return state.sink
+    if config is None and anchor_ids is None:
+        config = AnchorConfig.from_model(model)
+    return config.sink if config is not None else 0
+
+
 def _saved_anchor_dict(model):
     from ..config import CONFIG_KEY
 
@@ -309,18 +324,16 @@ def _saved_anchor_dict(model):
 def _attach_anchor_config(model, state: PatchState, config=None) -> None:
     """Make ``model.config`` carry the anchors the model is patched with, so ``save_pretrained`` saves them:
     ``config`` when the patch was given one; else the configuration it carries (or carried before the patch,
-    e.g. a trained AnLLM's AC/EP one) when that has exactly these ids, else an ``"ids"`` configuration of them."""
+    e.g. a trained AnLLM's AC/EP one) when that has exactly these ids, else an ``"ids"`` configuration of them;
+    with the patch's sink."""
     from ..config import CONFIG_KEY, AnchorConfig
 
-    if config is not None:
-        config.attach(model)
-        return
-    ids = sorted(set(int(i) for i in state.anchors.tolist()))
-    for data in (getattr(model.config, CONFIG_KEY, None), state.saved_anchor_config):
-        if data is not None and AnchorConfig.from_dict(data).anchor_ids == ids:
-            setattr(model.config, CONFIG_KEY, data)
-            return
-    AnchorConfig("ids", ids).attach(model)
+    if config is None:
+        ids = sorted(set(int(i) for i in state.anchors.tolist()))
+        carried = (AnchorConfig.from_dict(d) for d in (getattr(model.config, CONFIG_KEY, None),
+                                                        state.saved_anchor_config) if d is not None)
+        config = next((c for c in carried if c.anchor_ids == ids), None) or AnchorConfig("ids", ids)
+    dataclasses.replace(config, sink=state.sink).attach(model)
 
 
 # --------------------------------------------------------------------------------------------------

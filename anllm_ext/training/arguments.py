@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 from transformers import TrainingArguments
 
-from ..config import ANCHOR_MODES
+from ..config import ANCHOR_MODES, check_sink
 from ..data import check_recent_share
 from ..defaults import PREFILL_CHUNK
 
@@ -69,6 +69,10 @@ class AnLLMArguments:
     recent_share: float = field(default=1.0, metadata={
         "help": "with --recent: the share of batches trained under that window, drawn per batch; the others keep "
                 "the plain AnSAN mask, for a model served both with and without recent sentences"})
+    sink: Optional[int] = field(default=None, metadata={
+        "help": "the first S tokens of every row are anchors (an attention sink every later token reads, "
+                "patch(model, sink=S)); saved in the model's anchor configuration, so it is served with it. "
+                "Default: the sink the model carries (0 for a new AnLLM)"})
 
     def __post_init__(self):
         if self.attention not in ("ansan", "causal"):
@@ -90,6 +94,11 @@ class AnLLMArguments:
         if self.recent and self.attention != "ansan":
             raise ValueError("--recent extends the AnSAN mask; with --attention causal every sentence is visible")
         check_recent_share(self.recent_share)
+        if self.sink is not None:
+            check_sink(self.sink)
+            if self.attention != "ansan":
+                raise ValueError("--sink makes tokens anchors of the AnSAN mask; with --attention causal every token "
+                                 "is visible")
         if self.recent_share < 1.0 and not self.recent:
             raise ValueError("--recent-share is the share of batches trained with --recent N: pass --recent too")
         self._check_distill()

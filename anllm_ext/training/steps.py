@@ -52,9 +52,10 @@ def load_for_training(args: AnLLMArguments):
                                    keep_saved_mode=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if args.sink is not None:
+        config.sink = args.sink
     if args.attention == "ansan":
-        config.attach(model)
-        patch(model, config.anchor_ids)
+        patch(model, config)  # the model carries the configuration, its sink too (saved with it)
     model.train()
     return model, tok, config
 
