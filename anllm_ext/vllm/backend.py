@@ -7,13 +7,15 @@ keys then values inside a block), so vLLM's cache allocation and block tables ar
 A request's block-table row holds its slots in order: the kept slots (anchors + open segment,
 :mod:`anllm_ext.vllm.compaction`) of the tokens computed in earlier steps, then the step's new tokens. Per
 step (the metadata builder, once for all layers) the AnSAN layout of those slots comes from the request's
-token ids (vLLM's persistent input batch, ``token_ids_cpu``): keys sit in the cache at their true positions
-(after RoPE), and which tokens are kept is a function of the token ids, so the builder needs no state of its
-own. Per layer (:class:`AnchorAttentionImpl`): the new keys/values are written into their slots; per request
-group (all decodes together, each prefill chunk alone) the keys are gathered from the requests' blocks into
-one padded batch (one copy per KV head, not repeated for GQA) and :func:`anllm_ext.anchor_attention` attends
-the group's queries; then compaction moves the slots kept after this step to the front of each request's
-blocks. The scheduler (:mod:`anllm_ext.vllm.scheduler`) frees the blocks past them after the step.
+token ids (vLLM's persistent input batch, ``token_ids_cpu``) and the engine's kept-slot rule
+(:func:`anllm_ext.vllm.detect.keep_rule`: anchor ids, the model's sink, ``anllm_recent``): keys sit in the cache
+at their true positions (after RoPE), and which tokens are kept is a function of the token ids, so the builder
+needs no state of its own. Per layer (:class:`AnchorAttentionImpl`): the new keys/values are written into their
+slots; per request group (all decodes together, each prefill chunk alone) the keys are gathered from the
+requests' blocks into one padded batch (one copy per KV head, not repeated for GQA) and
+:func:`anllm_ext.anchor_attention` attends the group's queries; then compaction moves the slots kept after this
+step to the front of each request's blocks. The scheduler (:mod:`anllm_ext.vllm.scheduler`) frees the blocks
+past them after the step.
 
 With recent sentences kept hot (the engine's ``anllm_recent`` = N, :func:`anllm_ext.vllm.detect.recent_of`) the
 kept slots also hold the N sentences closed last, and a non-anchor query also reads the N sentences before its
@@ -37,8 +39,8 @@ from ..ops import anchor_attention, anchor_attention_with_lse
 from ..recall import merge_partial_attentions
 from ..recent import WindowPlan, attend_window, plan_window
 from . import runner_state
-from .compaction import kept_indices
-from .detect import anchor_config_of, recent_of
+from .compaction import KeepRule
+from .detect import keep_rule
 
 
 class AnchorAttentionBackend(CPUAttentionBackend):
@@ -107,10 +109,10 @@ class _RequestSlots:
     flat: np.ndarray  # [kept + q_len] flat cache slot of each slot
     q_len: int
 
-    def moves(self, anchor_ids, recent: int) -> tuple:
+    def moves(self, rule: KeepRule) -> tuple:
         """(from, to) flat slots that compaction moves after this step: the slots kept once the step's tokens
         are computed go to the front, in order."""
-        src = np.searchsorted(self.keys, kept_indices(self.ids, anchor_ids, recent))
+        src = np.searchsorted(self.keys, rule.kept_indices(self.ids))
         moved = src != np.arange(len(src))
         return self.flat[src[moved]], self.flat[:len(src)][moved]
 
@@ -119,18 +121,17 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
     """Builds :class:`AnchorAttentionMetadata` from vLLM's common metadata and the requests' token ids.
 
     A request's row of the block table holds its slots in order: the kept slots of the tokens computed in
-    earlier steps (:func:`anllm_ext.vllm.compaction.kept_indices`, moved to the front by compaction), then the
+    earlier steps (:meth:`anllm_ext.vllm.compaction.KeepRule.kept_indices`, moved to the front by compaction), then the
     step's new tokens. So a new token's slot follows from the kept count, not from its position (vLLM's own
     ``slot_mapping`` is not used), while its position stays the true one."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        config = anchor_config_of(vllm_config.model_config)
-        if config is None:  # the plugin selects this backend for AnLLMs only
+        rule = keep_rule(vllm_config)
+        if rule is None:  # the plugin selects this backend for AnLLMs only
             raise RuntimeError("the anllm_ext attention backend was selected for a model without an anchor configuration")
-        self.anchor_ids = torch.tensor(config.anchor_ids, dtype=torch.int64)
-        self.anchor_ids_np = self.anchor_ids.numpy()
-        self.recent = recent_of(vllm_config)  # the scheduler reads the same
+        self.rule = rule  # the scheduler builds the same from the same engine config
+        self.anchor_ids = torch.from_numpy(rule.anchor_ids)
         self.block_size = kv_cache_spec.block_size
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -148,7 +149,7 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
         decodes = (q_lens == 1).nonzero().flatten().tolist()
         prefills = (q_lens > 1).nonzero().flatten().tolist()
         groups = [self._group(rows, qsl, reqs) for rows in ([decodes] if decodes else []) + [[r] for r in prefills]]
-        moves = [r.moves(self.anchor_ids_np, self.recent) for r in reqs] if token_ids is not None else []
+        moves = [r.moves(self.rule) for r in reqs] if token_ids is not None else []
         return AnchorAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             slot_mapping=self._cat([r.flat[len(r.flat) - r.q_len:] for r in reqs])[: m.num_actual_tokens],
@@ -167,7 +168,7 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
             ids = np.zeros(seq_len, dtype=np.int64)
         else:
             ids = token_ids[row, :seq_len].astype(np.int64)
-        keys = np.concatenate([kept_indices(ids[:ctx], self.anchor_ids_np, self.recent),
+        keys = np.concatenate([self.rule.kept_indices(ids[:ctx]),
                                np.arange(ctx, seq_len, dtype=np.int64)])
         if row_blocks is not None and len(keys) > int(row_blocks[row]) * self.block_size:
             raise RuntimeError(f"anllm_ext: request row {row} needs {len(keys)} KV slots but its block table holds "
@@ -193,7 +194,8 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
             k_col[i, : len(r.keys)] = torch.from_numpy(r.keys)
             k_valid[i, : len(r.keys)] = True
             k_flat[i, : len(r.keys)] = torch.from_numpy(r.flat)
-        layout = token_layout(torch.where(valid, ids, 0), self.anchor_ids, valid)  # of every token, true positions
+        # of every token, at its true position (from 0: the sink's tokens are anchors, as the rule's)
+        layout = token_layout(torch.where(valid, ids, 0), self.anchor_ids, valid, sink=self.rule.sink)
         k_layout = Layout(*(x.gather(1, k_col) for x in layout.as_tuple()[:3]), k_valid)
         # the j-th query of a request is its token (seq_len - q_len + j)
         seq_lens = torch.tensor([len(r.ids) for r in group])
@@ -204,7 +206,7 @@ class AnchorMetadataBuilder(AttentionMetadataBuilder[AnchorAttentionMetadata]):
         q_layout = Layout(*(x.gather(1, q_col) for x in layout.as_tuple()[:3]), q_valid)
         k_flat = torch.where(k_valid, k_flat, 0)
         device = self.device
-        window = plan_window(q_layout, k_layout, self.recent) if self.recent else None
+        window = plan_window(q_layout, k_layout, self.rule.recent) if self.rule.recent else None
         if window is not None:
             window = window._replace(mask=window.mask.to(device), read=window.read.to(device))
         return RequestGroup(

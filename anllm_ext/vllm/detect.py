@@ -1,5 +1,5 @@
-"""Whether a vLLM model is an AnLLM (:func:`anchor_config_of`) and its engine's AnLLM setting
-(:func:`recent_of`): the one place that decides each."""
+"""Whether a vLLM model is an AnLLM (:func:`anchor_config_of`), its engine's AnLLM setting (:func:`recent_of`)
+and the kept-slot rule they make (:func:`keep_rule`): the one place that decides each."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..checks import check_int
 from ..config import CONFIG_KEY, AnchorConfig
+from .compaction import KeepRule
 
 #: The key of vLLM's ``additional_config`` for recent sentences kept hot (``AnchorCache(recent=N)``).
 RECENT_KEY = "anllm_recent"
@@ -38,3 +39,13 @@ def recent_of(vllm_config) -> int:
     if unknown:
         raise ValueError(f"additional_config has {unknown}: anllm_ext's vLLM plugin reads only {RECENT_KEY!r}")
     return check_int(f"additional_config[{RECENT_KEY!r}]", extra.get(RECENT_KEY, 0), 0)
+
+
+def keep_rule(vllm_config) -> Optional[KeepRule]:
+    """The kept-slot rule of a ``VllmConfig``'s AnLLM: its anchor ids and sink (the model's anchor
+    configuration) and the engine's ``anllm_recent``; None for a model that is no AnLLM. The scheduler, the
+    workers' model-runner hooks and the attention backend each take theirs from here."""
+    config = anchor_config_of(vllm_config.model_config)
+    if config is None:
+        return None
+    return KeepRule(config.anchor_ids, recent=recent_of(vllm_config), sink=config.sink)

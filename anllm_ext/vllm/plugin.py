@@ -11,14 +11,15 @@ It changes two things, and only for AnLLMs (models whose config carries an ancho
 
 The one engine setting of its own, recent sentences kept hot, is vLLM's ``additional_config={"anllm_recent": N}``
 (``--additional-config``; :func:`anllm_ext.vllm.detect.recent_of`), part of the engine config that vLLM hands
-to the scheduler and every worker.
+to the scheduler and every worker. The attention sink is the model's (its anchor configuration's ``sink``);
+:func:`anllm_ext.vllm.detect.keep_rule` makes the kept-slot rule of the two.
 """
 from __future__ import annotations
 
 import functools
 
 from ..errors import UnsupportedError
-from .detect import RECENT_KEY, anchor_config_of, recent_of
+from .detect import RECENT_KEY, anchor_config_of, keep_rule, recent_of
 
 BACKEND_NAME = "ANLLM_ANCHOR"
 BACKEND_PATH = "anllm_ext.vllm.backend.AnchorAttentionBackend"
@@ -64,7 +65,7 @@ def register() -> None:
 
         from . import runner_state
 
-        runner_state.install(anchor_config_of(config.model_config).anchor_ids, recent_of(config))
+        runner_state.install(keep_rule(config))
         # under "vllm.": the logger namespace vLLM configures
         init_logger("vllm.plugins.anllm_ext").info("anllm_ext: %s is an AnLLM; attention backend %s",
                                                    config.model_config.model, BACKEND_NAME)

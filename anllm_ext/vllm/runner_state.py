@@ -17,21 +17,20 @@ from __future__ import annotations
 import functools
 import threading
 
-import numpy as np
-
-from .compaction import num_kept
+from .compaction import KeepRule
 
 _local = threading.local()
 _installed = False
-_anchor_ids = None  # of the one model this process serves
-_recent = 0  # its engine's anllm_recent (the scheduler keeps the same slots)
+_rule = None  # the kept-slot rule of the one model this process serves (the scheduler keeps the same slots)
 
 
-def install(anchor_ids, recent: int) -> None:
-    """Wrap the model runner's ``_prepare_inputs`` and ``_update_states`` (once per process)."""
-    global _installed, _anchor_ids, _recent
-    _anchor_ids = np.asarray(anchor_ids, dtype=np.int64)
-    _recent = recent
+def install(rule: KeepRule) -> None:
+    """Wrap the model runner's ``_prepare_inputs`` and ``_update_states`` (once per process); ``rule``: the
+    engine's kept-slot rule (:func:`anllm_ext.vllm.detect.keep_rule`)."""
+    global _installed, _rule
+    if not isinstance(rule, KeepRule):
+        raise TypeError(f"install needs the engine's KeepRule, got {type(rule).__name__}")
+    _rule = rule
     if _installed:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -85,7 +84,7 @@ def drop_compacted_blocks(runner, scheduler_output) -> None:
         state = runner.requests[req_id]
         n = data.num_computed_tokens[i]
         ids = state.prompt_token_ids[:n] + state.output_token_ids[: max(n - len(state.prompt_token_ids), 0)]
-        keep = -(-num_kept(ids, _anchor_ids, _recent) // block_size)
+        keep = -(-_rule.num_kept(ids) // block_size)
         for block_ids in state.block_ids:
             del block_ids[keep:]
         row = runner.input_batch.req_id_to_index.get(req_id)

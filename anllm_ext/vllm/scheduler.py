@@ -4,8 +4,8 @@
 vLLM's scheduler plus two things:
 
 - after every step, each request that ran gives the blocks past its kept slots
-  (:func:`anllm_ext.vllm.compaction.num_kept` of its computed tokens) back to vLLM's block pool: the workers
-  moved the kept slots to the front of its blocks in that step;
+  (:meth:`anllm_ext.vllm.compaction.KeepRule.num_kept` of its computed tokens) back to vLLM's block pool: the
+  workers moved the kept slots to the front of its blocks in that step;
 - its KV-cache manager counts slots, not tokens: a request needs ``kept + new tokens`` slots (the tokens
   computed minus those dropped), and a waiting prompt is admitted when its peak of kept slots plus one chunk
   fits, not its whole length.
@@ -15,7 +15,8 @@ block *i* holds tokens ``[i * B, (i + 1) * B)``, which compaction breaks, so vLL
 switched off (:meth:`CompactingAttentionManager.cache_blocks`) and its lookup replaced
 (:meth:`AnchorScheduler._get_local_prefix_cache_hit`). After compaction, block *i* of a request holds its
 anchors ``[i * B, (i + 1) * B)`` once it has that many; they never move again, and their keys/values depend
-only on the tokens up to the last of them (:func:`anllm_ext.vllm.compaction.anchor_block_ends`). After each
+only on the tokens up to the last of them (:meth:`anllm_ext.vllm.compaction.KeepRule.anchor_block_ends`; the
+sink's first tokens are anchors of every request alike, so this holds with a sink too). After each
 step such a block is cached under a hash chained over those tokens; a new request whose tokens start with
 them takes the blocks and resumes right after that last anchor. Its kept slots are then exactly the reused
 anchors (its open segment is empty), so the workers need nothing new. With recent sentences kept hot
@@ -23,8 +24,6 @@ anchors (its open segment is empty), so the workers need nothing new. With recen
 anchors holds, so the plugin refuses prefix caching with that setting at engine start.
 """
 from __future__ import annotations
-
-import numpy as np
 
 from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
@@ -34,8 +33,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from ..errors import UnsupportedError
-from .compaction import anchor_block_ends, num_kept, peak_kept
-from .detect import anchor_config_of, recent_of
+from .detect import keep_rule
 
 logger = init_logger("vllm.plugins.anllm_ext")
 
@@ -44,12 +42,11 @@ class AnchorScheduler(Scheduler):
     """vLLM's scheduler with compaction of AnLLM requests' blocks (see the module docstring)."""
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
-        config = anchor_config_of(vllm_config.model_config)
-        if config is None:
+        rule = keep_rule(vllm_config)
+        if rule is None:
             raise UnsupportedError("AnchorScheduler serves AnLLMs only (the model has no anchor configuration)")
         super().__init__(vllm_config, *args, **kwargs)
-        self.anchor_ids = np.asarray(config.anchor_ids, dtype=np.int64)
-        self.recent = recent_of(vllm_config)  # the workers' metadata builder reads the same
+        self.rule = rule  # the workers build the same from the same engine config
         self._managers = self.kv_cache_manager.coordinator.single_type_managers
         for manager in self._managers:
             if type(manager) is not FullAttentionManager:
@@ -81,7 +78,7 @@ class AnchorScheduler(Scheduler):
             request = self.requests.get(req_id)
             if request is not None and not request.is_finished():
                 n = request.num_computed_tokens
-                kept = num_kept(request.all_token_ids[:n], self.anchor_ids, self.recent)
+                kept = self.rule.num_kept(request.all_token_ids[:n])
                 for manager in self._managers:
                     manager.compact(req_id, kept, n - kept)
         return outputs
@@ -93,7 +90,7 @@ class AnchorScheduler(Scheduler):
         if request.mm_features or request.prompt_embeds is not None:
             return []  # the anchors of embeddings or media are not token ids
         tokens = request.all_token_ids
-        ends = anchor_block_ends(tokens[:num_tokens], self.anchor_ids, self.block_size)
+        ends = self.rule.anchor_block_ends(tokens[:num_tokens], self.block_size)
         chain = self._chains.setdefault(request.request_id, [])
         for end in ends[len(chain):].tolist():
             start = chain[-1][1] if chain else 0
@@ -140,8 +137,7 @@ class AnchorScheduler(Scheduler):
         """Slots a waiting request can need at once while its tokens are (re)computed: its peak of kept slots
         plus one step's budget of new tokens (a preempted request recomputes its outputs too)."""
         request = self.requests[request_id]
-        return (peak_kept(request.all_token_ids[:], self.anchor_ids, self.recent)
-                + self.scheduler_config.max_num_batched_tokens)
+        return self.rule.peak_kept(request.all_token_ids[:]) + self.scheduler_config.max_num_batched_tokens
 
     def blocks_in_use(self) -> int:
         """KV blocks held by requests now (for tests and benchmarks)."""

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from anllm_ext.config import AnchorConfig
 from anllm_ext.models import bundled_anllm_dir, default_model_dir
-from anllm_ext.vllm.compaction import num_kept
+from anllm_ext.vllm.compaction import KeepRule
 
 
 def sentence_lengths(ids, anchors):
@@ -40,7 +40,7 @@ def kv_figures(prompts, tok, anchors, budget, question_chunk=0):
     kept, bound = [], []
     for text in prompts:
         ids = tok(text)["input_ids"]
-        k = num_kept(ids, sorted(anchors))
+        k = KeepRule(sorted(anchors)).num_kept(ids)
         sentences = sentence_lengths(ids, anchors)
         longest = sorted((n for n, _ in sentences), reverse=True)[:budget]
         last_chunk = range(len(ids) - 1 - question_chunk, len(ids) - 1) if question_chunk else range(0)

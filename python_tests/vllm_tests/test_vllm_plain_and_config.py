@@ -6,27 +6,21 @@ import shutil
 import pytest
 import torch
 
-from vllm_helpers import ENGINE_ARGS, shutdown
+from vllm_helpers import ENGINE_ARGS, engine_config, shutdown
 
 from anllm_ext import UnsupportedError
 from anllm_ext.vllm.detect import anchor_config_of
-
-
-def _engine_config(model_dir, **kw):
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=str(model_dir), **{**ENGINE_ARGS, **kw}).create_engine_config()
 
 
 def test_exported_directory_carries_the_anchor_config(anllm_dir):
     data = json.loads((anllm_dir / "config.json").read_text())
     assert data["anllm"]["mode"] == "ep" and 30 in data["anllm"]["anchor_ids"]
     assert any(anllm_dir.glob("*.safetensors")) and (anllm_dir / "tokenizer.json").is_file()
-    assert anchor_config_of(_engine_config(anllm_dir).model_config).anchor_ids == data["anllm"]["anchor_ids"]
+    assert anchor_config_of(engine_config(anllm_dir).model_config).anchor_ids == data["anllm"]["anchor_ids"]
 
 
 def test_plain_model_is_not_detected(plain_dir):
-    assert anchor_config_of(_engine_config(plain_dir).model_config) is None
+    assert anchor_config_of(engine_config(plain_dir).model_config) is None
 
 
 def test_anllm_config_json_beside_the_weights_is_detected(anllm_dir, tmp_path):
@@ -35,9 +29,9 @@ def test_anllm_config_json_beside_the_weights_is_detected(anllm_dir, tmp_path):
     config = json.loads((d / "config.json").read_text())
     anchors = config.pop("anllm")
     (d / "config.json").write_text(json.dumps(config))
-    assert anchor_config_of(_engine_config(d).model_config) is None
+    assert anchor_config_of(engine_config(d).model_config) is None
     (d / "anllm_config.json").write_text(json.dumps(anchors))
-    assert anchor_config_of(_engine_config(d).model_config).anchor_ids == anchors["anchor_ids"]
+    assert anchor_config_of(engine_config(d).model_config).anchor_ids == anchors["anchor_ids"]
 
 
 def test_hf_overrides_switch_the_plugin_on_for_a_directory_without_anchors(anllm_dir, plain_dir):
@@ -45,14 +39,14 @@ def test_hf_overrides_switch_the_plugin_on_for_a_directory_without_anchors(anllm
     configuration to a model directory that carries none; the engine config is then an AnLLM's, refusals
     included."""
     anchors = json.loads((anllm_dir / "config.json").read_text())["anllm"]
-    config = _engine_config(plain_dir, hf_overrides={"anllm": anchors})
+    config = engine_config(plain_dir, hf_overrides={"anllm": anchors})
     assert anchor_config_of(config.model_config).anchor_ids == anchors["anchor_ids"]
     from anllm_ext.vllm.plugin import SCHEDULER_PATH
 
     assert config.scheduler_config.scheduler_cls == SCHEDULER_PATH  # compaction on
-    assert _engine_config(plain_dir).scheduler_config.scheduler_cls != SCHEDULER_PATH
+    assert engine_config(plain_dir).scheduler_config.scheduler_cls != SCHEDULER_PATH
     with pytest.raises(UnsupportedError, match="kv_cache_dtype"):
-        _engine_config(plain_dir, hf_overrides={"anllm": anchors}, kv_cache_dtype="fp8")
+        engine_config(plain_dir, hf_overrides={"anllm": anchors}, kv_cache_dtype="fp8")
 
 
 @pytest.mark.parametrize("option, words", [
@@ -63,8 +57,8 @@ def test_hf_overrides_switch_the_plugin_on_for_a_directory_without_anchors(anllm
 ])
 def test_unsupported_option_fails_at_engine_start(anllm_dir, plain_dir, option, words):
     with pytest.raises(UnsupportedError, match=words.replace("(", r"\(")):
-        _engine_config(anllm_dir, **option)
-    _engine_config(plain_dir, **option)  # plain vLLM accepts it: the refusal is the plugin's, for AnLLMs only
+        engine_config(anllm_dir, **option)
+    engine_config(plain_dir, **option)  # plain vLLM accepts it: the refusal is the plugin's, for AnLLMs only
 
 
 def test_export_refuses_a_model_without_anchors(plain_dir, tmp_path):

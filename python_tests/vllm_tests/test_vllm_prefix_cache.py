@@ -8,9 +8,9 @@ computed their prompts (a block is cached after the step that computed it; they 
 blocks are shared by running requests), with 32-slot blocks so a ~1,600-token system prompt fills two
 blocks with anchors."""
 
-from anllm_ext.vllm.compaction import anchor_block_ends, num_kept
+from anllm_ext.vllm.compaction import KeepRule
 from engine_probe import probe
-from vllm_helpers import reference, sentences
+from vllm_helpers import assert_holds_its_kept_blocks, expected_cached, reference, sentences
 
 MAX_NEW = 8
 B = 32
@@ -18,25 +18,11 @@ ENGINE = dict(block_size=B, max_model_len=2048, max_num_batched_tokens=512, max_
               num_gpu_blocks_override=200, enable_prefix_caching=True)
 
 
-def _common_prefix(a, b) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def _expected_cached(first, later, anchor_ids) -> int:
-    """Tokens of ``later`` that the anchor blocks of ``first`` stand for: the blocks that end inside their
-    common prefix, before ``later``'s last token (always computed)."""
-    limit = min(_common_prefix(first, later), len(later) - 1)
-    ends = [e for e in anchor_block_ends(later, anchor_ids, B).tolist() if e <= limit]
-    return ends[-1] if ends else 0
-
-
 def test_second_request_reuses_the_compacted_system_prompt(anllm_dir, tokenizer, anchor_ids):
     sents = sentences()
     system = tokenizer(" ".join(sents[k] for k in range(60)))["input_ids"]
-    ends = anchor_block_ends(system, anchor_ids, B)
+    rule = KeepRule(anchor_ids)
+    ends = rule.anchor_block_ends(system, B)
     assert len(ends) >= 2, (len(system), ends)  # two blocks full of anchors: a chain of two hashes
     tail_a, tail_b = (tokenizer(" " + " ".join(sents[200 + 3 * i + k] for k in range(3)))["input_ids"] for i in (0, 1))
     # a token changed between the first and the second anchor block's last anchors: only the first is reusable
@@ -48,17 +34,12 @@ def test_second_request_reuses_the_compacted_system_prompt(anllm_dir, tokenizer,
     assert report["prefix_caching"] is True and report["block_size"] == B
     assert max(s["running"] for s in report["steps"]) == 3  # the reused blocks were shared by running requests
 
-    expected = [0, _expected_cached(prompts[0], prompts[1], anchor_ids),
-                _expected_cached(prompts[0], prompts[2], anchor_ids)]
+    expected = [0, expected_cached(prompts[0], prompts[1], rule, B), expected_cached(prompts[0], prompts[2], rule, B)]
     assert expected[1] >= ends[1] and expected[2] == ends[0], (expected, ends)
     assert report["cached"] == expected, (report["cached"], expected)
 
-    for prompt, output, held, allocated in zip(prompts, report["outputs"], report["held"], report["allocated"]):
-        tokens = prompt + output
-        for n, blocks in held:  # a request holding reused blocks still holds exactly its kept slots' blocks
-            assert blocks == -(-num_kept(tokens[:n], anchor_ids) // B), (n, blocks)
-        for n, q, blocks in allocated:  # and while a step runs, its kept slots' + the new tokens' blocks
-            assert blocks == -(-(num_kept(tokens[:n], anchor_ids) + q) // B), (n, q, blocks)
+    # a request holding reused blocks still holds exactly its kept slots' blocks (+ the new tokens' while a step runs)
+    assert_holds_its_kept_blocks(report, prompts, rule)
     want = reference(anllm_dir, prompts, anchors=True, max_new=MAX_NEW)
     for i, (got, (ids, _)) in enumerate(zip(report["outputs"], want)):
         assert got == ids, f"prompt {i}: vLLM {got} != anllm_ext.generate {ids}"

@@ -9,22 +9,16 @@ recent sentences change how many blocks a request holds."""
 import pytest
 
 from anllm_ext import UnsupportedError
-from anllm_ext.vllm.compaction import num_kept
+from anllm_ext.vllm.compaction import KeepRule
 from anllm_ext.vllm.detect import recent_of
 from engine_probe import probe
-from vllm_helpers import ENGINE_ARGS, reference, sentences
+from vllm_helpers import assert_holds_its_kept_blocks, blocks_for, engine_config, reference, sentences
 
 RECENT = 2
 MAX_NEW = 12
 B = 32
 ENGINE = dict(block_size=B, max_model_len=2048, max_num_batched_tokens=256, max_num_seqs=8,
               num_gpu_blocks_override=200, enable_prefix_caching=False, additional_config={"anllm_recent": RECENT})
-
-
-def _engine_config(model_dir, **kw):
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=str(model_dir), **{**ENGINE_ARGS, **kw}).create_engine_config()
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +41,9 @@ def test_recent_generates_anchor_caches_tokens_and_holds_its_kept_slots(anllm_di
     plain = reference(anllm_dir, prompt_ids, anchors=True, max_new=MAX_NEW)
     assert any(p != w for (p, _), (w, _) in zip(plain, expected)), "recent=2 changed no token: the test proves nothing"
 
-    rule_matters = False
-    for prompt, output, held, allocated in zip(prompt_ids, report["outputs"], report["held"], report["allocated"]):
-        tokens = prompt + output
-        for n, blocks in held:  # after every step: the blocks of the kept slots under the recent rule
-            assert blocks == -(-num_kept(tokens[:n], anchor_ids, RECENT) // B), (n, blocks, held)
-            rule_matters |= blocks != -(-num_kept(tokens[:n], anchor_ids) // B)
-        for n, q, blocks in allocated:  # while a step runs: those of its kept slots + the step's tokens
-            assert blocks == -(-(num_kept(tokens[:n], anchor_ids, RECENT) + q) // B), (n, q, blocks)
-    assert rule_matters  # the recent sentences held blocks that the plain rule would have freed
+    states = assert_holds_its_kept_blocks(report, prompt_ids, KeepRule(anchor_ids, RECENT))
+    # the recent sentences held blocks that the plain rule would have freed
+    assert any(blocks != blocks_for(KeepRule(anchor_ids), tokens, B) for tokens, blocks in states)
 
 
 def test_recent_setting_reaches_the_engine_config(anllm_dir):
@@ -64,9 +52,9 @@ def test_recent_setting_reaches_the_engine_config(anllm_dir):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    config = _engine_config(anllm_dir, enable_prefix_caching=False, additional_config={"anllm_recent": 3})
+    config = engine_config(anllm_dir, enable_prefix_caching=False, additional_config={"anllm_recent": 3})
     assert recent_of(config) == 3
-    assert recent_of(_engine_config(anllm_dir)) == 0
+    assert recent_of(engine_config(anllm_dir)) == 0
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
     args = parser.parse_args(["--model", str(anllm_dir), "--dtype", "float32", "--max-model-len", "2048",
                               "--no-enable-prefix-caching", "--additional-config", '{"anllm_recent": 2}'])
@@ -82,17 +70,17 @@ def test_recent_setting_reaches_the_engine_config(anllm_dir):
 def test_bad_recent_setting_fails_at_engine_start(anllm_dir, plain_dir, value, error, words):
     for model_dir in (anllm_dir, plain_dir):
         with pytest.raises(error, match=words):
-            _engine_config(model_dir, enable_prefix_caching=False, additional_config={"anllm_recent": value})
+            engine_config(model_dir, enable_prefix_caching=False, additional_config={"anllm_recent": value})
 
 
 def test_recent_setting_refusals(anllm_dir, plain_dir):
     """A misspelt key; prefix caching (vLLM's default) with recent sentences; the setting for a model that is no
     AnLLM (0 there is accepted: it is the default)."""
     with pytest.raises(ValueError, match="anllm_recnet"):
-        _engine_config(anllm_dir, additional_config={"anllm_recnet": 2})
+        engine_config(anllm_dir, additional_config={"anllm_recnet": 2})
     with pytest.raises(UnsupportedError, match="prefix caching with anllm_recent=2 .*enable_prefix_caching=False"):
-        _engine_config(anllm_dir, additional_config={"anllm_recent": 2})
-    _engine_config(anllm_dir, additional_config={"anllm_recent": 0})  # the default: prefix caching stays on
+        engine_config(anllm_dir, additional_config={"anllm_recent": 2})
+    engine_config(anllm_dir, additional_config={"anllm_recent": 0})  # the default: prefix caching stays on
     with pytest.raises(UnsupportedError, match="anllm_recent=2 .* has no anchor configuration"):
-        _engine_config(plain_dir, enable_prefix_caching=False, additional_config={"anllm_recent": 2})
-    _engine_config(plain_dir, additional_config={"anllm_recent": 0})
+        engine_config(plain_dir, enable_prefix_caching=False, additional_config={"anllm_recent": 2})
+    engine_config(plain_dir, additional_config={"anllm_recent": 0})

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from anllm_ext.vllm.compaction import num_kept
+from anllm_ext.vllm.compaction import KeepRule
 from engine_probe import probe
-from vllm_helpers import reference, sentences
+from vllm_helpers import blocks_for, reference, sentences
 
 pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor_parallel_size=2 binds a core per worker")
 
@@ -57,7 +57,7 @@ def test_tensor_parallel_compaction_is_exact(tiny_anllm_dir, monkeypatch):
     for prompt, output, held in zip(prompts, report["outputs"], report["held"]):
         tokens = prompt + output
         for n, blocks in held:
-            assert blocks == -(-num_kept(tokens[:n], anchors) // B), (n, blocks, held)
+            assert blocks == blocks_for(KeepRule(anchors), tokens[:n], B), (n, blocks, held)
     assert max(len(p) for p in prompts) > 4 * B  # the long prompts did give blocks back
     expected = reference(tiny_anllm_dir, prompts, anchors=True, max_new=MAX_NEW)
     for i, (got, (want, _)) in enumerate(zip(report["outputs"], expected)):
