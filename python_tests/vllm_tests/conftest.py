@@ -24,6 +24,14 @@ def anllm_dir():
 
 
 @pytest.fixture(scope="session")
+def anllm_sink_dir():
+    """The bundled AnLLM exported with an attention sink of one token (``export --sink 1``; cached too)."""
+    from anllm_ext.vllm.export import cached_export
+
+    return cached_export("smollm2-anllm", sink=1)
+
+
+@pytest.fixture(scope="session")
 def plain_dir():
     """The bundled SmolLM2-135M-Instruct (no anchor configuration)."""
     from anllm_ext.models import default_model_dir
