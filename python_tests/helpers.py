@@ -243,6 +243,16 @@ def assert_step_matches_eager(model, batch, anchor_ids, dense_mask, sink=0):
     return loss_p
 
 
+def step_features(tok, config):
+    """Three 48-token EP rows of TEXT as collator features, the second cut to 30 tokens (padding in the batch):
+    the batch of the training-step tests."""
+    from anllm_ext.data import encode_document
+
+    rows = encode_document(TEXT * 2, tok, config, block_size=48)[:3]
+    rows[1] = rows[1][:30]
+    return [{"input_ids": r} for r in rows]
+
+
 def run_training(tmp_path, model_dir, data, **overrides):
     """A short `anllm train` run through the library API on the CPU: 12 steps of 4 x 48-token EP blocks, 4 held-out
     blocks scored before and after. `overrides`: fields of AnLLMArguments or AnLLMTrainingArguments."""

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import anllm_ext
-from anllm_ext.data import AnchorDataCollator, encode_document
+from anllm_ext.data import AnchorDataCollator
 from anllm_ext.reference import ansan_mask
 from anllm_ext.training.recall_spans import RecallSpanCollator, choose_recalled, sentence_spans
-from helpers import TEXT, assert_step_matches_eager, make_anchor_config, needs_smollm2, run_training
+from helpers import assert_step_matches_eager, make_anchor_config, needs_smollm2, run_training, step_features
 
 DOT = 9  # the anchor id of the hand-made rows
 
@@ -59,9 +59,7 @@ def test_loss_and_grads_with_recalled_spans_equal_eager_dense_mask(tiny_dir):
 
     model, tok = load_model(tiny_dir)
     config = make_anchor_config("ep", tok)
-    rows = encode_document(TEXT * 2, tok, config, block_size=48)[:3]
-    rows[1] = rows[1][:30]  # padding in the batch
-    batch = RecallSpanCollator(tok.pad_token_id, config.anchor_ids, spans=2)([{"input_ids": r} for r in rows])
+    batch = RecallSpanCollator(tok.pad_token_id, config.anchor_ids, spans=2)(step_features(tok, config))
     assert batch["anllm_recalled"].sum() > 10
     loss_p = assert_step_matches_eager(model, batch, config.anchor_ids,
                                        lambda lay: dense_recall_span_mask(lay, batch["anllm_recalled"]))

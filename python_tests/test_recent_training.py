@@ -10,12 +10,13 @@ import torch
 
 import anllm_ext
 from anllm_ext import AnchorCache, patch
-from anllm_ext.data import AnchorDataCollator, encode_document
+from anllm_ext.data import AnchorDataCollator
 from anllm_ext.reference import anchor_attention_ref, ansan_mask
 from anllm_ext.training.recall_spans import RecallSpanCollator
 
 from helpers import (MODEL_ANCHOR, TEXT, assert_step_matches_eager, cached_model_logits, dense_oracle_logits,
-                     forward_starts, make_anchor_config, model_stream, needs_smollm2, run_training, tiny_model)
+                     forward_starts, make_anchor_config, model_stream, needs_smollm2, run_training, step_features,
+                     tiny_model)
 
 
 def dense_recent_logits(model, ids, mask, recent, anchors):
@@ -101,9 +102,7 @@ def test_recent_share_draws_the_window_per_batch_and_always_the_same():
 
 
 def recent_batch(tok, config, recall_spans=0, recent=2):
-    rows = encode_document(TEXT * 2, tok, config, block_size=48)[:3]
-    rows[1] = rows[1][:30]  # padding in the batch
-    features = [{"input_ids": r} for r in rows]
+    features = step_features(tok, config)
     if recall_spans:
         return RecallSpanCollator(tok.pad_token_id, config.anchor_ids, spans=recall_spans, recent=recent)(features)
     return AnchorDataCollator(tok.pad_token_id, recent=recent)(features)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import anllm_ext
-from anllm_ext import AnchorCache, patch, token_layout
+from anllm_ext import patch, token_layout
 from anllm_ext.hf import patched, patched_sink, unpatched
 from anllm_ext.reference import anchor_attention_ref, token_layout_ref
 
@@ -157,17 +157,15 @@ def test_a_saved_patched_model_is_patched_again_with_its_sink(tmp_path):
 
 @needs_smollm2
 def test_training_step_with_a_sink_equals_eager_dense_mask(tiny_dir):
-    from anllm_ext.data import AnchorDataCollator, encode_document
+    from anllm_ext.data import AnchorDataCollator
     from anllm_ext.models import load_model
     from anllm_ext.reference import ansan_mask
 
-    from helpers import assert_step_matches_eager, make_anchor_config
+    from helpers import assert_step_matches_eager, make_anchor_config, step_features
 
     model, tok = load_model(tiny_dir)
     config = make_anchor_config("ep", tok)
-    rows = encode_document(TEXT * 2, tok, config, block_size=48)[:3]
-    rows[1] = rows[1][:30]  # padding in the batch
-    batch = AnchorDataCollator(tok.pad_token_id)([{"input_ids": r} for r in rows])
+    batch = AnchorDataCollator(tok.pad_token_id)(step_features(tok, config))
     loss = assert_step_matches_eager(model, batch, config.anchor_ids, lambda lay: ansan_mask(lay, lay)[:, None],
                                      sink=2)
     plain = patch(load_model(tiny_dir)[0], config.anchor_ids, sink=0)
