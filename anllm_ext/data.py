@@ -223,6 +223,12 @@ def check_recent_share(share) -> None:
         raise ValueError(f"recent_share must be in (0, 1], got {share!r}")
 
 
+def check_full_attention_share(share) -> None:
+    """``full_attention_share`` (the collator's, ``anllm train --full-attention-share``) is in [0, 1)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
+        raise ValueError(f"full_attention_share must be in [0, 1), got {share!r}")
+
+
 @dataclass
 class AnchorDataCollator:
     """Pads a list of ``{"input_ids": [...]}`` to the longest row (right padding, attention mask 0) and
@@ -231,16 +237,21 @@ class AnchorDataCollator:
     ``pad_to_multiple_of`` rounds the padded length up (fewer distinct shapes). ``recent`` > 0 adds
     ``anllm_recent`` to the batch: the patched model's mask then lets a token read the ``recent`` sentences before
     its own, as ``AnchorCache(recent=N)`` does (anllm_ext/recent.py). ``recent_share`` < 1 adds it to that share
-    of the batches only, the rest keeping the plain AnSAN mask (a model for both caches); which ones is drawn from
-    the batch's token ids, so a batch always gets the same mask (resumed runs, every process)."""
+    of the batches only, the rest keeping the plain AnSAN mask (a model for both caches). ``full_attention_share``
+    > 0 marks that share of the batches ``anllm_full_attention``: the patched model reads them with plain causal
+    attention, as the AnLLM's own full attention serves (the window is then drawn among the other batches).
+    Which batches is drawn from the batch's token ids, so a batch always gets the same mask (resumed runs, every
+    process)."""
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
     recent: int = 0
     recent_share: float = 1.0
+    full_attention_share: float = 0.0
 
     def __post_init__(self):
         check_recent_share(self.recent_share)
+        check_full_attention_share(self.full_attention_share)
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         if not features:
@@ -260,7 +271,9 @@ class AnchorDataCollator:
             mask[b, :n] = 1
             labels[b, :n] = ids[b, :n]
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if self.recent and self._draws_window(ids):
+        if self._draws_full_attention(ids):
+            batch["anllm_full_attention"] = True
+        elif self.recent and self._draws_window(ids):
             batch["anllm_recent"] = self.recent
         return batch
 
@@ -268,3 +281,12 @@ class AnchorDataCollator:
         if self.recent_share >= 1.0:
             return True
         return random.Random(zlib.crc32(ids.numpy().tobytes())).random() < self.recent_share
+
+    def _draws_full_attention(self, ids: torch.Tensor) -> bool:
+        if not self.full_attention_share:
+            return False
+        # A stream of its own (the CRC started elsewhere), so the window's draw stays as it was without this share.
+        return random.Random(zlib.crc32(ids.numpy().tobytes(), _FULL_ATTENTION_SEED)).random() < self.full_attention_share
+
+
+_FULL_ATTENTION_SEED = 0x46554C4C  # "FULL"

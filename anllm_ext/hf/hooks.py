@@ -113,7 +113,10 @@ def _pre_hook(module, args, kwargs):
             kwargs[state.cache_name] = value
     recalled = kwargs.pop("anllm_recalled", None)
     recent = kwargs.pop("anllm_recent", None)
+    full = kwargs.pop("anllm_full_attention", None)
     ctx = _build_context(module, state, kwargs)
+    if full is not None:
+        _full_attention(ctx, full, recalled, recent)
     if recalled is not None:
         _recall_spans(ctx, recalled)
     if recent is not None:
@@ -232,6 +235,27 @@ def _recall_spans(ctx: ForwardContext, recalled) -> None:
     flagged = q.is_anchor | (recalled.to(q.is_anchor.device) & q.valid)
     ctx.k_layout = Layout(q.positions, q.segments, flagged, q.valid)
     ctx.held = q  # a tracked cache holds the tokens as they are: the recall was this forward's
+
+
+def _full_attention(ctx: ForwardContext, full, recalled, recent) -> None:
+    """``anllm_full_attention=True``: this pass over a whole text reads every earlier token (plain causal
+    attention, what the AnLLM's own full attention serves), through the same kernel: one sentence, no anchor.
+    A batch of ``anllm train --full-attention-share``; the positions stay the true ones."""
+    if not isinstance(full, bool):
+        raise ValueError(f"anllm_full_attention must be True or False, got {full!r}")
+    if not full:
+        return
+    q = ctx.q_layout
+    if ctx.cache is not None or ctx.k_layout.shape != q.shape:
+        raise ValueError("anllm_full_attention reads one pass over a whole text; it cannot be combined with a cache "
+                         "that already holds tokens or with an AnchorCache (serve full attention unpatched: "
+                         "anllm_ext.unpatched(model))")
+    if recalled is not None or recent is not None:
+        raise ValueError("anllm_full_attention already reads every token: do not combine it with anllm_recalled or "
+                         "anllm_recent")
+    zeros = torch.zeros_like(q.is_anchor)
+    ctx.q_layout = ctx.k_layout = Layout(q.positions, torch.zeros_like(q.segments), zeros, q.valid)
+    ctx.held = q  # a tracked cache holds the tokens as they are: full attention was this forward's
 
 
 def _recent_window(ctx: ForwardContext, recent) -> None:

@@ -90,11 +90,11 @@ def train(args: AnLLMArguments, training_args: AnLLMTrainingArguments) -> dict:
 
 def _collator(args: AnLLMArguments, tok, config):
     """Pads the rows; with ``--recall-spans`` also marks each row's recalled sentences; with ``--recent`` asks
-    for the recent-sentence mask."""
+    for the recent-sentence mask; with ``--full-attention-share`` marks that share of batches for causal attention."""
     from ..data import AnchorDataCollator
     from .recall_spans import RecallSpanCollator
 
-    recent = dict(recent=args.recent, recent_share=args.recent_share)
+    recent = dict(recent=args.recent, recent_share=args.recent_share, full_attention_share=args.full_attention_share)
     if args.recall_spans:
         return RecallSpanCollator(tok.pad_token_id, list(config.anchor_ids), args.recall_spans, **recent)
     return AnchorDataCollator(tok.pad_token_id, **recent)

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..config import ANCHOR_MODES, check_sink
-from ..data import check_recent_share
+from ..data import check_full_attention_share, check_recent_share
 from ..defaults import PREFILL_CHUNK
 
 
@@ -69,6 +69,10 @@ class AnLLMArguments:
     recent_share: float = field(default=1.0, metadata={
         "help": "with --recent: the share of batches trained under that window, drawn per batch; the others keep "
                 "the plain AnSAN mask, for a model served both with and without recent sentences"})
+    full_attention_share: float = field(default=0.0, metadata={
+        "help": "the share of batches trained with plain causal attention (what the AnLLM's own full attention "
+                "serves), drawn per batch; the others keep the AnSAN mask (with --recent, its window is drawn "
+                "among them). 0: every batch under the AnSAN mask"})
     sink: Optional[int] = field(default=None, metadata={
         "help": "the first S tokens of every row are anchors (an attention sink every later token reads, "
                 "patch(model, sink=S)); saved in the model's anchor configuration, so it is served with it. "
@@ -94,6 +98,10 @@ class AnLLMArguments:
         if self.recent and self.attention != "ansan":
             raise ValueError("--recent extends the AnSAN mask; with --attention causal every sentence is visible")
         check_recent_share(self.recent_share)
+        check_full_attention_share(self.full_attention_share)
+        if self.full_attention_share and self.attention != "ansan":
+            raise ValueError("--full-attention-share mixes causal batches into AnSAN training; with --attention causal "
+                             "every batch is causal")
         if self.sink is not None:
             check_sink(self.sink)
             if self.attention != "ansan":

@@ -64,7 +64,8 @@ def choose_recalled(ids: Sequence[int], anchor_ids, spans: int, ngram: int = 3) 
 @dataclass
 class RecallSpanCollator:
     """:class:`~anllm_ext.data.AnchorDataCollator`'s batch plus ``anllm_recalled`` (bool [B, T]): the
-    non-anchor tokens of the sentences :func:`choose_recalled` marks in each row."""
+    non-anchor tokens of the sentences :func:`choose_recalled` marks in each row (none in a batch drawn for full
+    attention)."""
 
     pad_token_id: int
     anchor_ids: Sequence[int]
@@ -72,16 +73,20 @@ class RecallSpanCollator:
     ngram: int = 3
     recent: int = 0  # AnchorDataCollator's
     recent_share: float = 1.0  # AnchorDataCollator's
+    full_attention_share: float = 0.0  # AnchorDataCollator's
 
     def __post_init__(self):
         if self.spans < 1:
             raise ValueError(f"recall spans must be >= 1 sentences per row, got {self.spans}")
         if self.ngram < 1:
             raise ValueError(f"the n-gram length must be >= 1, got {self.ngram}")
-        self._pad = AnchorDataCollator(self.pad_token_id, recent=self.recent, recent_share=self.recent_share)
+        self._pad = AnchorDataCollator(self.pad_token_id, recent=self.recent, recent_share=self.recent_share,
+                                       full_attention_share=self.full_attention_share)
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
         batch = self._pad(features)
+        if batch.get("anllm_full_attention"):  # every sentence is readable already
+            return batch
         recalled = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
         for b, f in enumerate(features):
             ids = [int(t) for t in f["input_ids"]]

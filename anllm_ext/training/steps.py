@@ -164,6 +164,8 @@ def objective(args: AnLLMArguments) -> dict:
     if args.recent:
         spans["recent"] = args.recent
         spans["recent_share"] = args.recent_share
+    if args.full_attention_share:
+        spans["full_attention_share"] = args.full_attention_share
     if not args.distill:
         return {"loss": "lm", **spans}
     return {"loss": "distill", "teacher": args.teacher or "self (full attention)", "alpha": args.distill_alpha,

@@ -9,7 +9,7 @@
 # 2,048-token rows (a conversation is one row), lr 2e-4; MODEL (default smollm2-anllm, the bundled adapter, which since
 # 2026-12-06 is this script's RECALL_SPANS=2 run from experiment 10's adapter: the training log; "original": the bundled
 # SmolLM2-135M-Instruct itself, i.e. a conversion from the original weights), TUNE (default LoRA r=16; "full": full
-# fine-tuning, the teacher a frozen copy), RECALL_SPANS (default 0: --recall-spans), RECENT (default 0: --recent), RECENT_SHARE (default 1: --recent-share), SINK (default: the model's own: --sink), LR, SCHED, EPOCHS, MIN, THREADS,
+# fine-tuning, the teacher a frozen copy), RECALL_SPANS (default 0: --recall-spans), RECENT (default 0: --recent), RECENT_SHARE (default 1: --recent-share), FULL_SHARE (default 0: --full-attention-share), SINK (default: the model's own: --sink), LR, SCHED, EPOCHS, MIN, THREADS,
 # RESUME (a checkpoint directory: go on from it, e.g. for more epochs), TRAIN_DATA (default $DATA/chat.jsonl; several
 # files separated by spaces, e.g. with the compositions: "$DATA/chat.jsonl $DATA/compose.jsonl"), TEACHER (--teacher:
 # a model directory; "original": the bundled SmolLM2-135M-Instruct, which full fine-tuning of a converted model
@@ -28,5 +28,5 @@ mkdir -p $RUNS && cd $RUNS && $PY -m anllm_ext.cli train \
   --block-size 2048 --per-device-train-batch-size 1 --gradient-accumulation-steps 4 \
   --learning-rate ${LR:-2e-4} --lr-scheduler-type ${SCHED:-constant_with_warmup} --warmup-steps 8 --num-train-epochs ${EPOCHS:-1} \
   --max-minutes ${MIN:-80} --eval-blocks 4 --no-eval-before --prefill-chunk 256 \
-  --recall-spans ${RECALL_SPANS:-0} --recent ${RECENT:-0} --recent-share ${RECENT_SHARE:-1} ${SINK:+--sink $SINK} --logging-steps 5 --save-steps ${SAVE_STEPS:-20} --seed ${SEED:-0} --threads ${THREADS:-2} \
+  --recall-spans ${RECALL_SPANS:-0} --recent ${RECENT:-0} --recent-share ${RECENT_SHARE:-1} --full-attention-share ${FULL_SHARE:-0} ${SINK:+--sink $SINK} --logging-steps 5 --save-steps ${SAVE_STEPS:-20} --seed ${SEED:-0} --threads ${THREADS:-2} \
   --disable-tqdm true ${RESUME:+--resume-from-checkpoint $RESUME}
