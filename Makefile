@@ -38,10 +38,10 @@ install: $(VENV)/.built
 ## anchor-indexed recall (by the words, the question kept readable), side by side (the answers, whether each
 ## holds the fact, KV kept hot and cold, decode speed). The document: the GNU GPL version 2 (verbatim, ~4,100
 ## tokens; no training run read it); the question, one of six tried (docs/experiments/demo_questions.sh), the one
-## that shows recall at its best; docs/guide.md, "What the demo shows", has all six.
+## recall answers; docs/guide.md, "What the demo shows", has all six.
 DEMO_DOCUMENT ?= docs/experiments/gpl2.txt
-DEMO_QUESTION ?= What license should a subroutine library use instead?
-DEMO_EXPECT ?= Lesser General Public License
+DEMO_QUESTION ?= Which command shows the warranty details?
+DEMO_EXPECT ?= show w
 DEMO_RECALL ?= --recall --recall-every prompt --recall-index tokens --recall-score peak --recall-budget 2 --recall-question
 # another AnLLM (an adapter or model directory) and extra `anllm generate` flags, e.g. DEMO_ARGS="--threads 2"
 DEMO_MODEL ?= smollm2-anllm

@@ -13,7 +13,7 @@ import anllm_ext
 from anllm_ext import AnchorCache, RecallConfig, patch
 from anllm_ext.reference import anchor_attention_ref, recall_attention_ref
 
-from anllm_ext.hf import patched_anchor_ids
+from anllm_ext.hf import patched_anchor_ids, patched_sink
 from helpers import (ANCHOR, LAYERS, MODEL_ANCHOR, TEXT, ToyStack, cached_model_logits, dense_oracle_logits,
                      forward_starts, model_stream, needs_smollm2, run_stack_cached, tiny_model, token_stream)
 
@@ -190,8 +190,9 @@ def test_recall_needs_a_compacting_cache_and_a_recall_config():
 
 # ------------------------------------------------------------------ a transformers model through the patch
 
-def dense_recall_logits(model, ids, mask, starts, recall, anchors=(MODEL_ANCHOR,)):
-    """The unpatched model, one pass, its attention replaced by the dense recall oracle."""
+def dense_recall_logits(model, ids, mask, starts, recall, anchors=(MODEL_ANCHOR,), sink=0):
+    """The unpatched model, one pass, its attention replaced by the dense recall oracle (an attention sink of
+    ``sink`` tokens in its layout)."""
     carry = {}
 
     def attention(module, query, key, value, layout, scaling):
@@ -201,7 +202,7 @@ def dense_recall_logits(model, ids, mask, starts, recall, anchors=(MODEL_ANCHOR,
                                     scale=scaling, pool=recall.pool, carry=carry, index=recall.index,
                                     layer=module.layer_idx, layers=recall.layers or (), question=recall.question)
 
-    return dense_oracle_logits(model, ids, mask, "anllm_recall_ref", attention, anchors)
+    return dense_oracle_logits(model, ids, mask, "anllm_recall_ref", attention, anchors, sink)
 
 
 def cached_recall_logits(model, ids, mask, starts, recall):
@@ -253,7 +254,8 @@ def test_bundled_anllm_with_recall_matches_the_dense_oracle(recall):
     mask = torch.ones_like(ids)
     starts = forward_starts(ids.shape[1], ids.shape[1] - 3, 64)
     got, cache = cached_recall_logits(model, ids, mask, starts, recall)
-    want = dense_recall_logits(reference, ids, mask, starts, recall, anchors=patched_anchor_ids(model))
+    want = dense_recall_logits(reference, ids, mask, starts, recall, anchors=patched_anchor_ids(model),
+                               sink=patched_sink(model))
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)  # logits are O(10)
     plain, _ = cached_recall_logits(model, ids, mask, starts, None)
     assert (got - plain).abs().max() > 1e-2

@@ -10,7 +10,7 @@ import torch
 
 import anllm_ext
 from anllm_ext import AnchorCache, patch
-from anllm_ext.hf import patched_anchor_ids
+from anllm_ext.hf import patched_anchor_ids, patched_sink
 from anllm_ext.reference import anchor_attention_ref
 
 from helpers import (ANCHOR, MODEL_ANCHOR, TEXT, ToyStack, cached_model_logits, dense_oracle_logits, forward_starts,
@@ -128,12 +128,13 @@ def test_recent_rejects_bad_settings(bad, error, message):
 
 # ------------------------------------------------------------------ a transformers model through the patch
 
-def dense_recent_logits(model, ids, mask, recent, anchors):
-    """The unpatched model, one pass, its attention the dense oracle under the widened mask."""
+def dense_recent_logits(model, ids, mask, recent, anchors, sink=0):
+    """The unpatched model, one pass, its attention the dense oracle under the widened mask (an attention sink of
+    ``sink`` tokens in its layout)."""
     def attention(module, query, key, value, layout, scaling):
         return anchor_attention_ref(query, key, value, layout, layout, scale=scaling, recent=recent)
 
-    return dense_oracle_logits(model, ids, mask, "anllm_recent_ref", attention, anchors)
+    return dense_oracle_logits(model, ids, mask, "anllm_recent_ref", attention, anchors, sink)
 
 
 def cached_recent_logits(model, ids, mask, starts, recent):
@@ -186,7 +187,7 @@ def test_bundled_anllm_with_recent_matches_the_dense_oracle():
     mask = torch.ones_like(ids)
     starts = forward_starts(ids.shape[1], ids.shape[1] - 3, 64)
     got, cache = cached_recent_logits(model, ids, mask, starts, 2)
-    want = dense_recent_logits(reference, ids, mask, 2, patched_anchor_ids(model))
+    want = dense_recent_logits(reference, ids, mask, 2, patched_anchor_ids(model), patched_sink(model))
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)  # logits are O(10)
     plain, plain_cache = cached_recent_logits(model, ids, mask, starts, 0)
 

@@ -17,15 +17,17 @@ else:
 
 @pytest.fixture(scope="session")
 def anllm_dir():
-    """The bundled AnLLM merged into a servable directory (exported once, cached under ~/.cache/anllm_ext)."""
+    """The bundled AnLLM merged into a servable directory without its attention sink (``export --sink 0``: the
+    plain kept-slot rule most tests check; exported once, cached under ~/.cache/anllm_ext)."""
     from anllm_ext.vllm.export import cached_export
 
-    return cached_export("smollm2-anllm")
+    return cached_export("smollm2-anllm", sink=0)
 
 
 @pytest.fixture(scope="session")
 def anllm_sink_dir():
-    """The bundled AnLLM exported with an attention sink of one token (``export --sink 1``; cached too)."""
+    """The bundled AnLLM exported with its attention sink of one token (``export --sink 1``, what a plain export
+    of it serves; cached too)."""
     from anllm_ext.vllm.export import cached_export
 
     return cached_export("smollm2-anllm", sink=1)
