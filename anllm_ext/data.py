@@ -286,7 +286,8 @@ class AnchorDataCollator:
         if not self.full_attention_share:
             return False
         # A stream of its own (the CRC started elsewhere), so the window's draw stays as it was without this share.
-        return random.Random(zlib.crc32(ids.numpy().tobytes(), _FULL_ATTENTION_SEED)).random() < self.full_attention_share
+        draw = random.Random(zlib.crc32(ids.numpy().tobytes(), _FULL_ATTENTION_SEED)).random()
+        return draw < self.full_attention_share
 
 
 _FULL_ATTENTION_SEED = 0x46554C4C  # "FULL"

@@ -39,7 +39,7 @@ def test_pass_with_full_attention_equals_the_unpatched_model(family, sink):
 def test_anllm_full_attention_rejects_bad_uses():
     model = patch(tiny_model("llama"), MODEL_ANCHOR)
     ids, _ = model_stream(1, 12, seed=1)
-    for bad in (1, "yes", None.__class__):
+    for bad in (1, 0.5, "yes"):
         with pytest.raises(ValueError, match="anllm_full_attention must be True or False"):
             model(input_ids=ids, use_cache=False, anllm_full_attention=bad)
     with pytest.raises(ValueError, match="cannot be combined with a cache"):
