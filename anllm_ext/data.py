@@ -278,16 +278,16 @@ class AnchorDataCollator:
         return batch
 
     def _draws_window(self, ids: torch.Tensor) -> bool:
-        if self.recent_share >= 1.0:
-            return True
-        return random.Random(zlib.crc32(ids.numpy().tobytes())).random() < self.recent_share
+        return self.recent_share >= 1.0 or _batch_draw(ids) < self.recent_share
 
     def _draws_full_attention(self, ids: torch.Tensor) -> bool:
-        if not self.full_attention_share:
-            return False
-        # A stream of its own (the CRC started elsewhere), so the window's draw stays as it was without this share.
-        draw = random.Random(zlib.crc32(ids.numpy().tobytes(), _FULL_ATTENTION_SEED)).random()
-        return draw < self.full_attention_share
+        # A stream of its own, so the window's draw stays as it was without this share.
+        return bool(self.full_attention_share) and _batch_draw(ids, _FULL_ATTENTION_STREAM) < self.full_attention_share
 
 
-_FULL_ATTENTION_SEED = 0x46554C4C  # "FULL"
+_FULL_ATTENTION_STREAM = 0x46554C4C  # "FULL"
+
+
+def _batch_draw(ids: torch.Tensor, stream: int = 0) -> float:
+    """A number in [0, 1) set by the batch's token ids (and ``stream``): the same in a resumed run and every process."""
+    return random.Random(zlib.crc32(ids.numpy().tobytes(), stream)).random()

@@ -220,15 +220,20 @@ def _build_context(module, state: PatchState, kwargs) -> ForwardContext:
     return ForwardContext(q, k, None, tracked=cache)
 
 
+def _require_whole_text_pass(ctx: ForwardContext, what: str, instead: str) -> None:
+    """A keyword that describes this forward's tokens only (not a cache's) needs a forward that holds every key."""
+    if ctx.cache is not None or ctx.k_layout.shape != ctx.q_layout.shape:
+        raise ValueError(f"{what}; it cannot be combined with a cache that already holds tokens or with an "
+                         f"AnchorCache ({instead})")
+
+
 def _recall_spans(ctx: ForwardContext, recalled) -> None:
     """``anllm_recalled`` (bool [batch, tokens]): tokens whose keys every later real non-anchor query of the row
     sees, as anchor-indexed recall gives an evicted sentence back (anllm_ext/recall.py: recalled keys are
     flagged as anchors; training with recalled spans, anllm_ext/training/recall_spans.py). Only for a pass over
     a whole text: the flags describe this forward's tokens, not a cache's."""
     q = ctx.q_layout
-    if ctx.cache is not None or ctx.k_layout.shape != q.shape:
-        raise ValueError("anllm_recalled marks tokens of one pass over a whole text; it cannot be combined with a "
-                         "cache that already holds tokens or with an AnchorCache (use RecallConfig there)")
+    _require_whole_text_pass(ctx, "anllm_recalled marks tokens of one pass over a whole text", "use RecallConfig there")
     if not isinstance(recalled, torch.Tensor) or recalled.dtype != torch.bool or tuple(recalled.shape) != tuple(q.shape):
         raise ValueError(f"anllm_recalled must be a bool tensor of shape [batch, tokens] = {list(q.shape)}, got "
                          f"{getattr(recalled, 'dtype', type(recalled).__name__)} {list(getattr(recalled, 'shape', []))}")
@@ -246,10 +251,8 @@ def _full_attention(ctx: ForwardContext, full, recalled, recent) -> None:
     if not full:
         return
     q = ctx.q_layout
-    if ctx.cache is not None or ctx.k_layout.shape != q.shape:
-        raise ValueError("anllm_full_attention reads one pass over a whole text; it cannot be combined with a cache "
-                         "that already holds tokens or with an AnchorCache (serve full attention unpatched: "
-                         "anllm_ext.unpatched(model))")
+    _require_whole_text_pass(ctx, "anllm_full_attention reads one pass over a whole text",
+                             "serve full attention unpatched: anllm_ext.unpatched(model)")
     if recalled is not None or recent is not None:
         raise ValueError("anllm_full_attention already reads every token: do not combine it with anllm_recalled or "
                          "anllm_recent")

@@ -94,10 +94,10 @@ def _collator(args: AnLLMArguments, tok, config):
     from ..data import AnchorDataCollator
     from .recall_spans import RecallSpanCollator
 
-    recent = dict(recent=args.recent, recent_share=args.recent_share, full_attention_share=args.full_attention_share)
+    masks = dict(recent=args.recent, recent_share=args.recent_share, full_attention_share=args.full_attention_share)
     if args.recall_spans:
-        return RecallSpanCollator(tok.pad_token_id, list(config.anchor_ids), args.recall_spans, **recent)
-    return AnchorDataCollator(tok.pad_token_id, **recent)
+        return RecallSpanCollator(tok.pad_token_id, list(config.anchor_ids), args.recall_spans, **masks)
+    return AnchorDataCollator(tok.pad_token_id, **masks)
 
 
 def _reload(path: str):
