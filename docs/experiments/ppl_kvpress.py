@@ -15,7 +15,12 @@ kvpress 0.5.5 needs transformers < 5.3, so this runs in the transformers-5.0.0 o
         original-tova@0.95 original-expected@0.95 --json docs/results/recall/ppl_kvpress.json
 
 Runs: ``original-full``, ``original-PRESS@RATIO`` (kvpress_common.PRESSES), ``anllm-full`` (the AnLLM's own full
-attention), ``anllm-cached``, ``anllm-recall`` (--recall-* flags: RecallConfig's fields).
+attention), ``anllm-cached``, ``anllm-recentN`` (the anchor cache keeping the N sentences closed last hot,
+``AnchorCache(recent=N)``), ``anllm-recall`` (--recall-* flags: RecallConfig's fields); ``anllm-once`` and
+``anllm-onceN``: the context as the anchor cache (with N recent sentences) leaves it, the continuation read in full
+over it, as a press's continuation is (a dense mask on the unpatched AnLLM; the cache's own runs also compress
+the sentences the continuation closes). The AnLLM is patched with the sink its anchor configuration carries (the
+bundled one: 1).
 """
 import argparse
 import math
@@ -62,15 +67,56 @@ def score_press(model, ctx, cont, press):
 
 
 @torch.no_grad()
-def score_anchor(model, ctx, cont, recall, chunk: int):
+def score_anchor(model, ctx, cont, recall, chunk: int, recent: int = 0):
     import anllm_ext
 
-    cache = anllm_ext.AnchorCache(model.config, recall=recall)
+    cache = anllm_ext.AnchorCache(model.config, recall=recall, recent=recent)
     anllm_ext.prefill(model, ctx, cache=cache, prefill_chunk=chunk)
     kept = cache.stats()["kept_slots"][0]
     _, logits = anllm_ext.prefill(model, cont, cache=cache, prefill_chunk=cont.shape[1], return_logits=True)
     recalled = cache.stats().get("recalled_slots") or [0]
     return continuation_nll(logits, cont), (kept + recalled[0]) / ctx.shape[1]
+
+
+def once_mask(layout, context: int, recent: int) -> torch.Tensor:
+    """bool [1, 1, T, T]: the context's queries under the AnSAN mask (what chunked prefill with compaction computes),
+    the continuation's queries read every context key the cache keeps after the context (anchors, the open
+    sentence, the ``recent`` sentences closed last) and the continuation up to themselves."""
+    from anllm_ext.reference import ansan_mask
+
+    mask = ansan_mask(layout, layout, recent)[0]
+    seg, anchor = layout.segments[0], layout.is_anchor[0]
+    open_segment = int(seg[context - 1]) + int(anchor[context - 1])
+    kept = anchor[:context] | (seg[:context] >= open_segment - recent)
+    mask[context:, :context] = kept
+    mask[context:, context:] = torch.ones(mask.shape[0] - context, mask.shape[0] - context, dtype=torch.bool).tril()
+    return mask[None, None], float(kept.float().mean())
+
+
+@torch.no_grad()
+def score_once(model, block, context: int, config, recent: int):
+    from anllm_ext.reference import token_layout_ref
+
+    layout = token_layout_ref(block, list(config.anchor_ids), sink=config.sink)
+    mask, kept = once_mask(layout, context, recent)
+    logits = model(input_ids=block, attention_mask=mask).logits[:, context:]
+    return continuation_nll(logits, block[:, context:]), kept
+
+
+@torch.no_grad()
+def check_dense_path(model, block, context: int, config, recent: int, chunk: int):
+    """The dense path must be the cache's: the whole block under the (widened) AnSAN mask on the unpatched model
+    scores the continuation as the real cache does (``score_anchor``), else this experiment measures nothing."""
+    import anllm_ext
+    from anllm_ext.reference import ansan_mask, token_layout_ref
+
+    layout = token_layout_ref(block, list(config.anchor_ids), sink=config.sink)
+    dense = model(input_ids=block, attention_mask=ansan_mask(layout, layout, recent)[:, None]).logits[:, context:]
+    with anllm_ext.patched(model):
+        cached, _ = score_anchor(model, block[:, :context], block[:, context:], None, chunk, recent)
+    gap = abs(continuation_nll(dense, block[:, context:]) - cached)
+    if gap > 1e-2:
+        raise RuntimeError(f"the dense AnSAN mask scores the continuation {gap} nats away from the anchor cache")
 
 
 def main():
@@ -92,6 +138,7 @@ def main():
     add_press_args(ap, ratio=0.95, threads=1)
     args = ap.parse_args()
     import anllm_ext
+    from anllm_ext.config import AnchorConfig
     from anllm_ext.models import load_model
 
     original, tok = load_original(args)
@@ -118,9 +165,16 @@ def main():
                 elif policy == "full":
                     anllm_ext.unpatch(anllm) if anllm_ext.is_patched(anllm) else None
                     n, k = score_press(anllm, ctx, cont, None)
+                elif policy.startswith("once"):
+                    anllm_ext.unpatch(anllm) if anllm_ext.is_patched(anllm) else None
+                    config, recent = AnchorConfig.from_model(anllm), int(policy[4:] or 0)
+                    if b is blocks[0]:
+                        check_dense_path(anllm, b, ctx.shape[1], config, recent, args.prefill_chunk)
+                    n, k = score_once(anllm, b, ctx.shape[1], config, recent)
                 else:
                     anllm_ext.patch(anllm) if not anllm_ext.is_patched(anllm) else None
-                    n, k = score_anchor(anllm, ctx, cont, recall if policy == "recall" else None, args.prefill_chunk)
+                    n, k = score_anchor(anllm, ctx, cont, recall if policy == "recall" else None, args.prefill_chunk,
+                                        _recent(policy))
                 nll += n
                 kept += k
             tokens = len(blocks) * (args.cont - 1)
@@ -129,11 +183,21 @@ def main():
             print(f"{run} {domain}: ppl {res[domain]['perplexity']:.2f} kept {res[domain]['kv_kept']:.3f}", flush=True)
         out["runs"][run + (args.tag if policy == "recall" else "")] = dict(domains=res, recall=vars(recall) if policy == "recall" else None)
         out["setup"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "anllm": args.anllm,
+                        "sink": None if anllm is None else AnchorConfig.from_model(anllm).sink,
                         "machine": f"2-core CPU ({platform.machine()}), torch threads {args.threads}, fp32",
                         "command": ".venv-tf-oldest/bin/python " + " ".join(sys.argv), "block": args.block,
                         "cont": args.cont, "blocks": args.blocks, "prefill_chunk": args.prefill_chunk,
                         "transformers": __import__("transformers").__version__}
         out_path.write_text(json.dumps(out, indent=1))
+
+
+def _recent(policy: str) -> int:
+    """N for ``recentN``; 0 for ``cached`` and ``recall``."""
+    if policy.startswith("recent"):
+        return int(policy[len("recent"):])
+    if policy not in ("cached", "recall"):
+        raise ValueError(f"unknown anllm run 'anllm-{policy}': full, cached, recentN or recall")
+    return 0
 
 
 def _press(policy: str):
