@@ -78,10 +78,11 @@ def score_anchor(model, ctx, cont, recall, chunk: int, recent: int = 0):
     return continuation_nll(logits, cont), (kept + recalled[0]) / ctx.shape[1]
 
 
-def once_mask(layout, context: int, recent: int) -> torch.Tensor:
-    """bool [1, 1, T, T]: the context's queries under the AnSAN mask (what chunked prefill with compaction computes),
-    the continuation's queries read every context key the cache keeps after the context (anchors, the open
-    sentence, the ``recent`` sentences closed last) and the continuation up to themselves."""
+def once_mask(layout, context: int, recent: int):
+    """(bool [1, 1, T, T], the share of the context kept): the context's queries under the AnSAN mask (what chunked
+    prefill with compaction computes), the continuation's queries read every context key the cache keeps after the
+    context (anchors, the open sentence, the ``recent`` sentences closed last) and the continuation up to
+    themselves."""
     from anllm_ext.reference import ansan_mask
 
     mask = ansan_mask(layout, layout, recent)[0]
@@ -196,7 +197,7 @@ def _recent(policy: str) -> int:
     if policy.startswith("recent"):
         return int(policy[len("recent"):])
     if policy not in ("cached", "recall"):
-        raise ValueError(f"unknown anllm run 'anllm-{policy}': full, cached, recentN or recall")
+        raise ValueError(f"unknown anllm run 'anllm-{policy}': full, cached, recentN, onceN or recall")
     return 0
 
 
